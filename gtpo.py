@@ -161,11 +161,10 @@ def token_advantages(turn_advantages, token_turn):
     assert turn_advantages.dim() == 2 and token_turn.dim() == 2, "expected (N, K) and (N, L)"
     assert token_turn.shape[0] == turn_advantages.shape[0], "N differs"
     assert token_turn.dtype == torch.long, f"token_turn must be long, got {token_turn.dtype}"
-    K = turn_advantages.shape[1]
-    assert bool((token_turn >= -1).all() & (token_turn < K).all()), f"token_turn outside [-1, {K})"
-    trained = token_turn >= 0  # (N, L)
-    gathered = turn_advantages.gather(1, token_turn.clamp(min=0))  # (N, L)
-    return torch.where(trained, gathered, 0.0)
+    # Column 0 of the padded table is the 0 that untrained tokens (turn -1) pick up. gather
+    # checks the bounds itself, so a turn outside [-1, K) is an error, never a silent wrong value.
+    padded = torch.cat([turn_advantages.new_zeros(turn_advantages.shape[0], 1), turn_advantages], dim=1)
+    return padded.gather(1, token_turn + 1)  # (N, L)
 
 
 def _per_count(total, count):

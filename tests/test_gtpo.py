@@ -296,9 +296,10 @@ def test_every_token_of_turn_j_gets_a_j_and_untrained_tokens_get_zero(data, N, K
 
 
 def test_token_turn_outside_the_turn_range_is_rejected():
-    """A token_turn that names a turn beyond K is an error, not a silent wrong gather."""
-    with pytest.raises(AssertionError, match="outside"):
-        gtpo.token_advantages(torch.zeros(1, 2), torch.tensor([[0, 1, 2]]))
+    """A token_turn outside [-1, K) is an error, not a silent wrong gather."""
+    for bad in (2, -2):
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            gtpo.token_advantages(torch.zeros(1, 2), torch.tensor([[0, 1, bad]]))
 
 
 # ---------------------------------------------------------------- policy loss

@@ -1,0 +1,141 @@
+"""Benchmarks that print figures measured side by side in one run (never asserted in tests).
+
+    python bench.py advantages            # GTPO's advantage pipeline + loss vs GRPO's, N=1024 K=8 L=4096
+
+Each benchmark alternates the variants it compares (A, B, A, B, ...) so that load from elsewhere
+on a shared machine falls on both alike, and reports medians and their ratio.
+"""
+
+import argparse
+import ctypes
+import statistics
+import time
+
+import torch
+
+import gtpo
+
+
+def _median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def keep_freed_memory():
+    """Ask glibc to reuse freed memory for large blocks, as PyTorch's caching allocator does on GPU.
+
+    By default glibc serves every allocation over 32 MiB with a fresh mmap, so each (N, L) int64
+    temporary (32 MiB at N=1024, L=4096) pays page faults that a GPU run never sees. Returns
+    False where this is not glibc (the figures are then reported once, as measured).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+
+
+def synthetic_batch(N, K, L, group_size, seed=0):
+    """A batch shaped like multi-turn rollouts: a prompt, then per turn sampled tokens followed by
+    tool output, for T_i turns in 1..K; binary turn rewards on the last turn plus format penalties."""
+    g = torch.Generator().manual_seed(seed)
+    num_turns = torch.randint(1, K + 1, (N,), generator=g)  # (N,)
+    turn_mask = torch.arange(K)[None, :] < num_turns[:, None]  # (N, K)
+    turn_rewards = torch.where(torch.rand(N, K, generator=g) < 0.1, -0.1, 0.0)
+    last = torch.arange(K)[None, :] == (num_turns - 1)[:, None]
+    turn_rewards = turn_rewards + last * torch.randint(0, 2, (N, 1), generator=g)  # (N, K)
+    prompt = L // 16
+    segment = (L - prompt) // K
+    position = torch.arange(L)[None, :].expand(N, L)  # (N, L)
+    turn = ((position - prompt) // segment).clamp(max=K - 1)
+    sampled = (position >= prompt) & ((position - prompt) % segment < 0.7 * segment)
+    token_turn = torch.where(sampled & (turn < num_turns[:, None]), turn, -1)  # (N, L)
+    group_index = torch.arange(N) // group_size  # (N,)
+    old_logp = -torch.rand(N, L, generator=g)  # (N, L)
+    logp = (old_logp + 0.05 * torch.randn(N, L, generator=g)).requires_grad_(True)
+    return dict(turn_rewards=turn_rewards, turn_mask=turn_mask, token_turn=token_turn,
+                group_index=group_index, logp=logp, old_logp=old_logp)
+
+
+def bench_advantages(args):
+    torch.manual_seed(0)
+    b = synthetic_batch(args.N, args.K, args.L, args.group_size)
+    loss_mask = b["token_turn"] >= 0  # (N, L)
+    outcome = b["turn_rewards"].sum(dim=1)  # (N,) GRPO's one reward per trajectory
+
+    def gtpo_advantages():
+        returns = gtpo.discounted_returns(b["turn_rewards"], b["turn_mask"], args.gamma)
+        turn_adv = gtpo.normalize(returns, b["turn_mask"], b["group_index"], args.mode)
+        return gtpo.token_advantages(turn_adv, b["token_turn"])
+
+    def grpo_token_advantages():
+        adv = gtpo.grpo_advantages(outcome, b["group_index"])  # (N,)
+        return torch.where(loss_mask, adv[:, None], 0.0)  # (N, L)
+
+    def loss_step(make_advantages):
+        adv = make_advantages()
+        loss, _ = gtpo.policy_loss(b["logp"], b["old_logp"], adv, loss_mask)
+        loss.backward()
+        b["logp"].grad = None
+
+    variants = {
+        "adv GTPO": gtpo_advantages,
+        "adv GRPO": grpo_token_advantages,
+        "step GTPO": lambda: loss_step(gtpo_advantages),
+        "step GRPO": lambda: loss_step(grpo_token_advantages),
+    }
+    print(f"N={args.N} K={args.K} L={args.L} group_size={args.group_size} mode={args.mode} "
+          f"trained tokens={int(loss_mask.sum())} torch threads={torch.get_num_threads()}")
+    print(f"{'allocator':<12}{'what':<46}{'GTPO ms':>10}{'GRPO ms':>10}{'GTPO/GRPO':>11}")
+    _report_advantages("glibc", _measure(variants, args))
+    if keep_freed_memory():
+        _report_advantages("reuse", _measure(variants, args))
+    print("glibc: the default allocator; reuse: freed memory kept, as PyTorch's CUDA allocator does.")
+    print("step: advantages + policy_loss forward + backward; the loss code is the same for both, so")
+    print("'advantage cost / GRPO step' is the steadier figure of GTPO's overhead (goal: under 5%).")
+
+
+def _measure(variants, args):
+    for fn in variants.values():  # warm-up
+        fn()
+    samples = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            samples[name].append(_median_ms(fn, args.repeats))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _report_advantages(allocator, ms):
+    rows = [("advantages (returns, normalise, to tokens)", "adv"), ("step", "step")]
+    for label, key in rows:
+        a, g = ms[f"{key} GTPO"], ms[f"{key} GRPO"]
+        print(f"{allocator:<12}{label:<46}{a:>10.2f}{g:>10.2f}{a / g:>11.3f}")
+    measured = 100 * (ms["step GTPO"] / ms["step GRPO"] - 1)
+    steady = 100 * (ms["adv GTPO"] - ms["adv GRPO"]) / ms["step GRPO"]
+    print(f"{allocator:<12}{'overhead: measured steps':<46}{measured:>+30.1f}%")
+    print(f"{allocator:<12}{'overhead: advantage cost / GRPO step':<46}{steady:>+30.1f}%")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    adv = sub.add_parser("advantages", help="GTPO advantage pipeline + loss vs GRPO's")
+    adv.add_argument("--N", type=int, default=1024, help="trajectories in the batch")
+    adv.add_argument("--K", type=int, default=8, help="max turns per trajectory")
+    adv.add_argument("--L", type=int, default=4096, help="tokens per padded sequence")
+    adv.add_argument("--group_size", type=int, default=8, help="trajectories per problem (G)")
+    adv.add_argument("--gamma", type=float, default=0.9, help="turn discount")
+    adv.add_argument("--mode", choices=gtpo.MODES, default="group", help="normalisation set")
+    adv.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
+    adv.add_argument("--rounds", type=int, default=9, help="alternating rounds over the variants (median)")
+    args = parser.parse_args()
+    {"advantages": bench_advantages}[args.bench](args)
+
+
+if __name__ == "__main__":
+    main()
