@@ -58,8 +58,14 @@ def synthetic_batch(N, K, L, group_size, seed=0):
     group_index = torch.arange(N) // group_size  # (N,)
     old_logp = -torch.rand(N, L, generator=g)  # (N, L)
     logp = (old_logp + 0.05 * torch.randn(N, L, generator=g)).requires_grad_(True)
-    return dict(turn_rewards=turn_rewards, turn_mask=turn_mask, token_turn=token_turn,
-                group_index=group_index, logp=logp, old_logp=old_logp)
+    return dict(
+        turn_rewards=turn_rewards,
+        turn_mask=turn_mask,
+        token_turn=token_turn,
+        group_index=group_index,
+        logp=logp,
+        old_logp=old_logp,
+    )
 
 
 def bench_advantages(args):
@@ -89,8 +95,10 @@ def bench_advantages(args):
         "step GTPO": lambda: loss_step(gtpo_advantages),
         "step GRPO": lambda: loss_step(grpo_token_advantages),
     }
-    print(f"N={args.N} K={args.K} L={args.L} group_size={args.group_size} mode={args.mode} "
-          f"trained tokens={int(loss_mask.sum())} torch threads={torch.get_num_threads()}")
+    print(
+        f"N={args.N} K={args.K} L={args.L} group_size={args.group_size} mode={args.mode} "
+        f"trained tokens={int(loss_mask.sum())} torch threads={torch.get_num_threads()}"
+    )
     print(f"{'allocator':<12}{'what':<46}{'GTPO ms':>10}{'GRPO ms':>10}{'GTPO/GRPO':>11}")
     _report_advantages("glibc", _measure(variants, args))
     if keep_freed_memory():
@@ -122,7 +130,9 @@ def _report_advantages(allocator, ms):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="bench", required=True)
     adv = sub.add_parser("advantages", help="GTPO advantage pipeline + loss vs GRPO's")
     adv.add_argument("--N", type=int, default=1024, help="trajectories in the batch")

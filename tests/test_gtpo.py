@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import gtpo
@@ -142,7 +142,9 @@ def test_returns_match_the_reference_loop(batch, gamma):
     """The vectorised returns equal the loop over sum_{m=j..T} gamma^(m-j) r_m to 1e-6."""
     rewards, turn_mask, _ = batch
     expected = reference_returns(rewards, turn_mask, gamma)
-    torch.testing.assert_close(gtpo.discounted_returns(rewards, turn_mask, gamma), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        gtpo.discounted_returns(rewards, turn_mask, gamma), expected, atol=ATOL, rtol=0
+    )
 
 
 def test_a_turn_mask_that_is_not_a_prefix_is_rejected_naming_the_row():
@@ -163,8 +165,12 @@ def test_masked_turns_never_influence_any_advantage(batch, gamma, mode, junk):
     fill = torch.tensor(junk, dtype=torch.float64).repeat(rewards.numel())[: rewards.numel()].view_as(rewards)
     returns = gtpo.discounted_returns(rewards, turn_mask, gamma)
     advantages = gtpo.normalize(returns, turn_mask, group_index, mode)
-    assert torch.equal(gtpo.discounted_returns(torch.where(turn_mask, rewards, fill), turn_mask, gamma), returns)
-    assert torch.equal(gtpo.normalize(torch.where(turn_mask, returns, fill), turn_mask, group_index, mode), advantages)
+    assert torch.equal(
+        gtpo.discounted_returns(torch.where(turn_mask, rewards, fill), turn_mask, gamma), returns
+    )
+    assert torch.equal(
+        gtpo.normalize(torch.where(turn_mask, returns, fill), turn_mask, group_index, mode), advantages
+    )
     assert torch.isfinite(advantages).all()
 
 
@@ -190,8 +196,11 @@ def test_a_set_of_equal_values_gets_exact_zeros(batch, mode, eps, level):
     N, K = turn_mask.shape
     # One value per set: a function of the set's key only (values like 0.1 do not average exactly).
     _, gid = torch.unique(group_index, return_inverse=True)
-    key = {"group": gid[:, None].expand(N, K), "turn": gid[:, None] * K + torch.arange(K),
-           "batch": torch.zeros(N, K, dtype=torch.long)}[mode]
+    key = {
+        "group": gid[:, None].expand(N, K),
+        "turn": gid[:, None] * K + torch.arange(K),
+        "batch": torch.zeros(N, K, dtype=torch.long),
+    }[mode]
     values = level * (1 + key.double())
     advantages = gtpo.normalize(values, turn_mask, group_index, mode, eps=eps)
     assert torch.equal(advantages, torch.zeros_like(advantages))
@@ -203,7 +212,9 @@ def test_normalize_matches_the_reference_loop(batch, gamma, mode, eps):
     rewards, turn_mask, group_index = batch
     returns = gtpo.discounted_returns(rewards, turn_mask, gamma)
     expected = reference_normalize(returns, turn_mask, group_index, mode, eps)
-    torch.testing.assert_close(gtpo.normalize(returns, turn_mask, group_index, mode, eps), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        gtpo.normalize(returns, turn_mask, group_index, mode, eps), expected, atol=ATOL, rtol=0
+    )
 
 
 @given(turn_batches(), modes, st.floats(0.01, 100.0), st.floats(-100.0, 100.0))
@@ -240,7 +251,9 @@ def test_advantages_are_equivariant_to_permuting_trajectories(batch, gamma, mode
         return gtpo.normalize(gtpo.discounted_returns(r, m, gamma), m, g, mode)
 
     expected = advantages(rewards, turn_mask, group_index)[perm]
-    torch.testing.assert_close(advantages(rewards[perm], turn_mask[perm], group_index[perm]), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        advantages(rewards[perm], turn_mask[perm], group_index[perm]), expected, atol=1e-12, rtol=0
+    )
 
 
 @given(turn_batches(min_turns=1), gammas, st.floats(0.0, 1e-3))
@@ -251,9 +264,15 @@ def test_single_turn_gtpo_reduces_to_grpo(batch, gamma, eps):
     single = torch.zeros_like(turn_mask)
     single[:, 0] = True
     returns = gtpo.discounted_returns(rewards, single, gamma)  # = rewards on turn 1
-    for mode, groups in (("group", group_index), ("turn", group_index), ("batch", torch.zeros_like(group_index))):
+    for mode, groups in (
+        ("group", group_index),
+        ("turn", group_index),
+        ("batch", torch.zeros_like(group_index)),
+    ):
         gtpo_adv = gtpo.normalize(returns, single, group_index, mode, eps)[:, 0]
-        torch.testing.assert_close(gtpo_adv, gtpo.grpo_advantages(rewards[:, 0], groups, eps), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            gtpo_adv, gtpo.grpo_advantages(rewards[:, 0], groups, eps), atol=1e-12, rtol=0
+        )
 
 
 @given(turn_batches(min_turns=1))
@@ -314,7 +333,9 @@ def loss_inputs(draw, max_n=5, max_l=7):
     N, L = draw(st.integers(1, max_n)), draw(st.integers(1, max_l))
 
     def tensor(elements):
-        return torch.tensor(draw(st.lists(elements, min_size=N * L, max_size=N * L)), dtype=torch.float64).view(N, L)
+        return torch.tensor(
+            draw(st.lists(elements, min_size=N * L, max_size=N * L)), dtype=torch.float64
+        ).view(N, L)
 
     old_logp = tensor(st.floats(-6.0, 0.0))
     logp = old_logp + tensor(st.floats(-0.7, 0.7))
@@ -325,10 +346,13 @@ def loss_inputs(draw, max_n=5, max_l=7):
 
 @given(loss_inputs(), clips, clips, aggregations, st.booleans(), st.floats(0.0, 0.5))
 def test_policy_loss_matches_the_reference_loop(inputs, cl, ch, agg, with_ref, kl_coef):
-    """policy_loss equals the per-token loop over -min(rA, clip(r)A) plus k3 KL, to 1e-6, for every aggregation."""
+    """policy_loss equals the per-token loop over -min(rA, clip(r)A) plus the k3 KL, to 1e-6,
+    for every aggregation."""
     logp, old_logp, advantages, loss_mask = inputs
     ref = old_logp - 0.3 if with_ref else None
-    loss, _ = gtpo.policy_loss(logp, old_logp, advantages, loss_mask, cl, ch, agg, ref_logp=ref, kl_coef=kl_coef)
+    loss, _ = gtpo.policy_loss(
+        logp, old_logp, advantages, loss_mask, cl, ch, agg, ref_logp=ref, kl_coef=kl_coef
+    )
     expected = reference_policy_loss(logp, old_logp, advantages, loss_mask, cl, ch, agg, ref, kl_coef)
     assert abs(float(loss) - expected) < ATOL
 
@@ -368,7 +392,12 @@ def test_clipping_stops_the_gradient_exactly_where_ppo_says(inputs, cl, ch):
     assert abs(float(stats["clip_frac"]) - int((clipped & loss_mask).sum()) / count) < 1e-12
 
 
-@given(loss_inputs(max_n=8), aggregations, st.floats(0.0, 0.5), st.lists(st.integers(1, 7), min_size=1, max_size=8))
+@given(
+    loss_inputs(max_n=8),
+    aggregations,
+    st.floats(0.0, 0.5),
+    st.lists(st.integers(1, 7), min_size=1, max_size=8),
+)
 def test_micro_batches_with_global_counts_sum_to_the_full_batch(inputs, agg, kl_coef, cuts):
     """Splitting the rows into micro-batches and passing the global num_tokens and num_seqs makes
     the losses and the gradients sum to the full batch's: accumulation and data parallelism are exact."""
@@ -377,14 +406,25 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch(inputs, agg, kl_
     N = logp.shape[0]
     bounds = sorted({0, N, *[c for c in cuts if c < N]})
     full_logp = logp.clone().requires_grad_(True)
-    full, _ = gtpo.policy_loss(full_logp, old_logp, advantages, loss_mask, agg=agg, ref_logp=ref, kl_coef=kl_coef)
+    full, _ = gtpo.policy_loss(
+        full_logp, old_logp, advantages, loss_mask, agg=agg, ref_logp=ref, kl_coef=kl_coef
+    )
     full.backward()
     num_tokens, num_seqs = loss_mask.sum(), loss_mask.any(dim=1).sum()
     micro_logp = logp.clone().requires_grad_(True)
     total = 0.0
     for a, b in zip(bounds[:-1], bounds[1:]):
-        part, _ = gtpo.policy_loss(micro_logp[a:b], old_logp[a:b], advantages[a:b], loss_mask[a:b], agg=agg,
-                                   num_tokens=num_tokens, ref_logp=ref[a:b], kl_coef=kl_coef, num_seqs=num_seqs)
+        part, _ = gtpo.policy_loss(
+            micro_logp[a:b],
+            old_logp[a:b],
+            advantages[a:b],
+            loss_mask[a:b],
+            agg=agg,
+            num_tokens=num_tokens,
+            ref_logp=ref[a:b],
+            kl_coef=kl_coef,
+            num_seqs=num_seqs,
+        )
         part.backward()
         total += float(part)
     assert abs(total - float(full)) < 1e-9
@@ -393,10 +433,13 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch(inputs, agg, kl_
 
 @given(loss_inputs(), clips, clips)
 def test_the_three_aggregations_agree_when_every_token_is_trained(inputs, cl, ch):
-    """With every token of every sequence trained, token-mean = seq-mean-token-mean = seq-mean-token-sum-norm."""
+    """With every token of every sequence trained, the three aggregations give the same loss."""
     logp, old_logp, advantages, _ = inputs
     everything = torch.ones_like(logp, dtype=torch.bool)
-    losses = [float(gtpo.policy_loss(logp, old_logp, advantages, everything, cl, ch, agg)[0]) for agg in gtpo.AGGREGATIONS]
+    losses = [
+        float(gtpo.policy_loss(logp, old_logp, advantages, everything, cl, ch, agg)[0])
+        for agg in gtpo.AGGREGATIONS
+    ]
     assert max(losses) - min(losses) < 1e-12
 
 
@@ -419,7 +462,9 @@ def test_untrained_positions_holding_inf_or_nan_give_finite_loss_and_gradients()
     advantages = torch.tensor([[1.0, math.inf, 2.0]])
     for agg in gtpo.AGGREGATIONS:
         logp.grad = None
-        loss, stats = gtpo.policy_loss(logp, old_logp, advantages, loss_mask, agg=agg, ref_logp=old_logp, kl_coef=0.1)
+        loss, stats = gtpo.policy_loss(
+            logp, old_logp, advantages, loss_mask, agg=agg, ref_logp=old_logp, kl_coef=0.1
+        )
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
         assert all(torch.isfinite(v) for v in stats.values())
@@ -430,7 +475,9 @@ def test_nothing_trained_gives_zero_loss():
     """An all-False loss_mask gives loss 0 (not NaN) for every aggregation."""
     logp = torch.zeros(2, 3, requires_grad=True)
     for agg in gtpo.AGGREGATIONS:
-        loss, _ = gtpo.policy_loss(logp, torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool), agg=agg)
+        loss, _ = gtpo.policy_loss(
+            logp, torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool), agg=agg
+        )
         assert float(loss) == 0.0
 
 
