@@ -427,7 +427,7 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch(inputs, agg, kl_
         )
         part.backward()
         total += float(part.detach())
-    assert abs(total - float(full)) < 1e-9
+    assert abs(total - float(full.detach())) < 1e-9
     torch.testing.assert_close(micro_logp.grad, full_logp.grad, atol=1e-12, rtol=0)
 
 
