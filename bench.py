@@ -1,6 +1,7 @@
 """Benchmarks that print figures measured side by side in one run (never asserted in tests).
 
     python bench.py advantages            # GTPO's advantage pipeline + loss vs GRPO's, N=1024 K=8 L=4096
+    python bench.py sandbox               # sandbox call latency vs a fresh `python -c` per call
 
 Each benchmark alternates the variants it compares (A, B, A, B, ...) so that load from elsewhere
 on a shared machine falls on both alike. It reports the median of all timed calls (the typical
@@ -10,11 +11,14 @@ cost) and the minimum (the cost with the least interference, as timeit recommend
 import argparse
 import ctypes
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
 import gtpo
+import sandbox
 
 
 def _times_ms(fn, repeats):
@@ -131,6 +135,53 @@ def _report_advantages(allocator, samples):
         print(f"{allocator:<8}{stat:<8}{'overhead: advantage cost / GRPO step':<44}{steady:>+30.1f}%")
 
 
+def _percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def bench_sandbox(args):
+    print(
+        f"isolation={sandbox.isolation()} warm calls={args.calls} starts={args.starts} "
+        f"throughput: {args.batch} calls over {args.sessions} sessions, {args.workers} workers"
+    )
+    warm, fresh, cold = [], [], []
+    with sandbox.Session(timeout=10) as session:
+        session.run("x = 0")
+        for i in range(args.calls):  # warm calls and fresh processes alternate
+            warm += _times_ms(lambda: session.run("x += 1"), 1)
+            if i % (args.calls // args.starts) == 0:
+                fresh += _times_ms(lambda: subprocess.run([sys.executable, "-c", "x = 1"], check=True), 1)
+    for _ in range(args.starts):
+
+        def start_and_call():
+            with sandbox.Session(timeout=10) as s:
+                assert s.run("x = 1").ok
+
+        cold += _times_ms(start_and_call, 1)
+
+    with sandbox.Pool(max_workers=args.workers, timeout=10) as pool:
+        sessions = [pool.session() for _ in range(args.sessions)]
+        pool.run(sessions, ["x = 0"] * args.sessions)  # start every worker first
+        codes = ["x += 1\nx"] * args.batch
+        targets = [sessions[i % args.sessions] for i in range(args.batch)]
+        start = time.perf_counter()
+        for k in range(0, args.batch, args.sessions):  # one call per session at a time, like turns
+            results = pool.run(targets[k : k + args.sessions], codes[k : k + args.sessions])
+            assert all(r.ok for r in results)
+        elapsed = time.perf_counter() - start
+
+    p50 = statistics.median(warm)
+    rows = [("warm call in a live session", warm, 3), ("cold: new session + first call + close", cold, 1),
+            ("baseline: fresh `python -c` per call", fresh, 1)]  # fmt: skip
+    print(f"{'what':<44}{'p50 ms':>10}{'p99 ms':>10}")
+    for label, times, digits in rows:
+        print(f"{label:<44}{statistics.median(times):>10.{digits}f}{_percentile(times, 99):>10.{digits}f}")
+    speedup = statistics.median(fresh) / p50
+    print(f"warm call vs fresh process: {speedup:.0f}x faster (goals: >= 10x, warm p50 < 2 ms)")
+    print(f"throughput: {args.batch} calls in {elapsed:.3f} s = {args.batch / elapsed:.0f} calls/s")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,8 +196,14 @@ def main():
     adv.add_argument("--mode", choices=gtpo.MODES, default="group", help="normalisation set")
     adv.add_argument("--repeats", type=int, default=5, help="timed calls of each variant per round")
     adv.add_argument("--rounds", type=int, default=9, help="rounds alternating over the variants")
+    sbx = sub.add_parser("sandbox", help="sandbox latency, start-up and throughput vs python -c")
+    sbx.add_argument("--calls", type=int, default=1000, help="warm calls timed in one session")
+    sbx.add_argument("--starts", type=int, default=20, help="cold starts and fresh processes timed")
+    sbx.add_argument("--batch", type=int, default=256, help="short calls in the throughput test")
+    sbx.add_argument("--sessions", type=int, default=32, help="concurrent sessions in the throughput test")
+    sbx.add_argument("--workers", type=int, default=8, help="Pool max_workers in the throughput test")
     args = parser.parse_args()
-    {"advantages": bench_advantages}[args.bench](args)
+    {"advantages": bench_advantages, "sandbox": bench_sandbox}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ class Session:
         self.slot = next(_slots) % 1000
         self.limits = {
             "memory_mb": memory_mb,
-            "cpu_seconds": cpu_seconds or max(1, int(timeout + 0.999)),
+            "cpu_seconds": cpu_seconds or int(timeout + 0.999) + 1,  # the wall clock fires first
             "max_file_mb": max_file_mb,
             "max_processes": max_processes,
             "uid": _UID_BASE + (os.getpid() % 100_000) * 1000 + self.slot,
@@ -195,6 +195,14 @@ class Session:
         """Kill the worker's process group (in namespace mode this ends the whole namespace)."""
         if self.proc is None:
             return
+        # In namespace mode, kill the namespace's init first: unshare returns only once the kernel
+        # has killed every process in the namespace, so nothing outlives close().
+        if self.mode == "namespaces":
+            with contextlib.suppress(OSError, ValueError, subprocess.TimeoutExpired):
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                    for pid in f.read().split():
+                        os.kill(int(pid), signal.SIGKILL)
+                self.proc.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
@@ -248,7 +256,10 @@ class Session:
         reply = self._receive(start + self.timeout, out, err)
         if reply == "timeout":
             self._kill()
-            self.lost_note = f"note: the previous call timed out after {self.timeout:g} s; the session restarted and its state was lost"
+            self.lost_note = (
+                f"note: the previous call timed out after {self.timeout:g} s; "
+                "the session restarted and its state was lost"
+            )
             notes.append(f"TimeoutError: the call did not finish within {self.timeout:g} s and was killed")
             ok, limit, timed_out = False, "time", True
         elif isinstance(reply, dict):

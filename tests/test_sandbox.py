@@ -1,0 +1,255 @@
+"""Properties of sandbox.py: containment against hostile code, state across turns, concurrency.
+
+Every adversarial case is checked for the same four things (test_hostile_code_is_contained) plus
+its own expectation: the call returns within timeout + 1 s, the test process (standing in for the
+trainer) is untouched, no process of the session survives close(), nothing is written outside
+the session's directory, and the next call in a new session works. Network tests only ever
+address 127.0.0.1.
+"""
+
+import os
+import socket
+import time
+
+import pytest
+
+import sandbox
+
+TIMEOUT = 2.0
+NAMESPACES = sandbox.isolation() == "namespaces"
+needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="needs root and unshare (namespace mode)")
+
+
+def session_processes(tag):
+    """PIDs of live (non-zombie) processes whose environment carries the session's tag."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"GTPO_SANDBOX_TAG={tag}".encode() in environ and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+ESCAPE = "gtpo-escape-{marker}"
+HOST_DIRS = ["/tmp", "/var/tmp", "/dev/shm", os.getcwd(), os.path.dirname(sandbox.__file__)]
+
+# (id, code, expectation on the Result). {marker}, {port} and {pid} are filled in per test.
+HOSTILE = [
+    ("infinite-loop", "while True:\n    pass", lambda r: r.timed_out and r.limit == "time"),
+    ("sleep-past-timeout", "import time\ntime.sleep(60)", lambda r: r.timed_out),
+    ("fork-bomb", "import os\nwhile True:\n    os.fork()", lambda r: not r.ok),
+    ("memory-bomb", "a = []\nwhile True:\n    a.append(bytearray(1 << 24))", lambda r: r.limit == "memory"),
+    ("huge-output", "while True:\n    print('x' * 1000)", lambda r: r.truncated and len(r.stdout) < 20_000),
+    ("one-huge-write", "print('y' * 50_000_000)", lambda r: r.ok and r.truncated and len(r.stdout) < 20_000),
+    (
+        "write-outside-workdir",
+        "import os\nfor d in {dirs!r}:\n    try:\n        open(os.path.join(d, {escape!r}), 'w').write('x')\n"
+        "    except OSError as e:\n        print(type(e).__name__)\nopen('../' + {escape!r}, 'w')",
+        lambda r: True,
+    ),
+    (
+        "read-environment-secrets",
+        "import os\nprint(dict(os.environ))\nfor p in ('/proc/1/environ', '/proc/{pid}/environ'):\n"
+        "    try:\n        print(open(p, 'rb').read())\n    except OSError as e:\n        print(e)",
+        lambda r: "hunter2" not in r.stdout + r.stderr,
+    ),
+    ("kill-the-parent", "import os\nos.kill(os.getppid(), 9)", lambda r: True),
+    (
+        "setsid-escape",
+        "import subprocess\nsubprocess.Popen(['sleep', '1000'], start_new_session=True)\n"
+        "import os\nif os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(1000)",
+        lambda r: r.ok,
+    ),
+    ("os-exit", "import os\nos._exit(7)", lambda r: not r.ok and "exit code 7" in r.stderr),
+    ("sys-exit", "import sys\nsys.exit(3)", lambda r: not r.ok and "SystemExit: 3" in r.stderr),
+    ("recursion-overflow", "def f():\n    return f()\nf()", lambda r: "RecursionError" in r.stderr),
+    (
+        "c-stack-overflow",
+        "import sys\nsys.setrecursionlimit(10**8)\ndef f():\n    return f()\nf()",
+        lambda r: not r.ok,
+    ),
+    ("segfault", "import ctypes\nctypes.string_at(0)", lambda r: not r.ok and "SIGSEGV" in r.stderr),
+    ("read-stdin", "import sys\nprint(repr(sys.stdin.read()))\ninput()", lambda r: "EOFError" in r.stderr),
+    (
+        "threads-keep-running",
+        "import threading, time\ndef spin():\n    while True:\n        time.sleep(0.01)\n"
+        "for _ in range(4):\n    threading.Thread(target=spin).start()\nprint('started')",
+        lambda r: r.ok and r.stdout == "started\n",
+    ),
+    (
+        "daemon-process",
+        "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1000 &'])\n"
+        "import os\nif os.fork() == 0:\n    if os.fork() == 0:\n"
+        "        import time\n        time.sleep(1000)\n    os._exit(0)",
+        lambda r: r.ok,
+    ),
+]
+
+
+@needs_namespaces
+@pytest.mark.parametrize("name,code,expect", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_code_is_contained(name, code, expect, monkeypatch):
+    """For each hostile cell: the call returns within timeout + 1 s with the expected outcome,
+    the trainer is untouched, nothing is written outside the session's directory, no process
+    of the session survives close(), and the next call in a new session works."""
+    monkeypatch.setenv("GTPO_TEST_SECRET", "hunter2")
+    marker = os.urandom(6).hex()
+    escape = ESCAPE.format(marker=marker)
+    code = code.format(dirs=HOST_DIRS + ["/root", os.path.expanduser("~")], escape=escape, pid=os.getpid())
+    session = sandbox.Session(timeout=TIMEOUT, memory_mb=512)
+    try:
+        assert session.run("1").ok  # start-up outside the timed call
+        started = time.monotonic()
+        result = session.run(code)
+        elapsed = time.monotonic() - started
+        assert elapsed < TIMEOUT + 1.0, f"{name}: the call took {elapsed:.2f} s"
+        assert expect(result), f"{name}: unexpected {result}"
+        assert not result.infra_error, "the code's failures are the code's fault"
+        after = session.run("print(6 * 7)")
+        assert after.ok and after.stdout.endswith("42\n"), after
+    finally:
+        session.close()
+    assert session_processes(session.tag) == [], f"{name}: processes survived close()"
+    for d in HOST_DIRS + [os.path.expanduser("~")]:
+        assert not os.path.exists(os.path.join(d, escape)), f"{name}: wrote {escape} in {d}"
+
+
+@needs_namespaces
+def test_no_connection_to_a_listener_on_the_host_loopback():
+    """A listener on the host's 127.0.0.1 cannot be reached from the sandbox, and the sandbox sees
+    no network interface but loopback."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.2)
+        port = listener.getsockname()[1]
+        with sandbox.Session(timeout=TIMEOUT) as session:
+            result = session.run(
+                "import socket\nprint([name for _, name in socket.if_nameindex()])\n"
+                f"socket.create_connection(('127.0.0.1', {port}), timeout=1)"
+            )
+        assert result.stdout == "['lo']\n", result
+        assert not result.ok and "OSError" in result.stderr, result
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+@needs_namespaces
+def test_the_sandbox_cannot_see_or_signal_the_trainer():
+    """The trainer's PID does not exist inside the sandbox, and signalling the namespace's init fails."""
+    with sandbox.Session(timeout=TIMEOUT) as session:
+        result = session.run(
+            f"import os\nprint(os.path.exists('/proc/{os.getpid()}'), os.getpid() != {os.getpid()})"
+        )
+        assert result.stdout == "False True\n" or os.getpid() <= 2, result
+        result = session.run("import os\nos.kill(1, 9)")
+        assert "PermissionError" in result.stderr, result
+
+
+# ---------------------------------------------------------------- behaviour of a session
+
+
+@pytest.fixture(params=["namespaces", "process"] if NAMESPACES else ["process"])
+def session(request):
+    with sandbox.Session(timeout=TIMEOUT, isolate=request.param) as s:
+        yield s
+
+
+def test_state_persists_across_calls(session):
+    """Names, imports and functions defined in one call are usable in the next."""
+    assert session.run("import math\nx = 6\ndef double(v):\n    return 2 * v").ok
+    result = session.run("print(double(x), math.sqrt(49))")
+    assert result.ok and result.stdout == "12 7.0\n", result
+
+
+def test_an_error_leaves_the_session_usable_and_its_state_intact(session):
+    """After a raising call, earlier state is still there and later calls run; the traceback's
+    last line names the error and the cell's own line is shown."""
+    session.run("total = 10")
+    failed = session.run("y = 1\nraise ValueError('bad turn')")
+    assert not failed.ok and failed.stderr.rstrip().splitlines()[-1] == "ValueError: bad turn"
+    assert "raise ValueError('bad turn')" in failed.stderr
+    assert "sandbox.py" not in failed.stderr, "the worker's own frames are not shown"
+    recovered = session.run("print(total + y)")
+    assert recovered.ok and recovered.stdout == "11\n" and not recovered.state_lost
+
+
+def test_a_bare_last_expression_is_printed_only_when_nothing_else_was(session):
+    """The value of a final bare expression is printed, as in a notebook, unless the cell printed."""
+    assert session.run("a = 2\na * 21").stdout == "42\n"
+    assert session.run("print('hi')\na * 21").stdout == "hi\n"
+    assert session.run("None").stdout == ""
+    assert session.run("'text'").stdout == "'text'\n"
+
+
+def test_unicode_and_binary_output_arrive_intact_or_replaced(session):
+    """Unicode round-trips; invalid UTF-8 bytes become replacement characters, not an error."""
+    code = (
+        "import sys\nprint('π ≈ 3.14159 — 数学 ✓', flush=True)\nsys.stdout.buffer.write(b'\\xff\\xfe ok\\n')"
+    )
+    result = session.run(code)
+    assert result.ok and result.stdout == "π ≈ 3.14159 — 数学 ✓\n\ufffd\ufffd ok\n", result
+
+
+def test_truncation_keeps_the_head_and_the_tail(session):
+    """Output beyond max_output keeps its first and last bytes and says how much was dropped."""
+    result = session.run("for i in range(100000):\n    print(i)")
+    assert result.truncated and result.stdout.startswith("0\n1\n2\n") and result.stdout.endswith("99999\n")
+    assert "bytes of output dropped" in result.stdout
+
+
+def test_a_timeout_restarts_the_session_and_says_state_was_lost(session):
+    """After a timeout the next call runs in a fresh session, marked state_lost, with a note."""
+    session.run("kept = 1")
+    assert session.run("while True:\n    pass").timed_out
+    after = session.run("print('kept' in globals())")
+    assert after.ok and after.stdout == "False\n" and after.state_lost and "state was lost" in after.stderr
+
+
+def test_sessions_do_not_see_each_other():
+    """Two sessions alive at once have separate state and separate working directories."""
+    with sandbox.Session(timeout=TIMEOUT) as a, sandbox.Session(timeout=TIMEOUT) as b:
+        a.run("secret = 'a'\nopen('mine.txt', 'w').write('a')")
+        assert "NameError" in b.run("secret").stderr
+        assert b.run("import os\nos.path.exists('mine.txt')").stdout == "False\n"
+
+
+def test_a_sandbox_that_cannot_start_is_an_infrastructure_error(monkeypatch):
+    """When the worker cannot be started, the result is infra_error (not the code's fault)."""
+    monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python")
+    with sandbox.Session(timeout=TIMEOUT) as session:
+        result = session.run("1")
+    assert result.infra_error and not result.ok and "sandbox failure" in result.stderr
+
+
+def test_the_pool_runs_calls_concurrently_and_keeps_order():
+    """Pool.run returns results in input order, and calls of different sessions overlap in time."""
+    with sandbox.Pool(max_workers=4, timeout=10) as pool:
+        sessions = [pool.session() for _ in range(4)]
+        codes = [
+            f"import time\nstart = time.time()\ntime.sleep(0.5)\nprint({i}, start, time.time())"
+            for i in range(4)
+        ]
+        results = pool.run(sessions, codes)
+    spans = [tuple(map(float, r.stdout.split()[1:])) for r in results]
+    assert [int(r.stdout.split()[0]) for r in results] == [0, 1, 2, 3]
+    latest_start, earliest_end = max(s for s, _ in spans), min(e for _, e in spans)
+    assert latest_start < earliest_end, "all four sleeps overlapped"
+
+
+@pytest.mark.parametrize("isolate", ["namespaces", "process"] if NAMESPACES else ["process"])
+def test_each_resource_limit_is_enforced_and_named(isolate):
+    """CPU time, file size and memory limits stop the code and the result names the limit hit."""
+    with sandbox.Session(timeout=5, cpu_seconds=1, max_file_mb=1, memory_mb=256, isolate=isolate) as s:
+        cpu = s.run("while True:\n    pass")
+        assert cpu.limit == "cpu" and not cpu.timed_out, cpu
+        big_file = s.run("open('big.bin', 'wb').write(b'0' * (2 << 20))")
+        assert big_file.limit == "file_size" and "File too large" in big_file.stderr, big_file
+        memory = s.run("block = bytearray(512 << 20)")
+        assert memory.limit == "memory" and "MemoryError" in memory.stderr, memory
