@@ -33,7 +33,8 @@ Choices the paper leaves open, and deviations from it:
        gets advantage exactly 0 (never NaN or inf, eps = 0 included), tested directly rather
        than trusting floating point to cancel (mean(0.1, 0.1, 0.1) != 0.1 in floating point).
     3. Turns masked out (beyond T_i, or whole trajectories left out, e.g. after a sandbox
-       infrastructure failure) take no part in any statistic and get advantage 0.
+       infrastructure failure) take no part in any statistic and get advantage 0. Their tokens
+       must also be False in policy_loss's loss_mask, so they do not count in num_tokens.
     4. Within a turn every sampled token gets the turn's advantage; there is no discount
        between tokens, and tool-output tokens are never trained.
     5. Loss aggregation: "token-mean" (sum over trained tokens / their global count) is the
@@ -45,8 +46,9 @@ Choices the paper leaves open, and deviations from it:
        value 0.2.
     7. The KL to a reference is optional (kl_coef = 0 by default), uses the k3 estimator
        exp(ref - logp) - (ref - logp) - 1, and is added as kl_coef times its token-mean.
-    8. Statistics are computed in at least float32 whatever the input dtype, and results
-       are returned in the input dtype.
+    8. Arithmetic is done in at least float32 whatever the input dtype (and the returns avoid
+       matmul, which TF32 settings would round); returns and advantages come back in the input
+       dtype, the loss in at least float32.
 
 Every function is pure and vectorised (no Python loop over trajectories, turns or tokens) and
 works on any device; rows of a group may sit anywhere in the batch.
@@ -82,6 +84,7 @@ def discounted_returns(turn_rewards, turn_mask, gamma):
     Rewards under a False mask are ignored whatever they hold (NaN included).
     """
     assert turn_rewards.dim() == 2, f"turn_rewards must be (N, K), got {tuple(turn_rewards.shape)}"
+    assert turn_rewards.is_floating_point(), f"turn_rewards must be float, got {turn_rewards.dtype}"
     _check_turn_mask(turn_mask, turn_rewards.shape)
     assert 0.0 <= gamma <= 1.0, f"gamma must be in [0, 1], got {gamma}"
     K = turn_rewards.shape[1]
@@ -92,7 +95,7 @@ def discounted_returns(turn_rewards, turn_mask, gamma):
     later = steps >= 0  # (K, K) True where turn m counts towards the return of turn j
     # 0 ** 0 == 1, so gamma = 0 gives R = r.
     discount = torch.where(later, gamma ** steps.clamp(min=0).to(dtype), 0.0)
-    returns = rewards @ discount.T  # (N, K) R[:, j] = sum_m discount[j, m] r[:, m]
+    returns = (rewards[:, None, :] * discount).sum(dim=-1)  # (N, K) R[:, j] = sum_m D[j, m] r[:, m]
     return torch.where(turn_mask, returns, 0.0).to(turn_rewards.dtype)
 
 
@@ -118,6 +121,7 @@ def normalize(values, mask, group_index, mode="group", eps=1e-6):
     0. Returns advantages (N, K), 0 where mask is False; masked values never influence anything.
     """
     assert values.dim() == 2, f"values must be (N, K), got {tuple(values.shape)}"
+    assert values.is_floating_point(), f"values must be float, got {values.dtype}"
     assert mask.dtype == torch.bool and mask.shape == values.shape, "mask must be bool (N, K)"
     assert group_index.shape == values.shape[:1], "group_index must be (N,)"
     assert mode in MODES, f"mode must be one of {MODES}, got {mode!r}"
@@ -133,7 +137,8 @@ def normalize(values, mask, group_index, mode="group", eps=1e-6):
     var = zeros.index_add(0, ids, deviation**2) / (count - 1).clamp(min=1)
     lo = zeros.scatter_reduce(0, ids, v, "amin", include_self=False)
     hi = zeros.scatter_reduce(0, ids, v, "amax", include_self=False)
-    denom = (var.sqrt() + eps)[ids]  # (M,)
+    std = torch.where(var > 0, torch.where(var > 0, var, 1.0).sqrt(), 0.0)  # no NaN gradient at 0
+    denom = (std + eps)[ids]  # (M,)
     # Equal values carry no signal; an underflowed std must not divide by zero either.
     flat = (lo == hi)[ids] | (denom == 0)
     adv = torch.where(flat, 0.0, deviation / torch.where(flat, 1.0, denom))  # (M,)
@@ -142,14 +147,18 @@ def normalize(values, mask, group_index, mode="group", eps=1e-6):
     return advantages
 
 
-def grpo_advantages(rewards, group_index, eps=1e-6):
+def grpo_advantages(rewards, group_index, eps=1e-6, mask=None):
     """GRPO's advantage: A_i = (r_i - mean(group)) / (std(group) + eps), same statistics as normalize.
 
-    rewards (N,) float, one per trajectory; group_index (N,) long. Returns (N,).
+    rewards (N,) float, one per trajectory; group_index (N,) long; mask (N,) bool, the
+    trajectories that take part (default all; e.g. False after a sandbox infrastructure failure).
+    Returns (N,), 0 where mask is False.
     """
     assert rewards.dim() == 1, f"rewards must be (N,), got {tuple(rewards.shape)}"
-    everything = torch.ones_like(rewards, dtype=torch.bool)[:, None]  # (N, 1)
-    return normalize(rewards[:, None], everything, group_index, "group", eps)[:, 0]
+    assert rewards.is_floating_point(), f"rewards must be float, got {rewards.dtype}"
+    if mask is None:
+        mask = torch.ones_like(rewards, dtype=torch.bool)
+    return normalize(rewards[:, None], mask[:, None], group_index, "group", eps)[:, 0]
 
 
 def token_advantages(turn_advantages, token_turn):
@@ -162,7 +171,8 @@ def token_advantages(turn_advantages, token_turn):
     assert token_turn.shape[0] == turn_advantages.shape[0], "N differs"
     assert token_turn.dtype == torch.long, f"token_turn must be long, got {token_turn.dtype}"
     # Column 0 of the padded table is the 0 that untrained tokens (turn -1) pick up. gather
-    # checks the bounds itself, so a turn outside [-1, K) is an error, never a silent wrong value.
+    # checks the bounds itself: a turn outside [-1, K) raises on the CPU (a device-side assert
+    # on CUDA) rather than reading a wrong value.
     padded = torch.cat([turn_advantages.new_zeros(turn_advantages.shape[0], 1), turn_advantages], dim=1)
     return padded.gather(1, token_turn + 1)  # (N, L)
 
@@ -197,14 +207,15 @@ def policy_loss(
                                    k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1
 
     logp, old_logp, advantages, ref_logp: (N, L) float; loss_mask (N, L) bool, True exactly for
-    tokens the policy sampled; n_i = trained tokens of row i. num_tokens defaults to the mask's
-    count and num_seqs to the rows with a trained token; pass the global counts under gradient
+    tokens the policy sampled in turns that take part (False for trajectories left out of the
+    statistics); n_i = trained tokens of row i. num_tokens defaults to the mask's count and
+    num_seqs to the rows with a trained token; pass the global counts under gradient
     accumulation or data parallelism so the micro-batch losses sum to the full-batch loss.
     The min is written as an explicit choice of the clipped branch (where PPO clips: A > 0 and
     ratio > 1 + clip_high, or A < 0 and ratio < 1 - clip_low), which has the same value and a
-    well-defined gradient on the boundary. Returns (loss, stats): loss a scalar; stats a dict of
-    detached scalars over this call's trained tokens: clip_frac, approx_kl (k3 of old vs new),
-    ratio_mean, and kl_ref when ref_logp is given.
+    well-defined gradient on the boundary. Returns (loss, stats): loss a scalar in at least
+    float32; stats a dict of detached scalars over this call's trained tokens: clip_frac,
+    approx_kl (k3 of old vs new), ratio_mean, and kl_ref when ref_logp is given.
     """
     assert logp.dim() == 2, f"logp must be (N, L), got {tuple(logp.shape)}"
     for name, t in (("old_logp", old_logp), ("advantages", advantages), ("loss_mask", loss_mask)):
@@ -212,6 +223,7 @@ def policy_loss(
     assert loss_mask.dtype == torch.bool, f"loss_mask must be bool, got {loss_mask.dtype}"
     assert agg in AGGREGATIONS, f"agg must be one of {AGGREGATIONS}, got {agg!r}"
     assert 0 <= clip_low < 1 and clip_high >= 0, f"bad clip range ({clip_low}, {clip_high})"
+    assert kl_coef == 0 or ref_logp is not None, "kl_coef > 0 needs ref_logp"
     dtype = _compute_dtype(logp)
     # Untrained positions may hold anything (-inf log-probs of padding): keep them out of exp.
     log_ratio = torch.where(loss_mask, logp.to(dtype) - old_logp.to(dtype), 0.0)  # (N, L)

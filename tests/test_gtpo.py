@@ -286,6 +286,34 @@ def test_grpo_advantages_match_the_reference_and_are_affine_invariant(batch):
     torch.testing.assert_close(gtpo.grpo_advantages(3 * r - 2, group_index, 0.0), expected, atol=ATOL, rtol=0)
 
 
+@given(turn_batches(min_turns=1), st.data())
+def test_grpo_trajectories_left_out_get_zero_and_do_not_move_the_others(batch, data):
+    """With mask False for some trajectories, those get 0 and the rest equal GRPO on the rest alone."""
+    rewards, _, group_index = batch
+    r = rewards[:, 0]
+    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(r), max_size=len(r))))
+    adv = gtpo.grpo_advantages(r, group_index, 0.0, mask=mask)
+    assert torch.equal(adv[~mask], torch.zeros_like(adv[~mask]))
+    torch.testing.assert_close(
+        adv[mask], gtpo.grpo_advantages(r[mask], group_index[mask], 0.0), atol=1e-12, rtol=0
+    )
+
+
+def test_flat_sets_give_finite_gradients_to_the_values():
+    """Backpropagating through normalize on a set of equal values gives finite gradients (no NaN)."""
+    values = torch.tensor([[1.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    gtpo.normalize(values, torch.ones(2, 2, dtype=torch.bool), torch.tensor([0, 0]), eps=0.0).sum().backward()
+    assert torch.isfinite(values.grad).all()
+
+
+def test_integer_rewards_are_rejected_rather_than_truncated():
+    """Integer rewards would be cast back and truncated; they are an error instead."""
+    with pytest.raises(AssertionError, match="float"):
+        gtpo.grpo_advantages(torch.tensor([0, 1, 1, 0]), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(AssertionError, match="float"):
+        gtpo.discounted_returns(torch.tensor([[0, 0, 1]]), torch.ones(1, 3, dtype=torch.bool), 0.9)
+
+
 # ---------------------------------------------------------------- token advantages
 
 
@@ -350,11 +378,49 @@ def test_policy_loss_matches_the_reference_loop(inputs, cl, ch, agg, with_ref, k
     for every aggregation."""
     logp, old_logp, advantages, loss_mask = inputs
     ref = old_logp - 0.3 if with_ref else None
+    kl_coef = kl_coef if with_ref else 0.0
     loss, _ = gtpo.policy_loss(
         logp, old_logp, advantages, loss_mask, cl, ch, agg, ref_logp=ref, kl_coef=kl_coef
     )
     expected = reference_policy_loss(logp, old_logp, advantages, loss_mask, cl, ch, agg, ref, kl_coef)
     assert abs(float(loss) - expected) < ATOL
+
+
+@given(loss_inputs(), clips, clips)
+def test_stats_match_their_definitions_over_trained_tokens(inputs, cl, ch):
+    """clip_frac, approx_kl = mean((r - 1) - log r), ratio_mean and kl_ref = mean k3 are means over
+    the trained tokens only, as a loop over those tokens computes them."""
+    logp, old_logp, advantages, loss_mask = inputs
+    ref = old_logp - 0.3
+    _, stats = gtpo.policy_loss(logp, old_logp, advantages, loss_mask, cl, ch, ref_logp=ref, kl_coef=0.1)
+    tokens = [(i, t) for i in range(logp.shape[0]) for t in range(logp.shape[1]) if loss_mask[i, t]]
+    n = max(len(tokens), 1)
+    log_r = [float(logp[i, t] - old_logp[i, t]) for i, t in tokens]
+    d = [float(ref[i, t] - logp[i, t]) for i, t in tokens]
+    a = [float(advantages[i, t]) for i, t in tokens]
+    expected = {
+        "clip_frac": sum(
+            (x > 0 and math.exp(lr) > 1 + ch) or (x < 0 and math.exp(lr) < 1 - cl) for x, lr in zip(a, log_r)
+        )
+        / n,
+        "approx_kl": sum(math.exp(lr) - 1 - lr for lr in log_r) / n,
+        "ratio_mean": sum(math.exp(lr) for lr in log_r) / n,
+        "kl_ref": sum(math.exp(x) - x - 1 for x in d) / n,
+    }
+    for name, value in expected.items():
+        assert abs(float(stats[name]) - value) < 1e-9, name
+
+
+def test_kl_coef_without_a_reference_is_an_error():
+    """Asking for a KL penalty without reference log-probs fails loudly instead of being ignored."""
+    with pytest.raises(AssertionError, match="ref_logp"):
+        gtpo.policy_loss(
+            torch.zeros(1, 2),
+            torch.zeros(1, 2),
+            torch.ones(1, 2),
+            torch.ones(1, 2, dtype=torch.bool),
+            kl_coef=0.1,
+        )
 
 
 @given(loss_inputs(), aggregations)
@@ -497,6 +563,7 @@ def test_every_function_runs_in_any_float_dtype_and_agrees_with_float64(device, 
     turn_mask = torch.arange(K)[None, :] < torch.randint(1, K + 1, (N, 1), generator=g)
     group_index = torch.arange(N) % 3
     token_turn = torch.randint(-1, K, (N, L), generator=g)
+    token_turn = torch.where(turn_mask.gather(1, token_turn.clamp(min=0)), token_turn, -1)  # existing turns
     logp = -torch.rand(N, L, generator=g, dtype=torch.float64)
     old_logp = logp + 0.1 * torch.randn(N, L, generator=g, dtype=torch.float64)
 
