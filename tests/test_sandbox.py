@@ -253,3 +253,27 @@ def test_each_resource_limit_is_enforced_and_named(isolate):
         assert big_file.limit == "file_size" and "File too large" in big_file.stderr, big_file
         memory = s.run("block = bytearray(512 << 20)")
         assert memory.limit == "memory" and "MemoryError" in memory.stderr, memory
+
+
+@pytest.mark.parametrize("isolate", ["namespaces", "process"] if NAMESPACES else ["process"])
+def test_nothing_is_left_behind_in_the_trainer(isolate):
+    """Sessions that run, time out, crash and close leave no open file descriptor, no thread and
+    no work directory behind in the trainer."""
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    import threading
+
+    fds, threads = open_fds(), threading.active_count()
+    workdirs = []
+    for code in ("x = 1", "while True:\n    pass", "import os\nos._exit(1)", "print('after')"):
+        with sandbox.Pool(max_workers=2, timeout=1.0, isolate=isolate) as pool:
+            sessions = [pool.session(), pool.session()]
+            results = pool.run(sessions, [code, code])
+            workdirs += [s.workdir for s in sessions if s.workdir]
+        assert all(not r.infra_error for r in results), results
+    assert open_fds() == fds and threading.active_count() == threads
+    assert all(not os.path.exists(w) for w in workdirs)
+    if isolate == "process":
+        assert workdirs, "process mode keeps a work directory on the host while a session lives"
