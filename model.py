@@ -1,0 +1,206 @@
+"""Policies and tokenizers: loading Qwen2.5, the chat template, token log-probabilities, saving,
+and a tiny Qwen2 model and tokenizer built in code for tests and the demo.
+
+    model, tokenizer = load_policy("Qwen/Qwen2.5-7B-Instruct")     # hub id (needs the hub)
+    model, tokenizer = load_policy("/ckpt/qwen2.5-coder-0.5b")     # a local directory
+    model, tokenizer = load_policy("demo")                         # tiny, built in code
+    logp = token_logprobs(model, input_ids, attention_mask)        # (B, L), chunked over L
+
+Shapes: B sequences, L tokens, H hidden size, V vocabulary size.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML, as Qwen2.5-Instruct writes it; a system message is optional.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+SYSTEM_PROMPT = (
+    "Solve the problem step by step. You may run Python by writing a ```python code block; "
+    "its output comes back in an ```output block. Put the final answer in \\boxed{}."
+)
+
+
+# ---------------------------------------------------------------- the tiny model, built in code
+
+
+def _tiny_corpus():
+    """Text in the shapes the tokenizer will see: chat markers, prose, numbers, Python, fences."""
+    lines = [
+        "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n",
+        "<|im_start|>user\nWhat is 12345 * 6789 modulo 97?<|im_end|>\n<|im_start|>assistant\n",
+        "Let me compute it.\n```python\nx = 12345 * 6789\nprint(x % 97)\n```\n```output\n42\n```\n",
+        "The answer is \\boxed{42}.<|im_end|>\n",
+        "for i in range(10):\n    total += i ** 2\nprint(total)\n",
+        "def f(n):\n    return sum(d for d in range(1, n + 1) if n % d == 0)\n",
+        "Traceback (most recent call last):\nNameError: name 'y' is not defined\n",
+        "import math\nprint(math.gcd(120, 84), math.factorial(10), pow(3, 200, 1000))\n",
+    ]
+    words = "the of and to a in is that for it as with be on by this we are count number sum product"
+    lines += [" ".join(words.split()[i:] + words.split()[:i]) + ".\n" for i in range(20)]
+    lines += [f"{a} + {b} = {a + b}\n" for a in range(0, 200, 7) for b in range(3, 60, 11)]
+    return lines * 4
+
+
+def tiny_tokenizer(vocab_size=512):
+    """A byte-level BPE trained in code with Qwen2's own normaliser and split pattern, so that a
+    copy reloaded through AutoTokenizer (which rebuilds Qwen2's pipeline) encodes identically."""
+    raw = Tokenizer(models.BPE())
+    raw.normalizer = normalizers.NFC()
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    merges = [tuple(m) for m in json.loads(raw.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=raw.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(tokenizer, seed=0, hidden_size=64, num_hidden_layers=2, dtype=torch.float32):
+    """A randomly initialised Qwen2 (about 0.1M parameters at the defaults) for tokenizer's vocabulary."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+# ---------------------------------------------------------------- loading and saving
+
+
+def default_dtype(device):
+    """bf16 on CUDA, fp32 on the CPU (bf16 matmuls on CPU are slow and imprecise)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False):
+    """(model, tokenizer) from "demo" (tiny, built in code), a local directory, or a hub id.
+
+    A local directory must hold config.json and safetensors weights; a path that does not exist
+    is an error naming what was looked for (hub ids are only tried for names that are not paths).
+    """
+    dtype = dtype or default_dtype(device)
+    if name == "demo":
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(tokenizer, dtype=dtype)
+    else:
+        looks_like_path = name.startswith(("/", ".", "~")) or os.path.exists(name)
+        path = os.path.expanduser(name)
+        if looks_like_path and not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"no model at {path!r}: looked for {os.path.join(path, 'config.json')} "
+                "(a Hugging Face checkpoint directory), 'demo', or a hub id"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as e:
+            raise OSError(f"could not load the model {name!r} (local directory or hub id): {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>"
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device), tokenizer
+
+
+def save_policy(model, tokenizer, out_dir):
+    """Save in Hugging Face format (safetensors + config + tokenizer), written then renamed so a
+    crash mid-save never leaves a half-written directory under out_dir."""
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = f"{out_dir}.old-{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def chat_prompt_ids(tokenizer, problem, system=SYSTEM_PROMPT):
+    """Token ids of the chat prompt for a problem, ending with the assistant's header."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": problem}
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# ---------------------------------------------------------------- token log-probabilities
+
+
+def position_ids_of(attention_mask):
+    """Positions counted over real tokens only, so a left-padded row starts at 0, as in generate."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+
+
+def _chunk_logprobs(hidden, targets, weight, temperature):
+    logits = (hidden @ weight.T).float() / temperature  # (C, V) fp32 for this chunk only
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (C,)
+
+
+def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk_tokens=1024):
+    """log p(input_ids[b, t] | input_ids[b, :t]) / temperature-scaled, as sampled: (B, L).
+
+    Position 0 has no prediction and holds 0. The hidden states are computed once; the
+    vocabulary projection and log-softmax run over chunks of chunk_tokens positions, each
+    recomputed in the backward pass, so no more than (chunk_tokens, V) fp32 logits exist at once.
+    """
+    assert input_ids.dim() == 2, f"input_ids must be (B, L), got {tuple(input_ids.shape)}"
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    B, L = input_ids.shape
+    hidden = model.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask)
+    ).last_hidden_state  # (B, L, H)
+    hidden = hidden[:, :-1].reshape(B * (L - 1), -1)  # (B(L-1), H) predicts the next token
+    targets = input_ids[:, 1:].reshape(-1)  # (B(L-1),)
+    weight = model.get_output_embeddings().weight  # (V, H)
+    chunks = []
+    for start in range(0, targets.numel(), chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            chunks.append(checkpoint(_chunk_logprobs, h, t, weight, temperature, use_reentrant=False))
+        else:
+            chunks.append(_chunk_logprobs(h, t, weight, temperature))
+    logp = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat([logp.new_zeros(B, 1), logp.view(B, L - 1)], dim=1)  # (B, L)
