@@ -1,0 +1,249 @@
+"""Multi-turn tool-use rollouts built on model.generate: token in, token out.
+
+A trajectory is prompt + turn 1 + observation 1 + turn 2 + ... . Each turn is sampled with
+`model.generate` until the code block it opened is closed (``` after ```python), or EOS, or a
+length limit; the code runs in the trajectory's sandbox session, and the sandbox's output goes
+back inline as an ```output block, tokenised once. Sampled token ids are kept exactly as
+sampled and never re-tokenised, so `loss_mask` (True exactly for sampled tokens) and
+`token_turn` (the 0-based turn of each sampled token, -1 elsewhere) are the generator's own record.
+
+Rows at different turns are batched together (left-padded); each turn re-encodes the whole
+history (see `bench.py rollout` for the cost). Sandbox calls of a batch run concurrently.
+
+Shapes: B rows in a generation batch, W their padded width, V vocabulary size.
+"""
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+import sandbox
+
+CODE_BLOCK = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
+OPENING = re.compile(r"```(?:python|py)[ \t]*\n")
+STOP_REASONS = ("answer", "no_answer", "max_turns", "max_length")
+
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 4  # turns (model messages) per trajectory
+    max_turn_tokens: int = 512  # tokens sampled per turn at most
+    max_total_tokens: int = 2048  # prompt + turns + observations, per trajectory
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling; 1.0 samples from the full distribution
+    record_logprobs: bool = False  # keep the sampler's own log-probs (memory: a (B, V) per step)
+
+
+@dataclass
+class Turn:
+    text: str  # the sampled text of the turn
+    code: str | None = None  # the code of its tool call; None when the turn made no call
+    valid_call: bool | None = None  # None: no call; False: unterminated, empty or unparsable
+    result: sandbox.Result | None = None  # what the sandbox returned
+    observation: str = ""  # the text appended after the turn (the ```output block)
+
+
+@dataclass
+class Trajectory:
+    prompt_len: int
+    input_ids: list[int]  # prompt + sampled + observation + ...
+    loss_mask: list[bool]  # True exactly for tokens the policy sampled
+    token_turn: list[int]  # 0-based turn of each sampled token, -1 elsewhere
+    sample_logp: list[float] = field(default_factory=list)  # sampler's log-probs (if recorded)
+    turns: list[Turn] = field(default_factory=list)
+    stop_reason: str | None = None  # one of STOP_REASONS once finished
+
+    @property
+    def final_text(self):
+        """The last turn's text (where a final answer is looked for)."""
+        return self.turns[-1].text if self.turns else ""
+
+    def extend(self, ids, sampled, turn, logps=None):
+        self.input_ids += ids
+        self.loss_mask += [sampled] * len(ids)
+        self.token_turn += [turn if sampled else -1] * len(ids)
+        self.sample_logp += logps if logps is not None else [0.0] * len(ids)
+
+
+def parse_turn(text, closed_by_fence):
+    """The turn's tool call: (code, valid). A call is the first ```python block; it is invalid
+    when unterminated, empty, or not valid Python syntax."""
+    match = CODE_BLOCK.search(text)
+    if closed_by_fence and match:
+        code = match.group(1)
+        try:
+            ast.parse(code)
+            parses = True
+        except SyntaxError:
+            parses = False
+        return code, bool(code.strip()) and parses
+    if OPENING.search(text):
+        return OPENING.split(text, maxsplit=1)[1], False  # opened, never closed
+    return None, None
+
+
+class CodeBlockStop(StoppingCriteria):
+    """Stops a row once its new text closes a ```python block (a plain stop string cannot: the
+    closing fence ``` is a prefix of the opening one). Records the length at which each row stopped."""
+
+    def __init__(self, tokenizer, prompt_width, batch_size):
+        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+        self.stopped_at = [None] * batch_size  # new tokens up to and including the closing fence
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[:, self.prompt_width :]  # (B, steps)
+        for row in range(new.shape[0]):
+            if self.stopped_at[row] is None and "`" in self.tokenizer.decode(new[row, -1:]):
+                if CODE_BLOCK.search(self.tokenizer.decode(new[row])):
+                    self.stopped_at[row] = new.shape[1]
+        return torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
+
+
+def generate_turn(model, tokenizer, contexts, budgets, cfg):
+    """Sample one turn for each context (a list of token ids): per row (ids, stop, logps) with
+    stop in {"fence", "eos", "length"}; ids are exactly the sampled tokens, padding removed."""
+    B, W = len(contexts), max(map(len, contexts))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((B, W), pad, dtype=torch.long)  # (B, W) left-padded
+    attention_mask = torch.zeros(B, W, dtype=torch.long)
+    for row, ids in enumerate(contexts):
+        input_ids[row, W - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, W - len(ids) :] = 1
+    device = model.device
+    eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None})
+    stop = CodeBlockStop(tokenizer, W, B)
+    greedy = cfg.temperature == 0
+    generation = GenerationConfig(
+        max_new_tokens=max(budgets), do_sample=not greedy, temperature=None if greedy else cfg.temperature,
+        top_p=None if greedy else cfg.top_p, top_k=None, repetition_penalty=None,
+        eos_token_id=eos_ids, pad_token_id=pad, return_dict_in_generate=True,
+        output_logits=cfg.record_logprobs,
+    )  # fmt: skip
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
+    )  # fmt: skip
+    new = out.sequences[:, W:].tolist()  # (B, steps)
+    rows = []
+    for row in range(B):
+        ids, reason = new[row], "length"
+        eos_at = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+        fence_at = stop.stopped_at[row]
+        cut = min(
+            k for k in (eos_at + 1 if eos_at is not None else None, fence_at, len(ids)) if k is not None
+        )
+        reason = (
+            "eos" if eos_at is not None and cut == eos_at + 1 else "fence" if cut == fence_at else "length"
+        )
+        if cut > budgets[row]:
+            cut, reason = budgets[row], "length"
+        logps = None
+        if cfg.record_logprobs:
+            temperature = 1.0 if greedy else cfg.temperature
+            logps = [
+                float((out.logits[k][row].float() / temperature).log_softmax(-1)[ids[k]]) for k in range(cut)
+            ]
+        rows.append((ids[:cut], reason, logps))
+    return rows
+
+
+def observation_text(turn_text, result, max_chars=4096):
+    """The ```output block appended after a tool call: stdout then stderr, head and tail kept."""
+    out = (result.stdout + result.stderr).rstrip("\n")
+    if len(out) > max_chars:
+        out = out[: max_chars // 2] + "\n[...]\n" + out[-max_chars // 2 :]
+    return ("" if turn_text.endswith("\n") else "\n") + f"```output\n{out}\n```\n"
+
+
+def rollout(model, tokenizer, prompts, pool, cfg):
+    """Run every prompt (a list of token ids) to the end: a final answer, no answer, max_turns or
+    max_total_tokens. Each trajectory gets its own sandbox session from pool. Returns trajectories
+    in prompt order."""
+    trajs = [Trajectory(len(p), list(p), [False] * len(p), [-1] * len(p), [0.0] * len(p)) for p in prompts]
+    sessions = [pool.session() for _ in prompts]
+    try:
+        for turn in range(cfg.max_turns):
+            active = [i for i, t in enumerate(trajs) if t.stop_reason is None]
+            if not active:
+                break
+            budgets = [
+                min(cfg.max_turn_tokens, cfg.max_total_tokens - len(trajs[i].input_ids)) for i in active
+            ]
+            sampled = generate_turn(model, tokenizer, [trajs[i].input_ids for i in active], budgets, cfg)
+            calls = []
+            for i, (ids, reason, logps) in zip(active, sampled):
+                text = tokenizer.decode(ids)
+                trajs[i].extend(ids, True, turn, logps)
+                code, valid = parse_turn(text, reason == "fence")
+                trajs[i].turns.append(Turn(text, code, valid))
+                if reason == "fence":
+                    calls.append(i)
+                elif reason == "eos":
+                    trajs[i].stop_reason = "answer" if "\\boxed" in text else "no_answer"
+                else:
+                    trajs[i].stop_reason = "max_length"
+            results = pool.run([sessions[i] for i in calls], [trajs[i].turns[-1].code for i in calls])
+            for i, result in zip(calls, results):
+                last = trajs[i].turns[-1]
+                last.result, last.observation = result, observation_text(last.text, result)
+                obs_ids = tokenizer.encode(last.observation, add_special_tokens=False)
+                if turn + 1 == cfg.max_turns:
+                    trajs[i].stop_reason = "max_turns"
+                elif len(trajs[i].input_ids) + len(obs_ids) >= cfg.max_total_tokens:
+                    trajs[i].stop_reason = "max_length"
+                else:
+                    trajs[i].extend(obs_ids, False, turn)
+    finally:
+        for s in sessions:
+            s.close()
+    return trajs
+
+
+def teacher_trajectory(tokenizer, prompt_ids, turn_texts, session, end="<|im_end|>"):
+    """A trajectory whose turns are given as text (for SFT and tests): the same record and the
+    same observations as a rollout, the code of each turn run in session. The last turn ends
+    with `end` (the end-of-message token) unless it ends with a tool call."""
+    traj = Trajectory(len(prompt_ids), list(prompt_ids), [False] * len(prompt_ids), [-1] * len(prompt_ids))
+    traj.sample_logp = [0.0] * len(prompt_ids)
+    for turn, text in enumerate(turn_texts):
+        closed = CODE_BLOCK.search(text) is not None
+        last = turn == len(turn_texts) - 1
+        if last and not closed:
+            text += end
+        traj.extend(tokenizer.encode(text, add_special_tokens=False), True, turn)
+        code, valid = parse_turn(text, closed)
+        traj.turns.append(Turn(text, code, valid))
+        if closed:
+            result = session.run(code)
+            traj.turns[-1].result, traj.turns[-1].observation = result, observation_text(text, result)
+            if not last:
+                traj.extend(
+                    tokenizer.encode(traj.turns[-1].observation, add_special_tokens=False), False, turn
+                )
+    traj.stop_reason = "answer" if "\\boxed" in traj.final_text else "max_turns" if closed else "no_answer"
+    return traj
+
+
+def format_trajectory(tokenizer, traj, turn_rewards=None, returns=None, advantages=None):
+    """The trajectory as text: masked spans in [[...]], trained turns in <<turn j ...>> ... <<end>>,
+    with each turn's reward, return and advantage when given."""
+    parts, start = [], 0
+    spans = []
+    for k in range(1, len(traj.token_turn) + 1):
+        if k == len(traj.token_turn) or traj.token_turn[k] != traj.token_turn[start]:
+            spans.append((start, k, traj.token_turn[start]))
+            start = k
+    for a, b, turn in spans:
+        text = tokenizer.decode(traj.input_ids[a:b])
+        if turn < 0:
+            parts.append(f"[[{text}]]")
+            continue
+        info = [f"turn {turn + 1}"]
+        for name, values in (("r", turn_rewards), ("R", returns), ("A", advantages)):
+            if values is not None:
+                info.append(f"{name}={float(values[turn]):+.3f}")
+        parts.append(f"<<{' '.join(info)}>>{text}<<end>>")
+    return f"stop: {traj.stop_reason}\n" + "".join(parts)
