@@ -1,0 +1,242 @@
+"""Properties of model.py and rollout.py on the tiny Qwen2 model built in code.
+
+Two policies: the random tiny model sampled at temperature 1 (arbitrary text, every stop reason
+by length), and a tiny model that memorised three scripted multi-turn trajectories (an answer
+without code, a code error then an answer, and a run into max_turns), rolled out greedily.
+"""
+
+import pytest
+import torch
+
+import model
+import rollout
+import sandbox
+
+SCRIPTS = {
+    "Say hello.": ["Hello! \\boxed{1}"],
+    "Say nothing.": ["I will not say."],
+    "Divide one by zero.": ["```python\nprint(1/0)\n```", "It failed, so \\boxed{0}"],
+    "Count up.": [
+        "```python\nx = 1\nprint(x)\n```",
+        "```python\nprint(x + 1)\n```",
+        "```python\nprint(x)\n```",
+    ],
+}
+MAX_TURNS = 2
+
+
+def padded(trajs, pad):
+    """(input_ids, attention_mask, loss_mask) right-padded to a batch."""
+    W = max(len(t.input_ids) for t in trajs)
+    ids = torch.tensor([t.input_ids + [pad] * (W - len(t.input_ids)) for t in trajs])
+    attention = torch.tensor([[1] * len(t.input_ids) + [0] * (W - len(t.input_ids)) for t in trajs])
+    loss_mask = torch.tensor([t.loss_mask + [False] * (W - len(t.loss_mask)) for t in trajs])
+    return ids, attention, loss_mask
+
+
+def spy_on_generate(policy):
+    """Record what model.generate itself returned: (prompt width, new tokens per row) per call."""
+    calls, original = [], policy.generate
+
+    def generate(*args, **kwargs):
+        out = original(*args, **kwargs)
+        width = kwargs["input_ids"].shape[1]
+        calls.append(out.sequences[:, width:].tolist())
+        return out
+
+    policy.generate = generate
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return model.tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def memorised(tokenizer):
+    """A tiny model trained (by the loss path of SFT: token_logprobs on loss_mask) until it
+    reproduces the scripted trajectories, whose observations come from the real sandbox."""
+    policy = model.tiny_model(tokenizer, hidden_size=128)
+    trajs = []
+    for problem, turns in SCRIPTS.items():
+        with sandbox.Session() as session:
+            trajs.append(
+                rollout.teacher_trajectory(
+                    tokenizer, model.chat_prompt_ids(tokenizer, problem), turns, session
+                )
+            )
+    ids, attention, loss_mask = padded(trajs, tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    policy.train()
+    for _ in range(150):
+        logp = model.token_logprobs(policy, ids, attention)
+        loss = -(logp * loss_mask).sum() / loss_mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return policy.eval()
+
+
+def run(policy, tokenizer, problems, **overrides):
+    cfg = rollout.RolloutConfig(
+        **{"max_turns": MAX_TURNS, "max_turn_tokens": 48, "max_total_tokens": 400, **overrides}
+    )
+    calls = spy_on_generate(policy)
+    with sandbox.Pool(max_workers=4, timeout=5) as pool:
+        trajs = rollout.rollout(
+            policy, tokenizer, [model.chat_prompt_ids(tokenizer, p) for p in problems], pool, cfg
+        )
+    del policy.generate  # drop the spy
+    return trajs, calls, cfg
+
+
+def check_record(tokenizer, trajs, calls, cfg):
+    """The record properties every rollout must have (see the test docstrings)."""
+    eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    for turn, rows in enumerate(calls):
+        active = [t for t in trajs if len(t.turns) > turn]
+        assert len(active) == len(rows)
+        for traj, generated in zip(active, rows):
+            sampled = [tok for tok, j in zip(traj.input_ids, traj.token_turn) if j == turn]
+            # The trained tokens of turn j are exactly what generate produced, up to the stop...
+            assert sampled == generated[: len(sampled)]
+            rest = generated[len(sampled) :]
+            # ...and what follows is padding, unless the trajectory ran out of length.
+            assert all(tok == tokenizer.pad_token_id for tok in rest) or traj.stop_reason == "max_length"
+            assert tokenizer.decode(sampled) == traj.turns[turn].text
+            assert len(sampled) <= cfg.max_turn_tokens
+            if sampled and sampled[-1] in eos:
+                assert traj.turns[turn] is traj.turns[-1], "nothing is sampled after an end of message"
+    for traj in trajs:
+        n = len(traj.input_ids)
+        assert len(traj.loss_mask) == len(traj.token_turn) == n and n <= cfg.max_total_tokens
+        assert 1 <= len(traj.turns) <= cfg.max_turns and traj.stop_reason in rollout.STOP_REASONS
+        assert not any(traj.loss_mask[: traj.prompt_len])
+        assert all(m == (j >= 0) for m, j in zip(traj.loss_mask, traj.token_turn))
+        turn_ids = [j for j in traj.token_turn if j >= 0]
+        assert turn_ids == sorted(turn_ids), "turns appear in order"
+        position = traj.prompt_len
+        for j, turn in enumerate(traj.turns):  # sampled turn j, then its observation, masked
+            length = sum(1 for x in traj.token_turn if x == j)
+            position += length
+            if j < len(traj.turns) - 1:
+                obs = tokenizer.encode(turn.observation, add_special_tokens=False)
+                assert traj.input_ids[position : position + len(obs)] == obs
+                assert not any(traj.loss_mask[position : position + len(obs)])
+                position += len(obs)
+        assert position == n
+
+
+def test_random_policy_rollouts_keep_an_exact_record(tokenizer):
+    """Sampling at temperature 1 from a random model: the tokens with loss_mask True are exactly
+    the tokens generate returned (the generator's record), each turn's tokens decode to its
+    text, observations are never trained, and no limit is exceeded."""
+    policy = model.tiny_model(tokenizer)
+    torch.manual_seed(0)
+    trajs, calls, cfg = run(
+        policy, tokenizer, [f"What is {i} times 7?" for i in range(6)], max_turn_tokens=24
+    )
+    check_record(tokenizer, trajs, calls, cfg)
+
+
+def test_the_total_length_limit_holds_for_rows_of_different_lengths(tokenizer):
+    """With max_total_tokens tighter than max_turn_tokens allows, rows whose prompts differ in
+    length each stop at their own limit, and the record stays exact."""
+    policy = model.tiny_model(tokenizer)
+    torch.manual_seed(2)
+    problems = ["Add.", "What is the sum of the first one hundred positive integers, computed by a loop?"]
+    trajs, calls, cfg = run(policy, tokenizer, problems, max_turn_tokens=64, max_total_tokens=110)
+    check_record(tokenizer, trajs, calls, cfg)
+    assert {t.stop_reason for t in trajs} == {"max_length"}
+    assert len({len(t.input_ids) for t in trajs}) == 1, "both rows fill their budget exactly"
+
+
+def test_scripted_trajectories_come_out_well_formed(tokenizer, memorised):
+    """No code and an answer; no code and no answer; a code error then an answer; and a run into
+    max_turns: each has the right stop reason, tool calls, sandbox results and record."""
+    trajs, calls, cfg = run(memorised, tokenizer, list(SCRIPTS), temperature=0)
+    check_record(tokenizer, trajs, calls, cfg)
+    hello, silent, divide, count = trajs
+    assert hello.stop_reason == "answer" and hello.turns[0].code is None
+    assert silent.stop_reason == "no_answer" and silent.turns[0].valid_call is None
+    assert divide.stop_reason == "answer" and divide.turns[0].valid_call is True
+    assert not divide.turns[0].result.ok and "ZeroDivisionError" in divide.turns[0].observation
+    assert count.stop_reason == "max_turns" and len(count.turns) == MAX_TURNS
+    assert count.turns[1].result.stdout == "2\n", "state persists across the trajectory's turns"
+
+
+def test_greedy_rows_are_the_same_alone_and_in_a_padded_batch(tokenizer, memorised):
+    """A row's greedy rollout does not depend on the other rows of its batch or their padding."""
+    together, _, _ = run(memorised, tokenizer, list(SCRIPTS), temperature=0)
+    for problem, batched in zip(SCRIPTS, together):
+        alone, _, _ = run(memorised, tokenizer, [problem], temperature=0)
+        assert alone[0].input_ids == batched.input_ids
+
+
+def test_recomputed_logprobs_match_the_samplers_own(tokenizer):
+    """log-probs of the sampled tokens from token_logprobs after the rollout equal those from the
+    sampler's raw logits at the same temperature, to 1e-4 in fp32, in a padded batch."""
+    policy = model.tiny_model(tokenizer)
+    torch.manual_seed(1)
+    trajs, _, _ = run(
+        policy, tokenizer, ["Add 2 and 3.", "What is 9 squared?"], temperature=0.7, record_logprobs=True
+    )
+    ids, attention, loss_mask = padded(trajs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = model.token_logprobs(policy, ids, attention, temperature=0.7)
+    sampler = torch.tensor([t.sample_logp + [0.0] * (ids.shape[1] - len(t.sample_logp)) for t in trajs])
+    assert loss_mask.any()
+    torch.testing.assert_close(logp[loss_mask], sampler[loss_mask], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 64, 100_000])
+def test_chunked_logprobs_equal_unchunked_ones(tokenizer, chunk_tokens):
+    """token_logprobs gives the same values and gradients for any chunk size as a plain
+    log-softmax over the full logits."""
+    policy = model.tiny_model(tokenizer)
+    ids = torch.randint(0, len(tokenizer), (3, 40))
+    attention = torch.ones_like(ids)
+    attention[0, :5] = 0  # a left-padded row
+    logp = model.token_logprobs(policy, ids, attention, temperature=0.9, chunk_tokens=chunk_tokens)
+    logits = policy(ids, attention_mask=attention, position_ids=model.position_ids_of(attention)).logits
+    full = (logits.float() / 0.9).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(logp[:, 1:], full, atol=1e-5, rtol=0)
+    assert torch.equal(logp[:, 0], torch.zeros(3))
+    (g1,) = torch.autograd.grad(logp[:, 1:].sum(), policy.model.embed_tokens.weight)
+    (g2,) = torch.autograd.grad(full.sum(), policy.model.embed_tokens.weight)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_saving_and_loading_round_trips_model_and_tokenizer(tokenizer, tmp_path):
+    """A saved policy reloads through load_policy (AutoModel/AutoTokenizer) with identical logits
+    and identical encodings, chat template included."""
+    policy = model.tiny_model(tokenizer)
+    model.save_policy(policy, tokenizer, str(tmp_path / "ckpt"))
+    reloaded, retokenizer = model.load_policy(str(tmp_path / "ckpt"))
+    text = (
+        "Compute 12345 * 6789.\n```python\nprint(12345 * 6789)\n```\n```output\n83810205\n```\nπ \\boxed{1}"
+    )
+    assert retokenizer.encode(text) == tokenizer.encode(text)
+    prompt = model.chat_prompt_ids(tokenizer, "What is 2 + 2?")
+    assert model.chat_prompt_ids(retokenizer, "What is 2 + 2?") == prompt
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, policy(ids).logits, atol=0, rtol=0)
+
+
+def test_a_missing_model_path_is_a_clear_error(tmp_path):
+    """Loading from a directory without a checkpoint names the path and what was looked for."""
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        model.load_policy(str(tmp_path / "nothing-here"))
+
+
+def test_the_printer_tells_trained_from_masked_tokens(tokenizer, memorised):
+    """format_trajectory marks each trained turn with its number and values and masks the rest."""
+    trajs, _, _ = run(memorised, tokenizer, ["Divide one by zero."], temperature=0)
+    text = rollout.format_trajectory(
+        tokenizer, trajs[0], turn_rewards=[0.0, 1.0], returns=[0.9, 1.0], advantages=[0.5, 0.7]
+    )
+    assert "<<turn 1 r=+0.000 R=+0.900 A=+0.500>>```python" in text
+    assert "[[\n```output\n" in text or "[[```output\n" in text
+    assert "<<turn 2 r=+1.000 R=+1.000 A=+0.700>>It failed" in text
