@@ -4,7 +4,7 @@
         session.run("x = 6 * 7")
         result = session.run("x")          # result.stdout == "42\\n" (a bare last expression prints)
 
-Mechanism. A session is one long-lived worker process (this file run as `python -I sandbox.py
+Mechanism. A session is one long-lived worker process (this file run as `python -I -u sandbox.py
 --worker`) that reads code over a pipe, executes it in one persistent namespace, and answers over
 a second pipe; the code's stdout and stderr are two more pipes that the trainer drains while it
 waits. A warm call costs a pipe round trip and an exec (well under a millisecond); starting a
@@ -13,30 +13,43 @@ turn, and a fresh `python -c` per call would also lose the state between turns. 
 only.
 
 Containment, and what it does NOT cover. Where the trainer runs as root and `unshare` works
-(checked once, `isolation()` tells), the worker starts in new network, PID and mount namespaces:
+(checked once, `isolation()` tells), the worker starts in new network, PID, mount and IPC
+namespaces:
     - Network: the namespace has only a loopback interface, and it is down: no connection to
-      anything, not even to listeners on the host's 127.0.0.1.
-    - Processes: the worker is PID 1 of its namespace; when it dies (close, timeout, crash) the
-      kernel kills every process in it, including children that called setsid() or daemonised.
-      The worker runs under a uid of its own (one per live session), so RLIMIT_NPROC bounds its
-      processes and threads (fork bombs) without touching other sessions or the trainer.
-    - Files: the work directory, /tmp, /var/tmp, /run/lock and /dev/shm are private size-limited
-      tmpfs mounts that vanish with the namespace; with root dropped, nothing else is writable
-      (files the host leaves world-writable would be; there are none by default).
+      anything, not even to listeners on the host's 127.0.0.1 (abstract unix sockets are per
+      network namespace; socket files are unreachable, see Files).
+    - Processes: the worker's parent is PID 1 of the namespace, a small init that reaps
+      orphans; when the worker dies (close, timeout, crash), or the trainer dies (its lifeline
+      pipe closes), init exits and the kernel kills every process in the namespace, including
+      children that called setsid() or daemonised. The worker runs under a uid leased to its
+      session alone (an flock per uid), so RLIMIT_NPROC bounds its processes and threads
+      (fork bombs) without touching other sessions or the trainer; no_new_privs is set.
+    - Files: the work directory, /tmp, /var/tmp, /run and /dev/shm are private size-limited
+      tmpfs mounts that vanish with the namespace, as does any directory the sandbox uid could
+      not traverse on the way to Python (/root here: its contents are hidden); with root
+      dropped, nothing else is writable (files the host leaves world-writable would be).
+    - IPC: System V shared memory, semaphores and queues are private to the namespace.
     - The trainer is invisible: /proc shows the namespace's own processes only.
-In every mode: a wall-clock timeout per call (the worker and all it spawned are killed; the next
-call starts a fresh session and its result says the state was lost); RLIMIT_AS (memory),
-RLIMIT_CPU (per call, plus a session budget), RLIMIT_FSIZE (file size), RLIMIT_NOFILE and no
-core dumps; an environment with nothing inherited (no secrets; only PATH, HOME, LANG and
+In every mode: a wall-clock timeout per call, also on sending the code (the worker and all it
+spawned are killed; the next call starts a fresh session and its result says the state was
+lost); RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (file size), RLIMIT_NOFILE and no core
+dumps; an environment with nothing inherited (no secrets; only PATH, HOME, LANG and
 thread-count settings); stdin is /dev/null; stdout and stderr are drained while the code runs
-and truncated to max_output bytes each, head and tail kept.
-Fallback, where namespaces are not available (not root, or no `unshare`): the same limits on
-an ordinary process group in a private temporary directory removed on close, BUT without
-network isolation, with RLIMIT_NPROC counted against the whole user, with /tmp shared, and
-with a child that calls setsid() able to outlive the session. Use a container or VM there.
+and truncated to max_output bytes each, head and tail kept; output written between calls is
+dropped with a note, not blamed on the next call; answers on the protocol pipe are checked
+(shape, and at most 64 KiB), so forged ones count as the code breaking its session.
+NOT covered: the limits are per process, not per session (n processes may use n times
+memory_mb; a process that outlives its call keeps using CPU until the session closes, and
+each fork starts a fresh RLIMIT_CPU count); a cgroup per session is what bounds these.
+Fallback, where namespaces are not available (not root, or no `unshare`): the same rlimits on
+an ordinary process group in a private temporary directory removed on close, BUT the code runs
+as the trainer's user (it can signal or kill the trainer, and read what that user can read),
+without network isolation, with RLIMIT_NPROC counted against the whole user (and ignored for
+root), with /tmp shared, and with children that call setsid() or setpgid() able to outlive the
+session. Use a container or VM there.
 This is not a security boundary against a determined attacker (kernel exploits, side channels,
-reading world-readable files, forging answers on the protocol pipes): for untrusted models at
-scale, run the trainer's sandboxes inside a container or VM (gVisor, Firecracker) as well.
+reading world-readable files, setuid programs on the host): for untrusted models at scale, run
+the trainer's sandboxes inside a container or VM (gVisor, Firecracker) as well.
 
 Failures are attributed. Result.infra_error is True only when the sandbox itself failed (the
 worker could not start or answer its start-up handshake); training leaves those trajectories
@@ -48,12 +61,14 @@ import ast
 import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
 import json
 import linecache
 import os
 import resource
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -66,8 +81,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 _HEADER = struct.Struct("!I")  # length prefix of every protocol message
-_UID_BASE = 1_000_000  # per-session uids: _UID_BASE + (pid % 100_000) * 1000 + slot
-_slots = itertools.count()
+_UID_BASE = 1_000_000  # sandbox uids are _UID_BASE .. _UID_BASE + _UID_COUNT - 1
 _isolation = None
 
 
@@ -100,7 +114,7 @@ def isolation():
     return _isolation
 
 
-_UNSHARE = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
+_UNSHARE = ["unshare", "--net", "--pid", "--mount", "--ipc", "--fork", "--kill-child", "--mount-proc"]
 
 
 def _which(name):
@@ -133,10 +147,11 @@ class Session:
     """One trajectory's Python process: `run(code)` calls share state until a crash or timeout.
 
     timeout: wall-clock seconds per call; memory_mb: address-space limit of each process;
-    cpu_seconds: CPU time per call (default: the timeout); max_output: bytes kept of stdout and
-    of stderr each per call; max_file_mb: largest file the code may write, and the size of its
-    private tmpfs; max_processes: processes and threads the session may have at once;
-    isolate: "auto", "namespaces" or "process" (see the module docstring).
+    cpu_seconds: CPU time per call and process (default: the timeout + 1 s, so the wall clock
+    fires first); max_output: bytes kept of stdout and of stderr each per call; max_file_mb:
+    largest file the code may write (its tmpfs mounts hold 4x that); max_processes: processes
+    and threads the session may have at once; isolate: "auto", "namespaces" or "process".
+    run() and close() of one session never interleave; different sessions run concurrently.
     """
 
     def __init__(self, timeout=5.0, memory_mb=2048, cpu_seconds=None, max_output=8192,
@@ -144,83 +159,88 @@ class Session:
         self.timeout = timeout
         self.max_output = max_output
         self.mode = isolation() if isolate == "auto" else isolate
-        self.slot = next(_slots) % 1000
         self.limits = {
             "memory_mb": memory_mb,
-            "cpu_seconds": cpu_seconds or int(timeout + 0.999) + 1,  # the wall clock fires first
+            "cpu_seconds": cpu_seconds or int(timeout + 0.999) + 1,
             "max_file_mb": max_file_mb,
             "max_processes": max_processes,
-            "uid": _UID_BASE + (os.getpid() % 100_000) * 1000 + self.slot,
         }
         # Every process of the session inherits this tag; tests find survivors by it.
-        self.tag = f"{os.getpid()}-{self.slot}-{os.urandom(4).hex()}"
+        self.tag = f"{os.getpid()}-{next(_sessions)}-{os.urandom(4).hex()}"
+        self.lock = threading.Lock()
         self.proc = None
+        self.fds = {}  # the trainer's ends of the pipes: cmd, res, out, err, life
         self.workdir = None
+        self.uid_lease = None  # (uid, locked fd) in namespace mode
         self.lost_note = None  # why the previous worker ended, told to the next call
 
     # ---------------------------------------------------------------- worker lifecycle
 
     def _start(self):
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        config = dict(self.limits, cmd_fd=cmd_r, res_fd=res_w, mode=self.mode)
+        if self.mode == "namespaces" and self.uid_lease is None:
+            self.uid_lease = _lease_uid()
+        pipes = {name: os.pipe() for name in ("cmd", "res", "out", "err", "life")}
+        child_ends = {"cmd": pipes["cmd"][0], "res": pipes["res"][1], "life": pipes["life"][0]}
+        config = dict(self.limits, mode=self.mode, uid=self.uid_lease[0] if self.uid_lease else None,
+                      **{f"{k}_fd": fd for k, fd in child_ends.items()})  # fmt: skip
         if self.mode == "process":
-            self.workdir = tempfile.mkdtemp(prefix="gtpo-sandbox-")
-            config["workdir"] = self.workdir
-        argv = [sys.executable, "-I", os.path.abspath(__file__), "--worker", json.dumps(config)]
+            self.workdir = config["workdir"] = tempfile.mkdtemp(prefix="gtpo-sandbox-")
+        argv = [sys.executable, "-I", "-u", os.path.abspath(__file__), "--worker", json.dumps(config)]
         if self.mode == "namespaces":
             argv = _UNSHARE + argv
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "GTPO_SANDBOX_TAG": self.tag}  # fmt: skip
+               "MALLOC_ARENA_MAX": "2", "GTPO_SANDBOX_TAG": self.tag}  # fmt: skip
+        self.fds = {"cmd": pipes["cmd"][1], "res": pipes["res"][0], "out": pipes["out"][0],
+                    "err": pipes["err"][0], "life": pipes["life"][1]}  # fmt: skip
         try:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env,
-                pass_fds=(cmd_r, res_w), start_new_session=True, close_fds=True,
+                argv, stdin=subprocess.DEVNULL, stdout=pipes["out"][1], stderr=pipes["err"][1], env=env,
+                pass_fds=tuple(child_ends.values()), start_new_session=True, close_fds=True,
             )  # fmt: skip
         finally:
-            for fd in (cmd_r, res_w, out_w, err_w):
+            for fd in (*child_ends.values(), pipes["out"][1], pipes["err"][1]):
                 os.close(fd)
-        self.cmd_w, self.res_r, self.out_r, self.err_r = cmd_w, res_r, out_r, err_r
-        for fd in (res_r, out_r, err_r):
+        for fd in self.fds.values():
             os.set_blocking(fd, False)
         ready = self._receive(time.monotonic() + 30, _Capped(self.max_output), _Capped(self.max_output))
-        if not isinstance(ready, dict) or not ready.get("ready"):
-            self._kill()
+        if ready != {"ready": True}:
             raise RuntimeError(f"the sandbox worker did not start ({self.mode} mode): {ready}")
 
     def _kill(self):
-        """Kill the worker's process group (in namespace mode this ends the whole namespace)."""
-        if self.proc is None:
-            return
-        # In namespace mode, kill the namespace's init first: unshare returns only once the kernel
-        # has killed every process in the namespace, so nothing outlives close().
-        if self.mode == "namespaces":
-            with contextlib.suppress(OSError, ValueError, subprocess.TimeoutExpired):
-                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                    for pid in f.read().split():
-                        os.kill(int(pid), signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        self.proc.wait()
-        for fd in (self.cmd_w, self.res_r, self.out_r, self.err_r):
+        """End the worker and everything it started; release its pipes and files."""
+        if self.proc is not None:
+            # In namespace mode, kill the namespace's init first: unshare returns only once the
+            # kernel has killed every process in the namespace, so nothing outlives close().
+            if self.mode == "namespaces":
+                with contextlib.suppress(OSError, ValueError, subprocess.TimeoutExpired):
+                    with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                        children = [int(pid) for pid in f.read().split()]
+                    for pid in children:
+                        os.kill(pid, signal.SIGKILL)
+                    if children:
+                        self.proc.wait(timeout=5)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        for fd in self.fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.proc = None
+        self.fds = {}
         if self.workdir:
-            import shutil
-
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
     def close(self):
         """End the worker and everything it started; remove its files. Safe to call twice."""
-        self._kill()
+        with self.lock:
+            self._kill()
+            if self.uid_lease:
+                os.close(self.uid_lease[1])
+                self.uid_lease = None
 
     def __enter__(self):
         return self
@@ -236,24 +256,30 @@ class Session:
 
     def run(self, code):
         """Run `code` in this session; never raises for anything the code does. Returns a Result."""
+        with self.lock:
+            return self._run(code)
+
+    def _run(self, code):
         start = time.monotonic()
         lost_note, self.lost_note = self.lost_note, None
-        state_lost = lost_note is not None
         notes = []
         if self.proc is None:
             try:
                 self._start()
             except Exception as e:  # the sandbox's own failure, not the code's
                 self._kill()
-                return Result(False, "", f"sandbox failure: {e}", infra_error=True,
-                              duration=time.monotonic() - start, state_lost=state_lost)  # fmt: skip
+                elapsed = time.monotonic() - start
+                return Result(False, "", f"sandbox failure: {e}\n", infra_error=True, duration=elapsed,
+                              state_lost=lost_note is not None)  # fmt: skip
+        stale = _Capped(0)
+        self._drain({self.fds["out"]: stale, self.fds["err"]: stale})
+        if stale.dropped:
+            notes.append(f"note: {stale.dropped} bytes written after the previous call returned were dropped")
         out, err = _Capped(self.max_output), _Capped(self.max_output)
-        payload = json.dumps({"code": code}).encode()
-        try:
-            os.write(self.cmd_w, _HEADER.pack(len(payload)) + payload)
-        except OSError:  # the worker died between calls (a thread or child of the code killed it)
-            pass
-        reply = self._receive(start + self.timeout, out, err)
+        payload = json.dumps({"code": code}).encode("utf-8", "surrogatepass")
+        deadline = start + self.timeout
+        sent = _write_all(self.fds["cmd"], _HEADER.pack(len(payload)) + payload, deadline)
+        reply = self._receive(deadline, out, err) if sent else "timeout"
         if reply == "timeout":
             self._kill()
             self.lost_note = (
@@ -262,56 +288,63 @@ class Session:
             )
             notes.append(f"TimeoutError: the call did not finish within {self.timeout:g} s and was killed")
             ok, limit, timed_out = False, "time", True
-        elif isinstance(reply, dict):
-            ok, limit, timed_out = reply["ok"], reply.get("limit"), False
+        elif _is_answer(reply):
+            ok, limit, timed_out = reply["ok"], reply["limit"], False
         else:  # the worker died or garbled the protocol: the code's doing (os._exit, a segfault, ...)
             status = self._exit_status()
             self._kill()
             limit = "cpu" if status in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else None
-            self.lost_note = (
-                f"note: the previous call ended its session ({status_text(status)}); state was lost"
-            )
-            notes.append(f"the Python process ended during the call: {status_text(status)}")
+            what = status_text(status) if status is not None else "it broke the sandbox's protocol"
+            self.lost_note = f"note: the previous call ended its session ({what}); state was lost"
+            notes.append(f"the Python process ended during the call: {what}")
             ok, timed_out = False, False
         stderr = "".join(f"{n}\n" for n in [lost_note, err.text().rstrip("\n"), *notes] if n)
         return Result(ok, out.text(), stderr, timed_out=timed_out, limit=limit,
-                      duration=time.monotonic() - start, state_lost=state_lost,
+                      duration=time.monotonic() - start, state_lost=lost_note is not None,
                       truncated=bool(out.dropped or err.dropped))  # fmt: skip
 
     def _exit_status(self):
-        try:
-            return self.proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            return None
+        if self.proc.poll() is None:
+            try:
+                return self.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                return None
+        return self.proc.returncode
 
     def _receive(self, deadline, out, err):
         """Drain stdout and stderr until one protocol message arrives: the decoded message,
-        "timeout", or "eof" (the worker closed its answer pipe: it died)."""
+        "timeout", "eof" (the worker closed its answer pipe: it died) or "garbled"."""
         buffer = bytearray()
-        streams = {self.out_r: out, self.err_r: err}
+        streams = {self.fds["out"]: out, self.fds["err"]: err}
+        poller = select.poll()
+        for fd in (self.fds["res"], *streams):
+            poller.register(fd, select.POLLIN)
         while True:
             if len(buffer) >= _HEADER.size:
                 (n,) = _HEADER.unpack_from(buffer)
+                if n > _MAX_MESSAGE:
+                    return "garbled"
                 if len(buffer) >= _HEADER.size + n:
                     self._drain(streams)  # the code's last output was written before the answer
                     try:
                         return json.loads(buffer[_HEADER.size : _HEADER.size + n])
-                    except ValueError:
+                    except Exception:  # noqa: BLE001 - any undecodable answer is garbled
                         return "garbled"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._drain(streams)
                 return "timeout"
-            readable, _, _ = select.select([self.res_r, *streams], [], [], remaining)
-            for fd in readable:
+            for fd, _ in poller.poll(max(1, int(remaining * 1000))):
                 data = _read(fd)
-                if fd == self.res_r:
+                if fd == self.fds["res"]:
                     if not data:
                         self._drain(streams)
                         return "eof"
                     buffer += data
                 elif data:
                     streams[fd].add(data)
+                else:
+                    poller.unregister(fd)  # that stream's writers are all gone
 
     def _drain(self, streams):
         for fd, capped in streams.items():
@@ -319,12 +352,62 @@ class Session:
                 capped.add(data)
 
 
+_MAX_MESSAGE = 1 << 16  # an answer is a few bytes; anything longer is forged
+_UID_COUNT = 100_000
+_sessions = itertools.count()
+
+
+def _is_answer(reply):
+    """The worker's answer has exactly this shape; anything else counts as garbled."""
+    return (
+        isinstance(reply, dict)
+        and isinstance(reply.get("ok"), bool)
+        and reply.get("limit") in (None, "memory", "file_size", "processes")
+    )
+
+
+def _lease_uid():
+    """(uid, fd): a uid no other live session on this machine holds, leased by an flock that
+    the kernel releases if the trainer dies, so RLIMIT_NPROC counts one session only."""
+    directory = os.path.join(tempfile.gettempdir(), "gtpo-sandbox-uids")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    offset = int.from_bytes(os.urandom(4), "little")
+    for k in range(_UID_COUNT):
+        uid = _UID_BASE + (offset + k) % _UID_COUNT
+        fd = os.open(os.path.join(directory, str(uid)), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return uid, fd
+        except BlockingIOError:
+            os.close(fd)
+    raise RuntimeError(f"all {_UID_COUNT} sandbox uids are in use")
+
+
+def _write_all(fd, data, deadline):
+    """Write to a non-blocking pipe before the deadline; False if it did not all go in time.
+    A closed reader (the worker died) is not an error here: the answer pipe will say so."""
+    view = memoryview(data)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if not poller.poll(max(1, int(remaining * 1000))):
+            continue
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
+        except OSError:  # broken pipe
+            return True
+    return True
+
+
 def _read(fd):
     try:
         return os.read(fd, 1 << 16)
-    except BlockingIOError:
-        return b""
-    except OSError:
+    except OSError:  # would block, or closed
         return b""
 
 
@@ -364,10 +447,12 @@ class Pool:
         return list(self.executor.map(Session.run, sessions, codes))
 
     def close(self):
+        """Wait for calls in flight, then close every session of the pool."""
+        self.executor.shutdown(wait=True)
         with self.lock:
             sessions, self.sessions = self.sessions, []
-        list(self.executor.map(Session.close, sessions))
-        self.executor.shutdown()
+        for session in sessions:
+            session.close()
 
     def __enter__(self):
         return self
@@ -392,7 +477,7 @@ def _private_mounts(tmpfs_size):
 
     needed = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, *sys.path] if os.path.isdir(p)}
     keep = {p for p in needed if not any(p.startswith(q + "/") for q in needed)}
-    targets = [p for p in ("/tmp", "/var/tmp", "/run/lock", "/dev/shm") if os.path.isdir(p)]
+    targets = [p for p in ("/tmp", "/var/tmp", "/run", "/dev/shm") if os.path.isdir(p)]
     for path in sorted(keep):
         parts = path.split("/")
         ancestors = ["/".join(parts[:i]) for i in range(2, len(parts))]
@@ -409,13 +494,30 @@ def _private_mounts(tmpfs_size):
 
 def _reap_orphans_as_init(worker_pid, config):
     """PID 1 of the namespace: reap orphaned processes (zombies would count against the process
-    limit) until the worker exits, then exit with its status, which ends the namespace."""
+    limit) until the worker exits, then exit with its status, which ends the namespace. Also
+    exit when the trainer's end of the lifeline closes: a trainer that dies takes its sandboxes."""
     os.close(config["cmd_fd"])
     os.close(config["res_fd"])  # so the trainer sees end-of-file when the worker dies
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     while True:
-        pid, status = os.wait()
-        if pid == worker_pid:
-            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                os._exit(1)
+            if pid == 0:
+                break
+            if pid == worker_pid:
+                os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+        readable, _, _ = select.select([config["life_fd"], wake_r], [], [], 1.0)
+        if config["life_fd"] in readable:
+            os._exit(1)
+        with contextlib.suppress(OSError):
+            os.read(wake_r, 4096)
 
 
 def _worker_setup(config):
@@ -430,6 +532,7 @@ def _worker_setup(config):
             _reap_orphans_as_init(pid, config)
     else:
         os.chdir(config["workdir"])
+    os.close(config["life_fd"])
     mb = 1 << 20
     resource.setrlimit(resource.RLIMIT_AS, (config["memory_mb"] * mb,) * 2)
     resource.setrlimit(resource.RLIMIT_FSIZE, (config["max_file_mb"] * mb,) * 2)
@@ -438,6 +541,8 @@ def _worker_setup(config):
     session_cpu = 100 * config["cpu_seconds"]
     resource.setrlimit(resource.RLIMIT_CPU, (config["cpu_seconds"], session_cpu))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs cannot raise privileges
     if config["mode"] == "namespaces":
         os.setgroups([])
         os.setgid(config["uid"])
@@ -533,8 +638,8 @@ def _worker_main(config):
     send({"ready": True})
     for call in itertools.count(1):
         request = receive()
-        if request is None:  # the trainer closed the pipe
-            return
+        if request is None:  # the trainer closed the pipe: leave now, threads and all
+            os._exit(0)
         used = resource.getrusage(resource.RUSAGE_SELF)
         cpu_used = int(used.ru_utime + used.ru_stime)
         _, hard = resource.getrlimit(resource.RLIMIT_CPU)

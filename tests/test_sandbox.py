@@ -9,6 +9,8 @@ address 127.0.0.1.
 
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -277,3 +279,155 @@ def test_nothing_is_left_behind_in_the_trainer(isolate):
     assert all(not os.path.exists(w) for w in workdirs)
     if isolate == "process":
         assert workdirs, "process mode keeps a work directory on the host while a session lives"
+
+
+# ---------------------------------------------------------------- attacks on the sandbox itself
+
+
+@needs_namespaces
+def test_a_stopped_worker_cannot_hang_the_trainer():
+    """A worker that stops itself cannot block the trainer: sending a large cell to it times out."""
+    with sandbox.Session(timeout=TIMEOUT) as session:
+        session.run(
+            "import os, signal, threading, time\n"
+            "threading.Thread(target=lambda: (time.sleep(0.2), os.kill(os.getpid(), signal.SIGSTOP))).start()"
+        )
+        time.sleep(0.5)
+        started = time.monotonic()
+        result = session.run("x = 1\n" + "#" * 200_000)
+        assert time.monotonic() - started < TIMEOUT + 1.0 and result.timed_out
+        assert session.run("print('fresh')").stdout == "fresh\n"
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        "struct.pack('!I', 0xFFFFFFF0) + b'x' * 100000",  # an enormous announced length
+        "struct.pack('!I', 2) + b'{}'",  # valid JSON, wrong shape
+        "struct.pack('!I', 200000) + b'[' * 200000",  # nesting that breaks the decoder
+        '(lambda b: struct.pack(\'!I\', len(b)) + b)(b\'{"ok": "yes", "limit": [1]}\')',  # wrong types
+    ],
+)
+def test_forged_answers_are_the_codes_fault_and_never_raise(forgery):
+    """Writing a forged answer on the protocol pipe gives a failed Result (not an exception, not
+    infra_error) and the next call runs in a fresh session."""
+    with sandbox.Session(timeout=TIMEOUT) as session:
+        res_fd = "__import__('json').loads(__import__('sys').argv[2])['res_fd']"
+        result = session.run(f"import os, struct\nos.write({res_fd}, {forgery})\nimport time\ntime.sleep(1)")
+        assert not result.ok and not result.infra_error, result
+        assert session.run("print(1)").stdout == "1\n"
+
+
+@needs_namespaces
+def test_system_v_shared_memory_does_not_cross_sessions():
+    """A SysV shared-memory segment made in one session is invisible to another."""
+    make = "import ctypes\nlibc = ctypes.CDLL(None)\nprint(libc.shmget(0x6a7e, 4096, 0o1666))"
+    look = "import ctypes\nlibc = ctypes.CDLL(None)\nprint(libc.shmget(0x6a7e, 0, 0o666))"
+    with sandbox.Session(timeout=TIMEOUT) as a, sandbox.Session(timeout=TIMEOUT) as b:
+        assert int(a.run(make).stdout) >= 0
+        assert int(b.run(look).stdout) == -1
+
+
+@needs_namespaces
+def test_unix_socket_files_on_the_host_are_unreachable(tmp_path):
+    """A unix socket listening at a host path under /run or /tmp cannot be reached from the sandbox."""
+    paths = [f"/run/gtpo-test-{os.getpid()}.sock", str(tmp_path / "listener.sock")]
+    listeners = []
+    try:
+        for path in paths:
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(path)
+            os.chmod(path, 0o777)
+            listener.listen(1)
+            listener.settimeout(0.2)
+            listeners.append(listener)
+        code = "import socket\nfor p in {!r}:\n    try:\n        socket.socket(socket.AF_UNIX).connect(p)\n        print('reached', p)\n    except OSError as e:\n        print(type(e).__name__)"
+        with sandbox.Session(timeout=TIMEOUT) as session:
+            result = session.run(code.format(paths))
+        assert "reached" not in result.stdout and result.stdout.count("Error") == 2, result
+        for listener in listeners:
+            with pytest.raises(socket.timeout):
+                listener.accept()
+    finally:
+        for listener in listeners:
+            listener.close()
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+@needs_namespaces
+def test_a_trainer_that_dies_without_closing_takes_its_sandboxes_with_it(tmp_path):
+    """If the trainer is killed without close(), its sessions' processes (busy threads and
+    background children included) end by themselves."""
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import os, sys, sandbox\n"
+        "s = sandbox.Session(timeout=5)\n"
+        "s.run('import threading, subprocess\\nthreading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\\n"
+        'subprocess.Popen(["sleep", "1000"])\')\n'
+        "print(s.tag, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(sandbox.__file__))
+    tag = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
+    ).stdout.strip()
+    assert tag
+    deadline = time.monotonic() + 5
+    while session_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session_processes(tag) == []
+
+
+def test_output_written_between_calls_is_not_blamed_on_the_next_call():
+    """Output a background thread writes after its call returned is dropped with a note."""
+    with sandbox.Session(timeout=TIMEOUT) as session:
+        session.run(
+            "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.1), print('late'))).start()"
+        )
+        time.sleep(0.5)
+        result = session.run("print(42)")
+        assert result.stdout == "42\n" and "dropped" in result.stderr, result
+
+
+@needs_namespaces
+def test_live_sessions_hold_distinct_uids_and_release_them():
+    """Concurrent sessions run under different uids; a closed session's uid can be leased again."""
+    sessions = [sandbox.Session(timeout=TIMEOUT) for _ in range(3)]
+    try:
+        uids = [int(s.run("import os\nos.getuid()").stdout) for s in sessions]
+        assert len(set(uids)) == 3 and all(uid >= sandbox._UID_BASE for uid in uids)
+    finally:
+        for s in sessions:
+            s.close()
+    assert all(s.uid_lease is None for s in sessions)
+
+
+def test_file_descriptors_above_1023_do_not_break_the_trainer():
+    """A trainer with over a thousand open files still runs sessions (poll, not select)."""
+    extra = [os.dup(0) for _ in range(1100)]
+    try:
+        with sandbox.Session(timeout=TIMEOUT) as session:
+            result = session.run("print('ok')")
+        assert result.ok and result.stdout == "ok\n", result
+    finally:
+        for fd in extra:
+            os.close(fd)
+
+
+def test_closing_a_pool_waits_for_calls_in_flight():
+    """Pool.close() while a batch runs lets the batch finish cleanly, then closes the sessions."""
+    import threading
+
+    pool = sandbox.Pool(max_workers=2, timeout=5)
+    sessions = [pool.session(), pool.session()]
+    results = []
+    runner = threading.Thread(
+        target=lambda: results.extend(pool.run(sessions, ["import time\ntime.sleep(0.5)\n1"] * 2))
+    )
+    runner.start()
+    time.sleep(0.2)
+    pool.close()
+    runner.join()
+    assert [r.stdout for r in results] == ["1\n", "1\n"]
