@@ -341,7 +341,10 @@ def test_unix_socket_files_on_the_host_are_unreachable(tmp_path):
             listener.listen(1)
             listener.settimeout(0.2)
             listeners.append(listener)
-        code = "import socket\nfor p in {!r}:\n    try:\n        socket.socket(socket.AF_UNIX).connect(p)\n        print('reached', p)\n    except OSError as e:\n        print(type(e).__name__)"
+        code = (
+            "import socket\nfor p in {!r}:\n    try:\n        socket.socket(socket.AF_UNIX).connect(p)\n"
+            "        print('reached', p)\n    except OSError as e:\n        print(type(e).__name__)"
+        )
         with sandbox.Session(timeout=TIMEOUT) as session:
             result = session.run(code.format(paths))
         assert "reached" not in result.stdout and result.stdout.count("Error") == 2, result
@@ -364,7 +367,8 @@ def test_a_trainer_that_dies_without_closing_takes_its_sandboxes_with_it(tmp_pat
     script.write_text(
         "import os, sys, sandbox\n"
         "s = sandbox.Session(timeout=5)\n"
-        "s.run('import threading, subprocess\\nthreading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\\n"
+        "s.run('import threading, subprocess\\n"
+        "threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\\n"
         'subprocess.Popen(["sleep", "1000"])\')\n'
         "print(s.tag, flush=True)\n"
         "os._exit(0)\n"
@@ -384,7 +388,8 @@ def test_output_written_between_calls_is_not_blamed_on_the_next_call():
     """Output a background thread writes after its call returned is dropped with a note."""
     with sandbox.Session(timeout=TIMEOUT) as session:
         session.run(
-            "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.1), print('late'))).start()"
+            "import threading, time\n"
+            "threading.Thread(target=lambda: (time.sleep(0.1), print('late'))).start()"
         )
         time.sleep(0.5)
         result = session.run("print(42)")
