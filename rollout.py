@@ -7,8 +7,11 @@ back inline as an ```output block, tokenised once. Sampled token ids are kept ex
 sampled and never re-tokenised, so `loss_mask` (True exactly for sampled tokens) and
 `token_turn` (the 0-based turn of each sampled token, -1 elsewhere) are the generator's own record.
 
-Rows at different turns are batched together (left-padded); each turn re-encodes the whole
-history (see `bench.py rollout` for the cost). Sandbox calls of a batch run concurrently.
+All unfinished rows sample their next turn in one batch (left-padded). With kv_reuse (the default), a turn
+continues from the previous turn's KV cache: only the observation tokens are encoded, appended
+after the cached rows with masked padding between (positions follow the attention mask, so the
+gaps do not shift them); without it, each turn re-encodes every row's whole history.
+`bench.py rollout` measures both. Sandbox calls of a batch run concurrently.
 
 Shapes: B rows in a generation batch, W their padded width, V vocabulary size.
 """
@@ -35,6 +38,7 @@ class RolloutConfig:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling; 1.0 samples from the full distribution
     record_logprobs: bool = False  # keep the sampler's own log-probs (memory: a (B, V) per step)
+    kv_reuse: bool = True  # continue each turn from the previous turn's KV cache (see bench.py rollout)
 
 
 @dataclass
@@ -102,17 +106,28 @@ class CodeBlockStop(StoppingCriteria):
         return torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
 
 
-def generate_turn(model, tokenizer, contexts, budgets, cfg):
-    """Sample one turn for each context (a list of token ids): per row (ids, stop, logps) with
-    stop in {"fence", "eos", "length"}; ids are exactly the sampled tokens, padding removed."""
-    B, W = len(contexts), max(map(len, contexts))
+def left_pad(segments, pad):
+    """(ids, mask) (B, W): each list of token ids right-aligned, padding masked out."""
+    B, W = len(segments), max(map(len, segments))
+    ids = torch.full((B, W), pad, dtype=torch.long)
+    mask = torch.zeros(B, W, dtype=torch.long)
+    for row, segment in enumerate(segments):
+        if segment:
+            ids[row, W - len(segment) :] = torch.tensor(segment)
+            mask[row, W - len(segment) :] = 1
+    return ids, mask
+
+
+def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache=None):
+    """Sample one turn for each row of a left-padded batch (B, W), continuing from `cache` (the
+    KV cache of all but the last of those W positions) when given.
+
+    Returns (rows, state): rows[b] = (ids, stop, logps) with stop in {"fence", "eos", "length"}
+    and ids exactly the sampled tokens, padding removed; state = (sequences, mask, cache) to
+    continue from, where mask is 0 on padding and on anything generated after a row's stop.
+    """
+    B, W = input_ids.shape
     pad = tokenizer.pad_token_id
-    input_ids = torch.full((B, W), pad, dtype=torch.long)  # (B, W) left-padded
-    attention_mask = torch.zeros(B, W, dtype=torch.long)
-    for row, ids in enumerate(contexts):
-        input_ids[row, W - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, W - len(ids) :] = 1
-    device = model.device
     eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None})
     stop = CodeBlockStop(tokenizer, W, B)
     greedy = cfg.temperature == 0
@@ -123,23 +138,25 @@ def generate_turn(model, tokenizer, contexts, budgets, cfg):
         output_logits=cfg.record_logprobs,
     )  # fmt: skip
     out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-        generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
+        input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+        past_key_values=cache, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
     )  # fmt: skip
     new = out.sequences[:, W:].tolist()  # (B, steps)
+    mask = torch.cat([attention_mask, torch.ones(B, len(new[0]), dtype=torch.long)], dim=1)  # (B, W + steps)
     rows = []
     for row in range(B):
-        ids, reason = new[row], "length"
+        ids = new[row]
         eos_at = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-        fence_at = stop.stopped_at[row]
-        cut = min(
-            k for k in (eos_at + 1 if eos_at is not None else None, fence_at, len(ids)) if k is not None
-        )
-        reason = (
-            "eos" if eos_at is not None and cut == eos_at + 1 else "fence" if cut == fence_at else "length"
-        )
+        cuts = {
+            "eos": eos_at + 1 if eos_at is not None else None,
+            "fence": stop.stopped_at[row],
+            "length": len(ids),
+        }
+        reason = min((k for k in cuts if cuts[k] is not None), key=lambda k: cuts[k])
+        cut = cuts[reason]
         if cut > budgets[row]:
             cut, reason = budgets[row], "length"
+        mask[row, W + cut :] = 0  # what generate produced after the stop is padding
         logps = None
         if cfg.record_logprobs:
             temperature = 1.0 if greedy else cfg.temperature
@@ -147,7 +164,7 @@ def generate_turn(model, tokenizer, contexts, budgets, cfg):
                 float((out.logits[k][row].float() / temperature).log_softmax(-1)[ids[k]]) for k in range(cut)
             ]
         rows.append((ids[:cut], reason, logps))
-    return rows
+    return rows, (out.sequences.cpu(), mask, out.past_key_values)
 
 
 def observation_text(turn_text, result, max_chars=4096):
@@ -164,6 +181,8 @@ def rollout(model, tokenizer, prompts, pool, cfg):
     in prompt order."""
     trajs = [Trajectory(len(p), list(p), [False] * len(p), [-1] * len(p), [0.0] * len(p)) for p in prompts]
     sessions = [pool.session() for _ in prompts]
+    pending = {}  # trajectory -> observation tokens to feed before its next turn
+    state, state_rows = None, []  # what the previous generate left, when reusing its KV cache
     try:
         for turn in range(cfg.max_turns):
             active = [i for i, t in enumerate(trajs) if t.stop_reason is None]
@@ -172,7 +191,21 @@ def rollout(model, tokenizer, prompts, pool, cfg):
             budgets = [
                 min(cfg.max_turn_tokens, cfg.max_total_tokens - len(trajs[i].input_ids)) for i in active
             ]
-            sampled = generate_turn(model, tokenizer, [trajs[i].input_ids for i in active], budgets, cfg)
+            if state is None:  # encode every row's whole history
+                input_ids, attention_mask = left_pad(
+                    [trajs[i].input_ids for i in active], tokenizer.pad_token_id
+                )
+                cache = None
+            else:  # continue the cached rows: append only their observations
+                sequences, mask, cache = state
+                keep = torch.tensor([state_rows.index(i) for i in active])
+                if len(keep) < len(state_rows):
+                    cache.batch_select_indices(keep.to(model.device))
+                new_ids, new_mask = left_pad([pending[i] for i in active], tokenizer.pad_token_id)
+                input_ids = torch.cat([sequences[keep], new_ids], dim=1)
+                attention_mask = torch.cat([mask[keep], new_mask], dim=1)
+            sampled, state = generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache)
+            state, state_rows = (state, active) if cfg.kv_reuse else (None, [])
             calls = []
             for i, (ids, reason, logps) in zip(active, sampled):
                 text = tokenizer.decode(ids)
@@ -189,13 +222,13 @@ def rollout(model, tokenizer, prompts, pool, cfg):
             for i, result in zip(calls, results):
                 last = trajs[i].turns[-1]
                 last.result, last.observation = result, observation_text(last.text, result)
-                obs_ids = tokenizer.encode(last.observation, add_special_tokens=False)
+                pending[i] = tokenizer.encode(last.observation, add_special_tokens=False)
                 if turn + 1 == cfg.max_turns:
                     trajs[i].stop_reason = "max_turns"
-                elif len(trajs[i].input_ids) + len(obs_ids) >= cfg.max_total_tokens:
+                elif len(trajs[i].input_ids) + len(pending[i]) >= cfg.max_total_tokens:
                     trajs[i].stop_reason = "max_length"
                 else:
-                    trajs[i].extend(obs_ids, False, turn)
+                    trajs[i].extend(pending[i], False, turn)
     finally:
         for s in sessions:
             s.close()

@@ -174,19 +174,34 @@ def test_greedy_rows_are_the_same_alone_and_in_a_padded_batch(tokenizer, memoris
         assert alone[0].input_ids == batched.input_ids
 
 
-def test_recomputed_logprobs_match_the_samplers_own(tokenizer):
+def test_reusing_the_kv_cache_across_turns_changes_nothing(tokenizer, memorised):
+    """Greedy rollouts continuing from the previous turn's KV cache (observations appended after
+    masked padding) equal rollouts that re-encode the whole history every turn."""
+    problems = list(SCRIPTS) + ["Count up."]  # rows finish at different turns
+    reused, calls, cfg = run(memorised, tokenizer, problems, temperature=0, kv_reuse=True)
+    check_record(tokenizer, reused, calls, cfg)
+    fresh, _, _ = run(memorised, tokenizer, problems, temperature=0, kv_reuse=False)
+    assert [t.input_ids for t in reused] == [t.input_ids for t in fresh]
+    assert sum(len(t.turns) for t in reused) > len(problems), "some rows continued from the cache"
+
+
+@pytest.mark.parametrize("kv_reuse", [True, False])
+@pytest.mark.parametrize("which", ["random", "memorised"])
+def test_recomputed_logprobs_match_the_samplers_own(tokenizer, memorised, which, kv_reuse):
     """log-probs of the sampled tokens from token_logprobs after the rollout equal those from the
-    sampler's raw logits at the same temperature, to 1e-4 in fp32, in a padded batch."""
-    policy = model.tiny_model(tokenizer)
+    sampler's raw logits at the same temperature, to 1e-4 in fp32, in a padded batch, over
+    every turn (with and without the KV cache carried across turns)."""
+    policy = memorised if which == "memorised" else model.tiny_model(tokenizer)
     torch.manual_seed(1)
-    trajs, _, _ = run(
-        policy, tokenizer, ["Add 2 and 3.", "What is 9 squared?"], temperature=0.7, record_logprobs=True
-    )
+    problems = list(SCRIPTS) if which == "memorised" else ["Add 2 and 3.", "What is 9 squared?"]
+    trajs, _, _ = run(policy, tokenizer, problems, temperature=0.7, record_logprobs=True, kv_reuse=kv_reuse)
     ids, attention, loss_mask = padded(trajs, tokenizer.pad_token_id)
     with torch.no_grad():
         logp = model.token_logprobs(policy, ids, attention, temperature=0.7)
     sampler = torch.tensor([t.sample_logp + [0.0] * (ids.shape[1] - len(t.sample_logp)) for t in trajs])
     assert loss_mask.any()
+    if which == "memorised":
+        assert max(len(t.turns) for t in trajs) > 1
     torch.testing.assert_close(logp[loss_mask], sampler[loss_mask], atol=1e-4, rtol=0)
 
 
