@@ -2,6 +2,7 @@
 
     python bench.py advantages            # GTPO's advantage pipeline + loss vs GRPO's, N=1024 K=8 L=4096
     python bench.py sandbox               # sandbox call latency vs a fresh `python -c` per call
+    python bench.py rollout [--model DIR] # multi-turn rollout vs plain generate; log-prob memory
 
 Each benchmark alternates the variants it compares (A, B, A, B, ...) so that load from elsewhere
 on a shared machine falls on both alike. It reports the median of all timed calls (the typical
@@ -10,6 +11,7 @@ cost) and the minimum (the cost with the least interference, as timeit recommend
 
 import argparse
 import ctypes
+import gc
 import statistics
 import subprocess
 import sys
@@ -18,6 +20,8 @@ import time
 import torch
 
 import gtpo
+import model
+import rollout
 import sandbox
 
 
@@ -182,6 +186,114 @@ def bench_sandbox(args):
     print(f"throughput: {args.batch} calls in {elapsed:.3f} s = {args.batch / elapsed:.0f} calls/s")
 
 
+THREE_TURNS = [
+    "First the product.\n```python\na = 12345 * 6789\nprint(a)\n```",
+    "Now its remainder.\n```python\nb = a % 97\nprint(b)\n```",
+    "Check the square.\n```python\nprint(b * b)\n```",
+]
+
+
+def memorised_tiny_policy(tokenizer, problems, hidden_size, steps=150):
+    """A tiny model trained to answer every problem with the same three tool-call turns, so that
+    its rollouts have exactly three turns (a random model would stop at its length limit)."""
+    policy = model.tiny_model(tokenizer, hidden_size=hidden_size, num_hidden_layers=4)
+    with sandbox.Session() as session:
+        trajs = [rollout.teacher_trajectory(tokenizer, model.chat_prompt_ids(tokenizer, p), THREE_TURNS, session)
+                 for p in problems]  # fmt: skip
+    batch = rollout.collate(trajs, tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    policy.train()
+    for _ in range(steps):
+        loss = model.sft_loss(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return policy.eval()
+
+
+def peak_rss_increase_mb(fn):
+    """Peak resident memory during fn() above the resident memory before it (Linux: the
+    high-water mark is reset through /proc/self/clear_refs first)."""
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, or it counts as "before"
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - before
+
+
+def bench_rollout(args):
+    torch.manual_seed(0)
+    problems = [f"What is 12345 * 6789 modulo {97 + i}?" for i in range(args.batch)]
+    if args.model == "demo":
+        tokenizer = model.tiny_tokenizer()
+        policy = memorised_tiny_policy(tokenizer, problems, args.hidden_size)
+    else:
+        policy, tokenizer = model.load_policy(args.model)
+    prompts = [model.chat_prompt_ids(tokenizer, p) for p in problems]
+    print(f"model={args.model} params={sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+          f"vocab={len(tokenizer)} batch={args.batch} max_turns={args.max_turns} T={args.temperature} "
+          f"threads={torch.get_num_threads()}")  # fmt: skip
+    cfg = rollout.RolloutConfig(max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
+                                max_total_tokens=args.max_total_tokens, temperature=args.temperature)  # fmt: skip
+    print(f"{'what':<52}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'turns':>7}{'ratio':>7}")
+    with sandbox.Pool(max_workers=8, timeout=10) as pool:
+        rates = {}
+        for _ in range(args.rounds):  # alternate the variants
+            for reuse, warm in ((True, True), (False, True), (True, False)):
+                cfg.kv_reuse = reuse
+                if warm:  # as in training, where spares start while the policy is updated
+                    pool.prewarm(len(prompts), wait=True)
+                start = time.perf_counter()
+                trajs = rollout.rollout(policy, tokenizer, prompts, pool, cfg)
+                seconds = time.perf_counter() - start
+                tokens = sum(sum(t.loss_mask) for t in trajs)
+                turns = sum(len(t.turns) for t in trajs) / len(trajs)
+                label = f"multi-turn, kv_reuse={reuse}, {'prewarmed' if warm else 'cold'} sandboxes"
+                rates.setdefault(label, []).append((tokens, seconds, turns))
+            per_row = max(1, tokens // len(prompts))
+            ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
+            plain = dict(max_new_tokens=per_row, min_new_tokens=per_row, do_sample=args.temperature > 0,
+                         temperature=args.temperature or None, top_k=None, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            start = time.perf_counter()
+            policy.generate(input_ids=ids, attention_mask=mask, **plain)
+            rates.setdefault("plain model.generate, same tokens", []).append(
+                (per_row * len(prompts), time.perf_counter() - start, 1.0)
+            )
+    plain_rate = statistics.median(t / s for t, s, _ in rates["plain model.generate, same tokens"])
+    for label, runs in rates.items():
+        tokens, seconds, turns = (statistics.median(x) for x in zip(*runs))
+        rate = statistics.median(t / s for t, s, _ in runs)
+        print(f"{label:<52}{tokens:>8.0f}{seconds:>9.2f}{rate:>10.1f}{turns:>7.2f}{rate / plain_rate:>7.2f}")
+    print("ratio = tokens/s against plain generate (goal: >= 0.7 with 3 turns)")
+
+    batch = rollout.collate(trajs, tokenizer.pad_token_id)  # the last rollout's trajectories
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+
+    def chunked():
+        model.token_logprobs(policy, ids, mask, chunk_tokens=args.chunk_tokens).sum().backward()
+
+    def naive():
+        logits = policy(ids, attention_mask=mask, position_ids=model.position_ids_of(mask)).logits.float()
+        logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).sum().backward()
+
+    policy.train()
+    for name, fn in (("chunked token_logprobs", chunked), ("naive full logits", naive)):
+        fn()  # warm-up: lazy one-time allocations are not the pass's own
+        policy.zero_grad(set_to_none=True)
+        mb = peak_rss_increase_mb(fn)
+        policy.zero_grad(set_to_none=True)
+        print(
+            f"log-prob pass (forward + backward) {name:<24}: peak +{mb:8.1f} MiB over {tuple(ids.shape)} tokens"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,8 +314,20 @@ def main():
     sbx.add_argument("--batch", type=int, default=256, help="short calls in the throughput test")
     sbx.add_argument("--sessions", type=int, default=32, help="concurrent sessions in the throughput test")
     sbx.add_argument("--workers", type=int, default=8, help="Pool max_workers in the throughput test")
+    rol = sub.add_parser("rollout", help="multi-turn rollout vs plain generate; log-prob pass memory")
+    rol.add_argument(
+        "--model", default="demo", help="'demo' (tiny, memorised 3 turns) or a checkpoint directory"
+    )
+    rol.add_argument("--batch", type=int, default=8, help="rollouts at once")
+    rol.add_argument("--max_turns", type=int, default=3, help="turns per trajectory")
+    rol.add_argument("--max_turn_tokens", type=int, default=96, help="tokens sampled per turn at most")
+    rol.add_argument("--max_total_tokens", type=int, default=1024, help="tokens per trajectory at most")
+    rol.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    rol.add_argument("--hidden_size", type=int, default=256, help="width of the demo model")
+    rol.add_argument("--rounds", type=int, default=3, help="rounds alternating the variants")
+    rol.add_argument("--chunk_tokens", type=int, default=1024, help="positions per log-prob chunk")
     args = parser.parse_args()
-    {"advantages": bench_advantages, "sandbox": bench_sandbox}[args.bench](args)
+    {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout}[args.bench](args)
 
 
 if __name__ == "__main__":

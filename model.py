@@ -204,3 +204,9 @@ def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk
             chunks.append(_chunk_logprobs(h, t, weight, temperature))
     logp = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat([logp.new_zeros(B, 1), logp.view(B, L - 1)], dim=1)  # (B, L)
+
+
+def sft_loss(model, input_ids, attention_mask, loss_mask):
+    """Mean negative log-likelihood of the trained tokens (loss_mask True), as in cold-start SFT."""
+    logp = token_logprobs(model, input_ids, attention_mask)  # (B, L)
+    return -(logp * loss_mask).sum() / loss_mask.sum().clamp(min=1)

@@ -180,7 +180,7 @@ def rollout(model, tokenizer, prompts, pool, cfg):
     max_total_tokens. Each trajectory gets its own sandbox session from pool. Returns trajectories
     in prompt order."""
     trajs = [Trajectory(len(p), list(p), [False] * len(p), [-1] * len(p), [0.0] * len(p)) for p in prompts]
-    sessions = [pool.session() for _ in prompts]
+    sessions = [pool.session(start=True) for _ in prompts]  # warm up while turn 1 is sampled
     pending = {}  # trajectory -> observation tokens to feed before its next turn
     state, state_rows = None, []  # what the previous generate left, when reusing its KV cache
     try:
@@ -233,6 +233,19 @@ def rollout(model, tokenizer, prompts, pool, cfg):
         for s in sessions:
             s.close()
     return trajs
+
+
+def collate(trajs, pad):
+    """Right-padded batch tensors of trajectories: input_ids, attention_mask, loss_mask and
+    token_turn, each (N, L); padding is masked and has turn -1."""
+    L = max(len(t.input_ids) for t in trajs)
+    fill = [L - len(t.input_ids) for t in trajs]
+    return {
+        "input_ids": torch.tensor([t.input_ids + [pad] * f for t, f in zip(trajs, fill)]),
+        "attention_mask": torch.tensor([[1] * len(t.input_ids) + [0] * f for t, f in zip(trajs, fill)]),
+        "loss_mask": torch.tensor([t.loss_mask + [False] * f for t, f in zip(trajs, fill)]),
+        "token_turn": torch.tensor([t.token_turn + [-1] * f for t, f in zip(trajs, fill)]),
+    }
 
 
 def teacher_trajectory(tokenizer, prompt_ids, turn_texts, session, end="<|im_end|>"):

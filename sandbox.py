@@ -259,6 +259,15 @@ class Session:
         with self.lock:
             return self._run(code)
 
+    def start(self):
+        """Start the worker now rather than at the first call (a failure is reported by run)."""
+        with self.lock:
+            if self.proc is None:
+                try:
+                    self._start()
+                except Exception:  # noqa: BLE001 - run() retries and reports it as infra_error
+                    self._kill()
+
     def _run(self, code):
         start = time.monotonic()
         lost_note, self.lost_note = self.lost_note, None
@@ -424,22 +433,39 @@ def status_text(status):
 class Pool:
     """Many sessions at once with at most max_workers calls running concurrently.
 
-    Sessions start lazily, in the pool's threads, on their first call, so start-up overlaps
-    too. run(sessions, codes) returns when the slowest call of the batch has returned.
+    session(start=True) starts a worker in the pool's threads so it is warm by its first call;
+    prewarm(n) starts n spare workers ahead of time (e.g. while the trainer updates the policy),
+    which session() hands out first. run(sessions, codes) returns when the slowest call has.
     """
 
     def __init__(self, max_workers=8, **session_kwargs):
         self.executor = ThreadPoolExecutor(max_workers, thread_name_prefix="sandbox")
         self.session_kwargs = session_kwargs
         self.sessions = []
+        self.spares = []  # (session, future of its start)
         self.lock = threading.Lock()
 
-    def session(self):
-        """A new session owned by the pool (closed with it)."""
-        session = Session(**self.session_kwargs)
+    def session(self, start=False):
+        """A session owned by the pool (closed with it): a prewarmed spare if there is one."""
         with self.lock:
+            if self.spares:
+                return self.spares.pop()[0]
+            session = Session(**self.session_kwargs)
             self.sessions.append(session)
+        if start:
+            self.executor.submit(session.start)
         return session
+
+    def prewarm(self, n, wait=False):
+        """Start n spare workers in the background (wait=True: return once they are up)."""
+        with self.lock:
+            fresh = [Session(**self.session_kwargs) for _ in range(n)]
+            self.sessions += fresh
+            started = [(s, self.executor.submit(s.start)) for s in fresh]
+            self.spares += started
+        if wait:
+            for _, future in started:
+                future.result()
 
     def run(self, sessions, codes):
         """Run codes[i] in sessions[i] concurrently; returns the Results in order."""

@@ -27,11 +27,8 @@ MAX_TURNS = 2
 
 def padded(trajs, pad):
     """(input_ids, attention_mask, loss_mask) right-padded to a batch."""
-    W = max(len(t.input_ids) for t in trajs)
-    ids = torch.tensor([t.input_ids + [pad] * (W - len(t.input_ids)) for t in trajs])
-    attention = torch.tensor([[1] * len(t.input_ids) + [0] * (W - len(t.input_ids)) for t in trajs])
-    loss_mask = torch.tensor([t.loss_mask + [False] * (W - len(t.loss_mask)) for t in trajs])
-    return ids, attention, loss_mask
+    batch = rollout.collate(trajs, pad)
+    return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
 
 
 def spy_on_generate(policy):
@@ -70,8 +67,7 @@ def memorised(tokenizer):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     policy.train()
     for _ in range(150):
-        logp = model.token_logprobs(policy, ids, attention)
-        loss = -(logp * loss_mask).sum() / loss_mask.sum()
+        loss = model.sft_loss(policy, ids, attention, loss_mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

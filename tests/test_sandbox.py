@@ -436,3 +436,15 @@ def test_closing_a_pool_waits_for_calls_in_flight():
     pool.close()
     runner.join()
     assert [r.stdout for r in results] == ["1\n", "1\n"]
+
+
+def test_prewarmed_spares_are_handed_out_first_and_work():
+    """Pool.prewarm starts workers ahead; session() hands those out (already running), then new ones."""
+    with sandbox.Pool(max_workers=2, timeout=TIMEOUT) as pool:
+        pool.prewarm(2, wait=True)
+        warm = [pool.session(), pool.session()]
+        assert all(s.proc is not None for s in warm)
+        cold = pool.session()
+        assert cold.proc is None and cold not in warm
+        results = pool.run(warm + [cold], ["1", "2", "3"])
+        assert [r.stdout for r in results] == ["1\n", "2\n", "3\n"]
