@@ -198,8 +198,8 @@ def memorised_tiny_policy(tokenizer, problems, hidden_size, steps=150):
     its rollouts have exactly three turns (a random model would stop at its length limit)."""
     policy = model.tiny_model(tokenizer, hidden_size=hidden_size, num_hidden_layers=4)
     with sandbox.Session() as session:
-        trajs = [rollout.teacher_trajectory(tokenizer, model.chat_prompt_ids(tokenizer, p), THREE_TURNS, session)
-                 for p in problems]  # fmt: skip
+        prompts = [model.chat_prompt_ids(tokenizer, p) for p in problems]
+        trajs = [rollout.teacher_trajectory(tokenizer, p, THREE_TURNS, session) for p in prompts]
     batch = rollout.collate(trajs, tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     policy.train()
@@ -229,19 +229,28 @@ def peak_rss_increase_mb(fn):
 
 
 def bench_rollout(args):
+    """The demo model always; then the checkpoint given with --model, if any."""
+    for name in ["demo"] + ([args.model] if args.model != "demo" else []):
+        _bench_rollout_one(name, args)
+        print()
+
+
+def _bench_rollout_one(name, args):
     torch.manual_seed(0)
     problems = [f"What is 12345 * 6789 modulo {97 + i}?" for i in range(args.batch)]
-    if args.model == "demo":
+    if name == "demo":
         tokenizer = model.tiny_tokenizer()
         policy = memorised_tiny_policy(tokenizer, problems, args.hidden_size)
     else:
-        policy, tokenizer = model.load_policy(args.model)
+        policy, tokenizer = model.load_policy(name)
     prompts = [model.chat_prompt_ids(tokenizer, p) for p in problems]
-    print(f"model={args.model} params={sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+    print(f"model={name} params={sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
           f"vocab={len(tokenizer)} batch={args.batch} max_turns={args.max_turns} T={args.temperature} "
           f"threads={torch.get_num_threads()}")  # fmt: skip
-    cfg = rollout.RolloutConfig(max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
-                                max_total_tokens=args.max_total_tokens, temperature=args.temperature)  # fmt: skip
+    cfg = rollout.RolloutConfig(
+        max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
+        max_total_tokens=args.max_total_tokens, temperature=args.temperature,
+    )  # fmt: skip
     print(f"{'what':<52}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'turns':>7}{'ratio':>7}")
     with sandbox.Pool(max_workers=8, timeout=10) as pool:
         rates = {}
@@ -259,8 +268,10 @@ def bench_rollout(args):
                 rates.setdefault(label, []).append((tokens, seconds, turns))
             per_row = max(1, tokens // len(prompts))
             ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
-            plain = dict(max_new_tokens=per_row, min_new_tokens=per_row, do_sample=args.temperature > 0,
-                         temperature=args.temperature or None, top_k=None, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            plain = dict(
+                max_new_tokens=per_row, min_new_tokens=per_row, do_sample=args.temperature > 0,
+                temperature=args.temperature or None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
             start = time.perf_counter()
             policy.generate(input_ids=ids, attention_mask=mask, **plain)
             rates.setdefault("plain model.generate, same tokens", []).append(
@@ -273,25 +284,32 @@ def bench_rollout(args):
         print(f"{label:<52}{tokens:>8.0f}{seconds:>9.2f}{rate:>10.1f}{turns:>7.2f}{rate / plain_rate:>7.2f}")
     print("ratio = tokens/s against plain generate (goal: >= 0.7 with 3 turns)")
 
-    batch = rollout.collate(trajs, tokenizer.pad_token_id)  # the last rollout's trajectories
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tokenizer), (args.logprob_batch, args.logprob_len), generator=g)
+    mask = torch.ones_like(ids)
 
     def chunked():
-        model.token_logprobs(policy, ids, mask, chunk_tokens=args.chunk_tokens).sum().backward()
+        return model.token_logprobs(policy, ids, mask, chunk_tokens=args.chunk_tokens)
 
     def naive():
         logits = policy(ids, attention_mask=mask, position_ids=model.position_ids_of(mask)).logits.float()
-        logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).sum().backward()
+        return logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])
 
     policy.train()
-    for name, fn in (("chunked token_logprobs", chunked), ("naive full logits", naive)):
-        fn()  # warm-up: lazy one-time allocations are not the pass's own
-        policy.zero_grad(set_to_none=True)
-        mb = peak_rss_increase_mb(fn)
-        policy.zero_grad(set_to_none=True)
-        print(
-            f"log-prob pass (forward + backward) {name:<24}: peak +{mb:8.1f} MiB over {tuple(ids.shape)} tokens"
-        )
+    for backward in (False, True):
+        for variant, fn in (("chunked token_logprobs", chunked), ("naive full logits", naive)):
+
+            def run():
+                with torch.set_grad_enabled(backward):
+                    logp = fn()
+                    if backward:
+                        logp.sum().backward()
+
+            run()  # warm-up: one-time allocations, and the parameters' .grad buffers, come first
+            mb = peak_rss_increase_mb(run)
+            what = "forward + backward" if backward else "forward, no grad"
+            print(f"log-prob pass, {what:<18} {variant:<24}: peak +{mb:8.1f} MiB, {tuple(ids.shape)} tokens")
+    policy.zero_grad(set_to_none=True)
 
 
 def main():
@@ -325,7 +343,9 @@ def main():
     rol.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     rol.add_argument("--hidden_size", type=int, default=256, help="width of the demo model")
     rol.add_argument("--rounds", type=int, default=3, help="rounds alternating the variants")
-    rol.add_argument("--chunk_tokens", type=int, default=1024, help="positions per log-prob chunk")
+    rol.add_argument("--chunk_tokens", type=int, default=256, help="positions per log-prob chunk")
+    rol.add_argument("--logprob_batch", type=int, default=2, help="sequences in the log-prob memory test")
+    rol.add_argument("--logprob_len", type=int, default=512, help="tokens per sequence in that test")
     args = parser.parse_args()
     {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout}[args.bench](args)
 

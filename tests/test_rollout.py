@@ -251,3 +251,16 @@ def test_the_printer_tells_trained_from_masked_tokens(tokenizer, memorised):
     assert "<<turn 1 r=+0.000 R=+0.900 A=+0.500>>```python" in text
     assert "[[\n```output\n" in text or "[[```output\n" in text
     assert "<<turn 2 r=+1.000 R=+1.000 A=+0.700>>It failed" in text
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
+    """load_policy(..., activation_checkpointing=True) trains with identical gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        policy, tok = model.load_policy("demo", activation_checkpointing=checkpointing)
+        assert policy.is_gradient_checkpointing == checkpointing
+        policy.train()
+        ids = torch.tensor([model.chat_prompt_ids(tok, "What is 2 + 2?")])
+        model.sft_loss(policy, ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)).backward()
+        grads.append(policy.model.embed_tokens.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
