@@ -7,11 +7,12 @@ back inline as an ```output block, tokenised once. Sampled token ids are kept ex
 sampled and never re-tokenised, so `loss_mask` (True exactly for sampled tokens) and
 `token_turn` (the 0-based turn of each sampled token, -1 elsewhere) are the generator's own record.
 
-All unfinished rows sample their next turn in one batch (left-padded). With kv_reuse (the default), a turn
-continues from the previous turn's KV cache: only the observation tokens are encoded, appended
-after the cached rows with masked padding between (positions follow the attention mask, so the
-gaps do not shift them); without it, each turn re-encodes every row's whole history.
-`bench.py rollout` measures both. Sandbox calls of a batch run concurrently.
+All unfinished rows sample their next turn in one batch (left-padded). With kv_reuse (the
+default), a turn continues from the previous turn's KV cache: only the observation tokens are
+encoded, appended after the cached rows with masked padding between (positions follow the
+attention mask, so the gaps do not shift them); without it, each turn re-encodes every row's
+whole history. `bench.py rollout` measures both. Sandbox calls of a turn run concurrently, in
+sessions started while the first turn is sampled.
 
 Shapes: B rows in a generation batch, W their padded width, V vocabulary size.
 """
@@ -81,7 +82,7 @@ def parse_turn(text, closed_by_fence):
         try:
             ast.parse(code)
             parses = True
-        except SyntaxError:
+        except (SyntaxError, ValueError):  # ValueError: a NUL byte in the code
             parses = False
         return code, bool(code.strip()) and parses
     if OPENING.search(text):

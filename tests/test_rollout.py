@@ -5,8 +5,12 @@ by length), and a tiny model that memorised three scripted multi-turn trajectori
 without code, a code error then an answer, and a run into max_turns), rolled out greedily.
 """
 
+import ast
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import model
 import rollout
@@ -264,3 +268,23 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
         model.sft_loss(policy, ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)).backward()
         grads.append(policy.model.embed_tokens.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@given(
+    st.text(alphabet=st.characters(blacklist_characters="`"), max_size=60),
+    st.text(alphabet="ab \n", max_size=10),
+)
+def test_a_closed_code_block_gives_back_its_code_and_validity(code, prose):
+    """parse_turn returns the code of a closed ```python block exactly; the call is valid iff the
+    code is non-blank and parses; an unclosed block is an invalid call; no block, no call."""
+    text = f"{prose}```python\n{code}```"
+    got, valid = rollout.parse_turn(text, closed_by_fence=True)
+    assert got == code
+    try:
+        ast.parse(code)
+        parses = True
+    except (SyntaxError, ValueError):
+        parses = False
+    assert valid == (bool(code.strip()) and parses)
+    assert rollout.parse_turn(f"{prose}```python\n{code}", closed_by_fence=False)[1] is False
+    assert rollout.parse_turn(prose + code, closed_by_fence=False) == (None, None)
