@@ -1,0 +1,392 @@
+"""Properties of rewards.py: answer extraction and grading, format penalties, turn rewards, shaping."""
+
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import model
+import rewards
+import sandbox
+from rollout import Trajectory, Turn
+
+# (prediction, gold, equal?) — the forms of math answers, and near misses that must NOT match.
+GRADING = [
+    # integers, signs, spacing, punctuation
+    ("42", "42", True),
+    ("42.", "42", True),
+    (" 42 ", "42", True),
+    ("+42", "42", True),
+    ("042", "42", True),
+    ("2", "-2", False),
+    ("-2", "-2", True),
+    ("-0", "0", True),
+    ("41", "42", False),
+    ("4 2", "42", True),
+    ("100", "1000", False),
+    ("7", "7.0", True),
+    ("7.00", "7", True),
+    ("7.01", "7", False),
+    ("1e3", "1000", True),
+    # thousands separators
+    ("1,000", "1000", True),
+    ("1,000,000", "1000000", True),
+    ("12,345.5", "12345.5", True),
+    ("1{,}000", "1000", True),
+    ("1,000", "1", False),
+    ("10,00", "1000", False),
+    # decimals and fractions
+    ("0.5", "1/2", True),
+    ("\\frac{1}{2}", "0.5", True),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}", True),
+    ("\\tfrac{1}{2}", "0.5", True),
+    ("\\frac12", "0.5", True),
+    ("1/2", "2", False),
+    ("2/4", "1/2", True),
+    ("\\frac{3}{4}", "0.75", True),
+    ("0.75", "3/4", True),
+    ("\\frac{-3}{4}", "-0.75", True),
+    ("-\\frac{3}{4}", "-0.75", True),
+    ("0.3333", "\\frac{1}{3}", False),
+    ("0.333333333333", "1/3", False),
+    ("\\frac{1}{3}", "1/3", True),
+    ("\\frac{2}{3}", "0.6667", False),
+    ("\\frac{7}{2}", "3.5", True),
+    ("3\\frac{1}{2}", "3.5", True),
+    ("\\frac{10}{4}", "2.5", True),
+    ("1/0", "0", False),
+    ("0.1", "1/10", True),
+    (".5", "0.5", True),
+    ("5.", "5", True),
+    ("\\frac{1}{2}", "\\frac{2}{4}", True),
+    # percentages
+    ("50\\%", "0.5", True),
+    ("50%", "50", False),
+    ("50\\%", "50\\%", True),
+    ("12.5\\%", "\\frac{1}{8}", True),
+    ("100\\%", "1", True),
+    ("5\\%", "0.5", False),
+    # roots, pi and other symbols
+    ("\\sqrt{2}", "\\sqrt{2}", True),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True),
+    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", True),
+    ("2\\sqrt{3}", "\\sqrt{12}", True),
+    ("\\sqrt{8}", "2\\sqrt{2}", True),
+    ("\\sqrt{3}", "1.7320508075688772", True),
+    ("\\sqrt{3}", "1.732", False),
+    ("\\sqrt[3]{27}", "3", True),
+    ("\\pi", "3.141592653589793", True),
+    ("2\\pi", "2*pi", True),
+    ("\\pi", "3.14", False),
+    ("\\frac{\\pi}{2}", "\\pi/2", True),
+    ("\\pi^2", "\\pi\\cdot\\pi", True),
+    ("3\\pi", "\\pi", False),
+    ("e", "e", True),
+    ("2^{10}", "1024", True),
+    ("2^10", "1024", True),
+    ("10^{-2}", "0.01", True),
+    ("3 \\times 4", "12", True),
+    ("3\\cdot 4", "12", True),
+    # algebra
+    ("x^2+2x+1", "(x+1)^2", True),
+    ("x^2 + 2x + 1", "(x+1)^{2}", True),
+    ("x^2", "x^3", False),
+    ("2x", "x+x", True),
+    ("\\frac{x}{2}", "x/2", True),
+    ("\\frac{x+1}{x}", "1+\\frac{1}{x}", True),
+    ("a+b", "b+a", True),
+    ("a-b", "b-a", False),
+    ("x^2-1", "(x-1)(x+1)", True),
+    ("\\sqrt{x^2}", "x", False),
+    ("2(x+3)", "2x+6", True),
+    ("x y", "xy", True),
+    ("n(n+1)/2", "\\frac{n^2+n}{2}", True),
+    ("3x+2", "3x-2", False),
+    ("\\frac{1}{x}", "x^{-1}", True),
+    # "x =", units, degrees, text
+    ("x = 5", "5", True),
+    ("x=5", "5", True),
+    ("y = -3", "-3", True),
+    ("5 cm", "5", True),
+    ("5\\text{ cm}", "5", True),
+    ("5 \\text{cm}", "5", True),
+    ("12 meters", "12", True),
+    ("90^\\circ", "90", True),
+    ("90^{\\circ}", "90", True),
+    ("90°", "90", True),
+    ("45 degrees", "45", True),
+    ("\\$5", "5", True),
+    ("$5$", "5", True),
+    ("\\text{5}", "5", True),
+    ("\\mathrm{5}", "5", True),
+    ("3 hours", "3", True),
+    ("30 minutes", "3", False),
+    ("\\$1,000", "1000", True),
+    ("10 dollars", "10", True),
+    ("\\textbf{7}", "7", True),
+    ("\\left(1,2\\right)", "(1,2)", True),
+    ("\\displaystyle\\frac{1}{2}", "0.5", True),
+    ("5\\,000", "5000", True),
+    ("5\\!", "5", True),
+    # tuples and intervals
+    ("(1, 2)", "(1,2)", True),
+    ("(1,2)", "(2,1)", False),
+    ("(1,2,3)", "(1,2)", False),
+    ("(0.5, 1)", "(\\frac{1}{2}, 1)", True),
+    ("[1,2]", "[1, 2]", True),
+    ("(1,2]", "(1,2)", False),
+    ("[0,1)", "[0,1)", True),
+    ("[0,1)", "(0,1)", False),
+    ("(-\\infty, 0)", "(-\\infty,0)", True),
+    ("(1,2)", "1,2", False),
+    ("(x, y)", "(y, x)", False),
+    ("(2x, 4)", "(x+x, 2^2)", True),
+    ("(\\sqrt{2}, 1)", "(\\frac{2}{\\sqrt{2}}, 1)", True),
+    ("[-1, 1]", "[-1,1]", True),
+    ("(1, (2, 3))", "(1,(2,3))", True),
+    # text answers and junk
+    ("\\text{yes}", "yes", True),
+    ("no", "yes", False),
+    ("A", "A", True),
+    ("B", "A", False),
+    ("", "0", False),
+    ("0", "", False),
+    ("None", "0", False),
+    ("NaN", "0", False),
+    ("inf", "0", False),
+    ("\\infty", "\\infty", True),
+    ("x", "5", False),
+    ("2+", "2", False),
+    ("((", "(", False),
+    ("}", "{", False),
+    ("\\frac{1}{", "0.5", False),
+    ("1/2/3", "1/6", True),
+    # large integers and exact rationals
+    ("123456789012345678901234567890", "123456789012345678901234567890", True),
+    ("123456789012345678901234567891", "123456789012345678901234567890", False),
+    ("2^{100}", "1267650600228229401496703205376", True),
+    ("10^{30}", "1000000000000000000000000000000", True),
+    ("0.1+0.2", "0.3", True),
+    ("\\frac{1}{3}+\\frac{1}{6}", "\\frac{1}{2}", True),
+    ("99999999999999999", "1e17", False),
+    ("1000000007", "1000000007", True),
+    ("1000000007", "1000000009", False),
+    ("-\\frac{1}{2}", "-0.5", True),
+    ("-1/2", "1/2", False),
+    ("3/6", "0.5", True),
+    ("6/3", "2", True),
+    ("0.125", "\\frac{1}{8}", True),
+    ("0.2", "\\frac{1}{5}", True),
+    ("1.5", "\\frac{3}{2}", True),
+    ("2.50", "2.5", True),
+    ("2.5", "5/2", True),
+    ("0.0", "0", True),
+    ("-0.0", "0", True),
+    ("1.0e-3", "0.001", True),
+    ("3.14159", "\\pi", False),
+    ("17", "\\boxed{17}", False),
+    ("\\sqrt{16}", "4", True),
+    ("4!", "24", True),
+    ("\\binom{5}{2}", "10", True),
+    ("C(5,2)", "10", False),
+    ("|{-3}|", "3", True),
+    ("\\log_2 8", "3", True),
+]
+
+SLOW_SYMBOLIC = ("2^{2^{40}}", "3")  # an exact power with 2^40 bits: sympy would take hours
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = rewards.Grader(timeout=2.0)
+    yield g
+    g.close()
+
+
+def test_the_grading_table_has_at_least_150_cases_of_both_outcomes():
+    """The table is big enough to mean something, and has near misses as well as matches."""
+    assert len(GRADING) >= 150
+    assert sum(1 for *_, equal in GRADING if not equal) >= 40
+
+
+@pytest.mark.parametrize("pred,gold,equal", GRADING, ids=[f"{p!r}~{g!r}" for p, g, _ in GRADING])
+def test_grading_table(grader, pred, gold, equal):
+    """Each (prediction, gold) pair is judged as the table says, in both argument orders."""
+    assert grader.equal(pred, gold) is equal
+    assert grader.equal(gold, pred) is equal
+
+
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        ("so \\boxed{\\frac{1}{2}}, and finally \\boxed{3}.", "3"),
+        ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{2}}{2}"),
+        ("\\fbox{a{b}c}", "a{b}c"),
+        ("\\boxed {7}", "7"),
+        ("\\boxed 5 is it", "5"),
+        ("\\boxed{unbalanced", None),
+        ("The answer is 42.", "42"),
+        ("Thinking...\nAnswer: $x = 3$", "x = 3"),
+        ("no answer here", None),
+        ("", None),
+    ],
+)
+def test_answer_extraction(text, answer):
+    """The last balanced \\boxed{} wins, nested braces kept; else a final 'answer is'; else None."""
+    assert rewards.extract_answer(text) == answer
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_the_grader_never_raises_and_keeps_its_time_limit(grader, pred, gold):
+    """On arbitrary strings the grader returns a bool within its time limit (+1 s), never raising."""
+    start = time.monotonic()
+    assert grader.equal(pred, gold) in (True, False)
+    assert time.monotonic() - start < grader.timeout + 1.0
+
+
+def test_a_pathological_expression_is_cut_off_by_the_time_limit():
+    """A symbolic comparison too slow for the limit is 'not equal', returned in time."""
+    g = rewards.Grader(timeout=1.0)
+    try:
+        assert g.equal("x+x", "2x")  # warm: sympy imported; the limit applies per comparison
+        start = time.monotonic()
+        assert g.equal(*SLOW_SYMBOLIC) is False
+        assert time.monotonic() - start < 1.0 + 1.0
+        assert g.equal("x+x", "2x"), "the grader works again after the cut-off"
+    finally:
+        g.close()
+
+
+# ---------------------------------------------------------------- format and turn rewards
+
+
+def turn(code=None, valid=None, ok=True, text=""):
+    result = sandbox.Result(ok, "", "" if ok else "Error") if code is not None else None
+    return Turn(text=text, code=code, valid_call=valid, result=result)
+
+
+def traj(*turns):
+    return Trajectory(0, [], [], [], turns=list(turns), stop_reason="answer")
+
+
+def test_format_penalties_follow_the_rules():
+    """-0.1 for an invalid call on any turn and for no call on turn 1; runtime errors are feedback
+    unless configured otherwise."""
+    assert rewards.turn_format_penalties([turn(), turn()]) == [-0.1, 0.0]
+    assert rewards.turn_format_penalties([turn("x", True), turn("(", False)]) == [0.0, -0.1]
+    assert rewards.turn_format_penalties([turn("1/0", True, ok=False)]) == [0.0]
+    assert rewards.turn_format_penalties([turn("1/0", True, ok=False)], runtime_errors=True) == [-0.1]
+    assert rewards.turn_format_penalties([turn("x", True)], penalty=-0.5) == [0.0]
+
+
+def test_turn_reward_matrix_puts_the_outcome_on_the_last_turn():
+    """r_ij = r_fmt_ij everywhere plus the outcome on turn T_i; turns beyond T_i are masked."""
+    trajs = [traj(turn("x", True), turn(text="\\boxed{1}")), traj(turn(text="\\boxed{2}"))]
+    r, mask = rewards.turn_reward_matrix(trajs, torch.tensor([1.0, 0.3]), max_turns=3)
+    torch.testing.assert_close(r, torch.tensor([[0.0, 1.0, 0.0], [0.3 - 0.1, 0.0, 0.0]]))
+    assert mask.tolist() == [[True, True, False], [True, False, False]]
+
+
+def test_grpo_reward_is_one_only_when_correct_and_clean():
+    """GRPO's reward: 1 iff correct and no format error."""
+    trajs = [traj(turn("x", True)), traj(turn()), traj(turn("x", True)), traj(turn("(", False))]
+    got = rewards.grpo_rewards(trajs, torch.tensor([True, True, False, True]))
+    assert got.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------- shaping
+
+
+@st.composite
+def shaping_batches(draw):
+    """(correct (N,), embeddings (N, D) with some zero rows, group_index (N,) scattered)."""
+    N = draw(st.integers(1, 12))
+    D = draw(st.integers(1, 6))
+    groups = torch.tensor(draw(st.lists(st.integers(0, 3), min_size=N, max_size=N)))
+    correct = torch.tensor(draw(st.lists(st.booleans(), min_size=N, max_size=N)))
+    values = draw(st.lists(st.integers(-3, 5), min_size=N * D, max_size=N * D))
+    return correct, torch.tensor(values, dtype=torch.float64).view(N, D), groups
+
+
+@given(shaping_batches(), st.floats(0.05, 0.95))
+def test_shaped_rewards_of_failures_lie_in_zero_alpha_below_any_correct(batch, alpha):
+    """Correct trajectories get 1; failed ones get a value in [0, alpha], so always below 1, and
+    0 when their group has no correct trajectory or they have no code."""
+    correct, emb, groups = batch
+    out = rewards.shape_outcomes(correct, emb, groups, alpha)
+    assert torch.all(out[correct] == 1.0)
+    failed = out[~correct]
+    assert torch.all((failed >= 0) & (failed <= alpha + 1e-7))
+    for i in range(len(correct)):
+        if not correct[i] and (not correct[groups == groups[i]].any() or not emb[i].any()):
+            assert out[i] == 0.0
+
+
+@given(shaping_batches(), st.floats(0.05, 0.95))
+def test_code_identical_to_the_correct_code_gets_exactly_alpha(batch, alpha):
+    """A failed trajectory whose code equals the code of every correct one in its group gets alpha."""
+    correct, emb, groups = batch
+    correct = correct.clone()
+    correct[0] = True
+    emb = emb.clone()
+    emb[0] = torch.arange(1, emb.shape[1] + 1)
+    same = groups == groups[0]
+    emb[same] = emb[0].clone()  # every trajectory of group 0 writes the same code
+    out = rewards.shape_outcomes(correct, emb, groups, alpha)
+    assert torch.all(out[same & ~correct] == torch.tensor(alpha, dtype=torch.float32))
+
+
+@given(shaping_batches(), st.randoms(use_true_random=False))
+def test_shaping_is_equivariant_to_permuting_trajectories(batch, rng):
+    """Shuffling the batch shuffles the shaped rewards the same way."""
+    correct, emb, groups = batch
+    perm = list(range(len(correct)))
+    rng.shuffle(perm)
+    perm = torch.tensor(perm)
+    out = rewards.shape_outcomes(correct, emb, groups)
+    torch.testing.assert_close(rewards.shape_outcomes(correct[perm], emb[perm], groups[perm]), out[perm])
+
+
+def test_token_embedder_cosine_is_exact_for_identical_code():
+    """Identical code gives cosine exactly 1 (integer counts), unrelated code less, no code a zero row."""
+    tokenizer = model.tiny_tokenizer()
+    e = rewards.make_embedder("tokens", tokenizer)(["print(1)", "print(1)", "while True: pass", ""])
+    assert e.shape[0] == 4 and not e[3].any()
+    shaped = rewards.shape_outcomes(
+        torch.tensor([True, False, False, False]), e, torch.zeros(4, dtype=torch.long)
+    )
+    assert shaped[1] == 0.5 and 0 <= shaped[2] < 0.5 and shaped[3] == 0
+
+
+@pytest.mark.parametrize("spec", ["policy", "hf"])
+def test_the_embedder_cache_does_not_change_results(tmp_path, spec):
+    """Mean-pooled embeddings are the same from the cache, after new_step(), and batched or alone."""
+    tokenizer = model.tiny_tokenizer()
+    policy = model.tiny_model(tokenizer)
+    if spec == "hf":
+        model.save_policy(policy, tokenizer, str(tmp_path / "encoder"))
+        embedder = rewards.make_embedder(f"hf:{tmp_path / 'encoder'}")
+    else:
+        embedder = rewards.make_embedder("policy", tokenizer, policy)
+    texts = ["x = 1\nprint(x)", "print(2 ** 10)", "", "x = 1\nprint(x)"]
+    first = embedder(texts)
+    again = embedder(texts)
+    embedder.new_step()
+    fresh = embedder(texts)
+    alone = torch.stack([embedder([t])[0] for t in texts])
+    for other in (again, fresh, alone):
+        torch.testing.assert_close(other, first, atol=1e-6, rtol=1e-6)
+    assert torch.equal(first[0], first[3]) and not first[2].any()
+
+
+def test_reward_metrics_report_shaping_and_its_correlation():
+    """Metrics: accuracy, format-error rate, shaped share and mean, and reward-correctness correlation."""
+    correct = torch.tensor([True, False, False, False])
+    outcomes = torch.tensor([1.0, 0.4, 0.0, 0.2])
+    m = rewards.reward_metrics(correct, outcomes, torch.tensor([False, True, False, False]))
+    assert m["accuracy"] == 0.25 and m["format_error_rate"] == 0.25
+    assert m["shaped_share"] == pytest.approx(2 / 3) and m["shaped_mean"] == pytest.approx(0.3)
+    assert 0 < m["reward_correctness_corr"] <= 1
