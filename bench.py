@@ -3,6 +3,7 @@
     python bench.py advantages            # GTPO's advantage pipeline + loss vs GRPO's, N=1024 K=8 L=4096
     python bench.py sandbox               # sandbox call latency vs a fresh `python -c` per call
     python bench.py rollout [--model DIR] # multi-turn rollout vs plain generate; log-prob memory
+    python bench.py rewards               # grading throughput and shaping cost vs a rollout step
 
 Each benchmark alternates the variants it compares (A, B, A, B, ...) so that load from elsewhere
 on a shared machine falls on both alike. It reports the median of all timed calls (the typical
@@ -12,6 +13,7 @@ cost) and the minimum (the cost with the least interference, as timeit recommend
 import argparse
 import ctypes
 import gc
+import os
 import statistics
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import torch
 
 import gtpo
 import model
+import rewards
 import rollout
 import sandbox
 
@@ -231,22 +234,25 @@ def peak_rss_increase_mb(fn):
 def bench_rollout(args):
     """The demo model always; then the checkpoint given with --model, if any."""
     for name in ["demo"] + ([args.model] if args.model != "demo" else []):
-        _bench_rollout_one(name, args)
+        torch.manual_seed(0)
+        problems = [f"What is 12345 * 6789 modulo {97 + i}?" for i in range(args.batch)]
+        if name == "demo":
+            tokenizer = model.tiny_tokenizer()
+            policy = memorised_tiny_policy(tokenizer, problems, args.hidden_size)
+        else:
+            policy, tokenizer = model.load_policy(name)
+        print(f"model={name} params={sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+              f"vocab={len(tokenizer)} threads={torch.get_num_threads()}")  # fmt: skip
+        if args.parts in ("all", "speed"):
+            _bench_rollout_speed(policy, tokenizer, problems, args)
+        if args.parts in ("all", "memory"):
+            _bench_logprob_memory(policy, tokenizer, args)
         print()
 
 
-def _bench_rollout_one(name, args):
-    torch.manual_seed(0)
-    problems = [f"What is 12345 * 6789 modulo {97 + i}?" for i in range(args.batch)]
-    if name == "demo":
-        tokenizer = model.tiny_tokenizer()
-        policy = memorised_tiny_policy(tokenizer, problems, args.hidden_size)
-    else:
-        policy, tokenizer = model.load_policy(name)
+def _bench_rollout_speed(policy, tokenizer, problems, args):
     prompts = [model.chat_prompt_ids(tokenizer, p) for p in problems]
-    print(f"model={name} params={sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
-          f"vocab={len(tokenizer)} batch={args.batch} max_turns={args.max_turns} T={args.temperature} "
-          f"threads={torch.get_num_threads()}")  # fmt: skip
+    print(f"batch={args.batch} max_turns={args.max_turns} T={args.temperature} rounds={args.rounds}")
     cfg = rollout.RolloutConfig(
         max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
         max_total_tokens=args.max_total_tokens, temperature=args.temperature,
@@ -284,6 +290,9 @@ def _bench_rollout_one(name, args):
         print(f"{label:<52}{tokens:>8.0f}{seconds:>9.2f}{rate:>10.1f}{turns:>7.2f}{rate / plain_rate:>7.2f}")
     print("ratio = tokens/s against plain generate (goal: >= 0.7 with 3 turns)")
 
+
+def _bench_logprob_memory(policy, tokenizer, args):
+
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (args.logprob_batch, args.logprob_len), generator=g)
     mask = torch.ones_like(ids)
@@ -296,6 +305,8 @@ def _bench_rollout_one(name, args):
         return logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])
 
     policy.train()
+    if args.activation_checkpointing:  # as when training a large model: activations stop dominating
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for backward in (False, True):
         for variant, fn in (("chunked token_logprobs", chunked), ("naive full logits", naive)):
 
@@ -310,6 +321,72 @@ def _bench_rollout_one(name, args):
             what = "forward + backward" if backward else "forward, no grad"
             print(f"log-prob pass, {what:<18} {variant:<24}: peak +{mb:8.1f} MiB, {tuple(ids.shape)} tokens")
     policy.zero_grad(set_to_none=True)
+    print(f"(activation checkpointing {'on' if args.activation_checkpointing else 'off'})")
+
+
+def synthetic_answers(n, seed=0):
+    """(final turn text, gold) pairs in the mix math RL sees: mostly integers, some fractions and
+    decimals, a few expressions that need sympy; about half of them wrong."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for k in range(n):
+        a, b = rng.randint(1, 999), rng.randint(2, 99)
+        kind = k % 10
+        gold, right = (f"\\frac{{{a}}}{{{b}}}", f"{a / b:.12g}") if kind == 8 else (str(a), str(a))
+        if kind == 9:
+            gold, right = f"{a}x+{b}", f"{b}+{a}x"
+        pred = right if rng.random() < 0.5 else str(a + 1)
+        pairs.append((f"So the answer is \\boxed{{{pred}}}.", gold))
+    return pairs
+
+
+def bench_rewards(args):
+    tokenizer = model.tiny_tokenizer()
+    policy = memorised_tiny_policy(tokenizer, [f"Problem {i}" for i in range(8)], args.hidden_size)
+    problems = [f"Problem {i % 8}" for i in range(args.rollout_n)]
+    cfg = rollout.RolloutConfig(max_turns=3, max_turn_tokens=96, max_total_tokens=1024, temperature=0.7)
+    with sandbox.Pool(max_workers=8, timeout=10) as pool:
+        pool.prewarm(len(problems), wait=True)
+        start = time.perf_counter()
+        trajs = rollout.rollout(
+            policy, tokenizer, [model.chat_prompt_ids(tokenizer, p) for p in problems], pool, cfg
+        )
+        rollout_seconds = time.perf_counter() - start
+    print(f"rollout step: {len(trajs)} trajectories of the demo model, 3 turns: {rollout_seconds:.2f} s "
+          f"({1000 * rollout_seconds / len(trajs):.1f} ms per trajectory)")  # fmt: skip
+
+    grader = rewards.Grader()
+    pairs = synthetic_answers(args.N)
+    grader.equal("x+x", "2x")  # start the sympy sandbox outside the timing
+    start = time.perf_counter()
+    correct = [grader.equal(rewards.extract_answer(text), gold) for text, gold in pairs]
+    grading = time.perf_counter() - start
+    grader.close()
+    share = grading / args.N / (rollout_seconds / len(trajs))
+    print(f"grading: {args.N} answers in {grading:.3f} s = {args.N / grading:.0f} answers/s "
+          f"({sum(correct)} correct; 10% need sympy)")  # fmt: skip
+    print(f"grading per trajectory vs rollout per trajectory: {100 * share:.2f}%")
+
+    codes = [rewards.trajectory_code(trajs[i % len(trajs)]) for i in range(args.N)]
+    group_index = torch.arange(args.N) // args.group_size
+    correct = torch.rand(args.N, generator=torch.Generator().manual_seed(0)) < 0.3
+    per_traj_rollout = rollout_seconds / len(trajs)
+    print(f"{'shaping embedder':<18}{'ms per step':>12}{'ms per traj':>12}{'vs rollout':>12}   (N={args.N})")
+    for spec in ("tokens", "policy", "hf"):
+        if spec == "hf":
+            directory = f"/tmp/gtpo-bench-encoder-{os.getpid()}"
+            model.save_policy(policy, tokenizer, directory)
+            embedder = rewards.make_embedder(f"hf:{directory}")
+        else:
+            embedder = rewards.make_embedder(spec, tokenizer, policy)
+        start = time.perf_counter()
+        rewards.shape_outcomes(correct, embedder(codes), group_index)
+        seconds = time.perf_counter() - start
+        share = seconds / args.N / per_traj_rollout
+        print(f"{spec:<18}{1000 * seconds:>12.1f}{1000 * seconds / args.N:>12.3f}{100 * share:>11.2f}%")
+    print("vs rollout = shaping time per trajectory / rollout time per trajectory")
 
 
 def main():
@@ -344,10 +421,19 @@ def main():
     rol.add_argument("--hidden_size", type=int, default=256, help="width of the demo model")
     rol.add_argument("--rounds", type=int, default=3, help="rounds alternating the variants")
     rol.add_argument("--chunk_tokens", type=int, default=256, help="positions per log-prob chunk")
+    rol.add_argument("--parts", choices=("all", "speed", "memory"), default="all", help="what to measure")
+    rol.add_argument("--activation_checkpointing", action="store_true", help="in the memory test")
     rol.add_argument("--logprob_batch", type=int, default=2, help="sequences in the log-prob memory test")
     rol.add_argument("--logprob_len", type=int, default=512, help="tokens per sequence in that test")
+    rew = sub.add_parser("rewards", help="grading throughput and shaping cost next to a rollout step")
+    rew.add_argument("--N", type=int, default=512, help="trajectories graded and shaped")
+    rew.add_argument("--group_size", type=int, default=8, help="trajectories per problem (G)")
+    rew.add_argument("--rollout_n", type=int, default=64, help="trajectories in the timed rollout step")
+    rew.add_argument("--hidden_size", type=int, default=256, help="width of the demo model")
     args = parser.parse_args()
-    {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout}[args.bench](args)
+    benches = {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout}
+    benches["rewards"] = bench_rewards
+    benches[args.bench](args)
 
 
 if __name__ == "__main__":

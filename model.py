@@ -138,7 +138,7 @@ def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False):
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), tokenizer
 
 

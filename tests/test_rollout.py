@@ -262,7 +262,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
     grads = []
     for checkpointing in (False, True):
         policy, tok = model.load_policy("demo", activation_checkpointing=checkpointing)
-        assert policy.is_gradient_checkpointing == checkpointing
+        assert policy.is_activation_checkpointing == checkpointing
         policy.train()
         ids = torch.tensor([model.chat_prompt_ids(tok, "What is 2 + 2?")])
         model.sft_loss(policy, ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)).backward()
