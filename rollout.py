@@ -26,8 +26,10 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 import sandbox
 
-CODE_BLOCK = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
-OPENING = re.compile(r"```(?:python|py)[ \t]*\n")
+# A call opens with ```python (or ```py, ```python3, any case) and closes with ``` at the start of
+# a line, so a ``` inside the code (print("```")) does not end it.
+CODE_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\n((?:.*?\n)?)```", re.DOTALL | re.IGNORECASE)
+OPENING = re.compile(r"```(?:python3?|py)[ \t]*\n", re.IGNORECASE)
 STOP_REASONS = ("answer", "no_answer", "max_turns", "max_length")
 
 
@@ -94,17 +96,30 @@ class CodeBlockStop(StoppingCriteria):
     """Stops a row once its new text closes a ```python block (a plain stop string cannot: the
     closing fence ``` is a prefix of the opening one). Records the length at which each row stopped."""
 
-    def __init__(self, tokenizer, prompt_width, batch_size):
+    def __init__(self, tokenizer, prompt_width, batch_size, device):
         self.tokenizer, self.prompt_width = tokenizer, prompt_width
         self.stopped_at = [None] * batch_size  # new tokens up to and including the closing fence
+        self.has_backtick = _backtick_tokens(tokenizer).to(device)  # (V,) only these can close a block
 
     def __call__(self, input_ids, scores, **kwargs):
         new = input_ids[:, self.prompt_width :]  # (B, steps)
-        for row in range(new.shape[0]):
-            if self.stopped_at[row] is None and "`" in self.tokenizer.decode(new[row, -1:]):
-                if CODE_BLOCK.search(self.tokenizer.decode(new[row])):
-                    self.stopped_at[row] = new.shape[1]
+        candidates = self.has_backtick[new[:, -1]].nonzero().flatten().tolist()  # one sync per step
+        for row in candidates:
+            if self.stopped_at[row] is None and CODE_BLOCK.search(self.tokenizer.decode(new[row])):
+                self.stopped_at[row] = new.shape[1]
         return torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
+
+
+_backtick_cache = {}
+
+
+def _backtick_tokens(tokenizer):
+    """(V,) bool: which token ids contain a backtick (byte-level tokens spell it as itself)."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _backtick_cache:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        _backtick_cache[key] = torch.tensor(["`" in (t or "") for t in tokens])
+    return _backtick_cache[key]
 
 
 def left_pad(segments, pad):
@@ -130,13 +145,16 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     B, W = input_ids.shape
     pad = tokenizer.pad_token_id
     eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None})
-    stop = CodeBlockStop(tokenizer, W, B)
+    stop = CodeBlockStop(tokenizer, W, B, model.device)
     greedy = cfg.temperature == 0
+    # Every sampling setting explicit and neutral but temperature and top_p: a None here would be
+    # filled from the checkpoint's generation_config (Qwen2.5: top_k=20, repetition_penalty=1.05),
+    # and the tokens would come from another distribution than the one the loss assumes.
     generation = GenerationConfig(
-        max_new_tokens=max(budgets), do_sample=not greedy, temperature=None if greedy else cfg.temperature,
-        top_p=None if greedy else cfg.top_p, top_k=None, repetition_penalty=None,
-        eos_token_id=eos_ids, pad_token_id=pad, return_dict_in_generate=True,
-        output_logits=cfg.record_logprobs,
+        max_new_tokens=max(budgets), do_sample=not greedy, temperature=1.0 if greedy else cfg.temperature,
+        top_p=1.0 if greedy else cfg.top_p, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos_ids,
+        pad_token_id=pad, return_dict_in_generate=True, output_logits=cfg.record_logprobs,
     )  # fmt: skip
     out = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
@@ -180,6 +198,9 @@ def rollout(model, tokenizer, prompts, pool, cfg):
     """Run every prompt (a list of token ids) to the end: a final answer, no answer, max_turns or
     max_total_tokens. Each trajectory gets its own sandbox session from pool. Returns trajectories
     in prompt order."""
+    for k, p in enumerate(prompts):
+        if len(p) >= cfg.max_total_tokens:
+            raise ValueError(f"prompt {k} has {len(p)} tokens; max_total_tokens is {cfg.max_total_tokens}")
     trajs = [Trajectory(len(p), list(p), [False] * len(p), [-1] * len(p), [0.0] * len(p)) for p in prompts]
     sessions = [pool.session(start=True) for _ in prompts]  # warm up while turn 1 is sampled
     pending = {}  # trajectory -> observation tokens to feed before its next turn

@@ -270,14 +270,18 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+code_lines = st.lists(st.text(alphabet=st.characters(blacklist_characters="\n"), max_size=20), max_size=4)
+
+
 @given(
-    st.text(alphabet=st.characters(blacklist_characters="`"), max_size=60),
-    st.text(alphabet="ab \n", max_size=10),
+    code_lines, st.text(alphabet="ab \n", max_size=10), st.sampled_from(["python", "py", "Python", "python3"])
 )
-def test_a_closed_code_block_gives_back_its_code_and_validity(code, prose):
-    """parse_turn returns the code of a closed ```python block exactly; the call is valid iff the
-    code is non-blank and parses; an unclosed block is an invalid call; no block, no call."""
-    text = f"{prose}```python\n{code}```"
+def test_a_closed_code_block_gives_back_its_code_and_validity(lines, prose, language):
+    """parse_turn returns the code of a closed ```python block exactly, backticks inside the code
+    included (only ``` at the start of a line closes); the call is valid iff the code is non-blank
+    and parses; an unclosed block is an invalid call; no block, no call."""
+    code = "".join(line + "\n" for line in lines if not line.startswith("```"))
+    text = f"{prose}```{language}\n{code}```"
     got, valid = rollout.parse_turn(text, closed_by_fence=True)
     assert got == code
     try:
@@ -286,5 +290,40 @@ def test_a_closed_code_block_gives_back_its_code_and_validity(code, prose):
     except (SyntaxError, ValueError):
         parses = False
     assert valid == (bool(code.strip()) and parses)
-    assert rollout.parse_turn(f"{prose}```python\n{code}", closed_by_fence=False)[1] is False
-    assert rollout.parse_turn(prose + code, closed_by_fence=False) == (None, None)
+    assert rollout.parse_turn(f"{prose}```{language}\n{code}", closed_by_fence=False)[1] is False
+    assert rollout.parse_turn(prose + code.replace("`", ""), closed_by_fence=False) == (None, None)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_sampling_applies_temperature_and_nothing_else(tokenizer, temperature):
+    """The scores generate samples from are exactly the raw logits / temperature: no top-k,
+    repetition penalty or other setting leaks in from the model's generation_config."""
+    policy = model.tiny_model(tokenizer)
+    policy.generation_config.top_k = 20  # as Qwen2.5-Instruct checkpoints ship
+    policy.generation_config.repetition_penalty = 1.05
+    original, seen = policy.generate, []
+
+    def generate(*args, **kwargs):
+        kwargs["generation_config"].output_scores = True
+        kwargs["generation_config"].output_logits = True
+        out = original(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    policy.generate = generate
+    with sandbox.Pool(max_workers=2, timeout=5) as pool:
+        cfg = rollout.RolloutConfig(
+            max_turns=1, max_turn_tokens=16, max_total_tokens=400, temperature=temperature
+        )
+        rollout.rollout(policy, tokenizer, [model.chat_prompt_ids(tokenizer, "Hi")], pool, cfg)
+    out = seen[0]
+    for scores, logits in zip(out.scores, out.logits):
+        torch.testing.assert_close(scores, logits / (temperature or 1.0))
+
+
+def test_a_prompt_longer_than_the_length_limit_is_a_clear_error(tokenizer):
+    """A prompt that does not fit in max_total_tokens is refused up front, naming it."""
+    policy = model.tiny_model(tokenizer)
+    with sandbox.Pool(max_workers=1) as pool, pytest.raises(ValueError, match="prompt 0 has"):
+        cfg = rollout.RolloutConfig(max_total_tokens=10)
+        rollout.rollout(policy, tokenizer, [model.chat_prompt_ids(tokenizer, "Hi")], pool, cfg)
