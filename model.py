@@ -131,7 +131,7 @@ def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise OSError(f"could not load the model {name!r} (local directory or hub id): {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>"
@@ -143,8 +143,9 @@ def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False):
 
 
 def save_policy(model, tokenizer, out_dir):
-    """Save in Hugging Face format (safetensors + config + tokenizer), written then renamed so a
-    crash mid-save never leaves a half-written directory under out_dir."""
+    """Save in Hugging Face format (safetensors + config + tokenizer), written to out_dir.tmp-PID
+    then renamed, so a crash mid-save never leaves a half-written out_dir. (Replacing an existing
+    out_dir takes two renames; a crash between them leaves it at out_dir.old-PID.)"""
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -186,6 +187,9 @@ def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk
     recomputed in the backward pass, so no more than (chunk_tokens, V) fp32 logits exist at once.
     """
     assert input_ids.dim() == 2, f"input_ids must be (B, L), got {tuple(input_ids.shape)}"
+    assert temperature > 0, f"temperature must be > 0 (greedy rollouts are scored at 1), got {temperature}"
+    if input_ids.shape[1] < 2:  # nothing is predicted
+        return torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     B, L = input_ids.shape

@@ -30,27 +30,29 @@ FORMAT_PENALTY = -0.1
 # ---------------------------------------------------------------- answers
 
 
-def _braced(text, start):
-    """The content of the {...} group opening at text[start] ('{'), or None if unbalanced."""
-    depth = 0
-    for k in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[start + 1 : k]
-    return None
+def _closing_braces(text):
+    """{index of each '{': index of its matching '}'} in one pass (unmatched ones absent)."""
+    pairs, open_at = {}, []
+    for k, ch in enumerate(text):
+        if ch == "{":
+            open_at.append(k)
+        elif ch == "}" and open_at:
+            pairs[open_at.pop()] = k
+    return pairs
 
 
 def extract_answer(text):
-    """The final answer in text: the last \\boxed{...} or \\fbox{...}; else a final
-    "answer is X" / "Answer: X"; else None."""
+    """The final answer in text: the last balanced \\boxed{...} or \\fbox{...}; else a final
+    "answer is X" / "Answer: X"; else None. Chat special tokens (<|im_end|>) are ignored."""
     if text is None:
         return None
+    text = re.sub(r"<\|[a-z_]+\|>", "", text)
     starts = [m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    pairs = _closing_braces(text) if starts else {}
     for start in reversed(starts):
-        inner = _braced(text, start)
-        if inner is not None:
-            return inner.strip()
-    match = re.search(r"boxed\s+([^\s$]+)", text)
+        if start in pairs:
+            return text[start + 1 : pairs[start]].strip()
+    match = re.search(r"\\boxed\s+([^\s$]+)", text)
     if match:
         return match.group(1).strip()
     lines = [line for line in text.strip().splitlines() if line.strip()]
@@ -69,7 +71,7 @@ UNIT_WORDS = (
 
 def normalize_answer(s):
     """A canonical string for comparison (see the module docstring, step 2)."""
-    s = str(s).strip()
+    s = str(s).strip().replace("\u2212", "-")  # the unicode minus
     s = re.sub(r"\\text\{\s*" + UNIT_WORDS + r"\s*\}", "", s)
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
@@ -87,9 +89,15 @@ def normalize_answer(s):
     return s
 
 
+MAX_DIGITS = 1000  # longer numbers, or exponents beyond +-1000, are left to sympy (time-limited)
+
+
 def _number(s):
     """s as a Fraction (exact) or float, or None. Handles a/b, \\frac{a}{b}, %, \\sqrt{n}, \\pi."""
     s = s.replace("{,}", "")
+    exponent = re.search(r"[eE]([+-]?\d+)$", s)
+    if len(s) > MAX_DIGITS or (exponent and abs(int(exponent[1][:6])) > MAX_DIGITS):
+        return None
     percent = s.endswith("\\%") or s.endswith("%")
     s = s.removesuffix("\\%").removesuffix("%")
     sign = -1 if s.startswith("-") else 1
@@ -135,15 +143,21 @@ def _split_top_level(s):
 def _numbers_equal(a, b):
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         return a == b
-    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    except OverflowError:  # a Fraction beyond float range against an irrational: not equal
+        return False
 
 
 def latex_to_python(s):
     """The common LaTeX of answers in Python syntax for sympy: \\frac, \\sqrt, \\pi, \\cdot, ^."""
-    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", "pi").replace("^", "**")
+    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("^", "**")
+    for name in ("pi", "alpha", "beta", "gamma", "theta", "lambda", "mu", "sigma", "phi", "omega", "infty",
+                 "sin", "cos", "tan", "exp"):  # fmt: skip
+        s = s.replace("\\" + name, f" {'oo' if name == 'infty' else name} ")  # spaced: \\pi r -> pi r
     s = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial(\1,\2)", s)
     s = re.sub(r"\\log_\{?([^{}\s]+?)\}?\s*\{?([^{}\s]+)\}?$", r"log(\2,\1)", s)
-    s = s.replace("\\ln", "log").replace("\\log", "log")
+    s = s.replace("\\ln", " log ").replace("\\log", " log ")
     s = re.sub(r"\|([^|]*)\|", r"Abs(\1)", s)
     for _ in range(10):  # innermost first, so nested fractions and roots unfold
         s2 = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
@@ -173,16 +187,28 @@ class Grader:
             "from sympy.parsing.sympy_parser import parse_expr, standard_transformations as st,"
             " implicit_multiplication_application as imp, convert_xor as xor, rationalize as rat\n"
             "t = st + (imp, xor, rat)\n"
-            f"print(simplify(parse_expr({latex_to_python(a)!r}, transformations=t)"
-            f" - parse_expr({latex_to_python(b)!r}, transformations=t)) == 0)"
+            f"a = parse_expr({latex_to_python(a)!r}, transformations=t)\n"
+            f"b = parse_expr({latex_to_python(b)!r}, transformations=t)\n"
+            "d = simplify(a - b)\n"  # exact; else, for numbers, equal to 1e-9 relative
+            "close = d.is_number and d.is_finite is True and b.is_finite is True\n"
+            "print(d == 0 or bool(close and abs(d.evalf()) <= 1e-9 * max(1, abs(b.evalf()))))"
         )
         result = self.session.run(code)
         return result.ok and result.stdout.strip() == "True"
 
     def equal(self, pred, gold):
+        """Whether pred and gold are the same answer; never raises (an error means "not equal")."""
+        try:
+            return self._equal(pred, gold)
+        except Exception:  # noqa: BLE001 - a grader must not crash a training step
+            return False
+
+    def _equal(self, pred, gold):
         if pred is None or gold is None:
             return False
         p, g = normalize_answer(pred), normalize_answer(gold)
+        if p.isalpha() and g.isalpha():  # words: compared as text (sympy would equate anagrams)
+            return p.casefold() == g.casefold()
         if p == g:
             return True
         if not p or not g:
@@ -194,7 +220,7 @@ class Grader:
                 and tp[0] == tg[0]
                 and tp[2] == tg[2]
                 and len(tp[1]) == len(tg[1])
-                and all(self.equal(x, y) for x, y in zip(tp[1], tg[1]))
+                and all(self._equal(x, y) for x, y in zip(tp[1], tg[1]))
             )
         np_, ng = _number(p), _number(g)
         if np_ is not None and ng is not None:

@@ -231,6 +231,9 @@ def test_grading_table(grader, pred, gold, equal):
         ("Thinking...\nAnswer: $x = 3$", "x = 3"),
         ("no answer here", None),
         ("", None),
+        ("so the answer is 42.<|im_end|>", "42"),
+        ("I unboxed 3 gifts; the answer is 7", "7"),
+        ("\\boxed{" * 5000, None),
     ],
 )
 def test_answer_extraction(text, answer):
@@ -244,6 +247,17 @@ def test_the_grader_never_raises_and_keeps_its_time_limit(grader, pred, gold):
     """On arbitrary strings the grader returns a bool within its time limit (+1 s), never raising."""
     start = time.monotonic()
     assert grader.equal(pred, gold) in (True, False)
+    assert time.monotonic() - start < grader.timeout + 1.0
+
+
+@pytest.mark.parametrize(
+    "pred,gold",
+    [("1e50000000", "2"), ("1" * 5000, "1"), ("1e400", "\\sqrt{2}"), ("9" * 400, "\\pi"), ("{" * 3000, "1")],
+)
+def test_huge_or_malformed_numbers_are_graded_within_the_limit(grader, pred, gold):
+    """Numbers with enormous exponents or thousands of digits neither raise nor run past the limit."""
+    start = time.monotonic()
+    assert grader.equal(pred, gold) is False
     assert time.monotonic() - start < grader.timeout + 1.0
 
 
@@ -279,7 +293,7 @@ def test_format_penalties_follow_the_rules():
     assert rewards.turn_format_penalties([turn("x", True), turn("(", False)]) == [0.0, -0.1]
     assert rewards.turn_format_penalties([turn("1/0", True, ok=False)]) == [0.0]
     assert rewards.turn_format_penalties([turn("1/0", True, ok=False)], runtime_errors=True) == [-0.1]
-    assert rewards.turn_format_penalties([turn("x", True)], penalty=-0.5) == [0.0]
+    assert rewards.turn_format_penalties([turn("(", False), turn()], penalty=-0.5) == [-0.5, 0.0]
 
 
 def test_turn_reward_matrix_puts_the_outcome_on_the_last_turn():
@@ -348,6 +362,16 @@ def test_shaping_is_equivariant_to_permuting_trajectories(batch, rng):
     perm = torch.tensor(perm)
     out = rewards.shape_outcomes(correct, emb, groups)
     torch.testing.assert_close(rewards.shape_outcomes(correct[perm], emb[perm], groups[perm]), out[perm])
+
+
+def test_shaping_clips_each_cosine_and_averages_over_the_groups_correct_trajectories():
+    """A hand-computed case: cosines 0.6 and -0.4 to the two correct trajectories of the group
+    give alpha * (0.6 + 0) / 2; a correct trajectory of another group does not count."""
+    e = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-0.4, 0.9165151389911680], [1.0, 0.0]], dtype=torch.float64)
+    correct = torch.tensor([False, True, True, True])
+    groups = torch.tensor([0, 0, 0, 1])
+    out = rewards.shape_outcomes(correct, e, groups, alpha=0.5)
+    assert out[0].item() == pytest.approx(0.5 * 0.3, abs=1e-7)
 
 
 def test_token_embedder_cosine_is_exact_for_identical_code():
