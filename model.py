@@ -180,7 +180,7 @@ def _chunk_logprobs(hidden, targets, weight, temperature):
 
 
 def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk_tokens=1024):
-    """log p(input_ids[b, t] | input_ids[b, :t]) / temperature-scaled, as sampled: (B, L).
+    """log p(input_ids[b, t] | input_ids[b, :t]) under the logits / temperature, as sampled: (B, L).
 
     Position 0 has no prediction and holds 0. The hidden states are computed once; the
     vocabulary projection and log-softmax run over chunks of chunk_tokens positions, each
