@@ -235,7 +235,12 @@ def bench_rollout(args):
     """The demo model always; then the checkpoint given with --model, if any."""
     for name in ["demo"] + ([args.model] if args.model != "demo" else []):
         torch.manual_seed(0)
-        problems = [f"What is 12345 * 6789 modulo {97 + i}?" for i in range(args.batch)]
+        problems = [  # worded so that an instruct model calls the tool at once, and again to check
+            f"Compute 12345 * 6789 modulo {97 + i}. Start your reply with a ```python code block and nothing "
+            "before it; after seeing its output, check the result with a second code block, then give "
+            "the \\boxed{} answer."
+            for i in range(args.batch)
+        ]
         if name == "demo":
             tokenizer = model.tiny_tokenizer()
             policy = memorised_tiny_policy(tokenizer, problems, args.hidden_size)
