@@ -68,6 +68,12 @@ class Trajectory:
         """The last turn's text (where a final answer is looked for)."""
         return self.turns[-1].text if self.turns else ""
 
+    @classmethod
+    def start(cls, prompt_ids):
+        """A trajectory holding only its prompt (never trained)."""
+        n = len(prompt_ids)
+        return cls(n, list(prompt_ids), [False] * n, [-1] * n, [0.0] * n)
+
     def extend(self, ids, sampled, turn, logps=None):
         self.input_ids += ids
         self.loss_mask += [sampled] * len(ids)
@@ -201,7 +207,7 @@ def rollout(model, tokenizer, prompts, pool, cfg):
     for k, p in enumerate(prompts):
         if len(p) >= cfg.max_total_tokens:
             raise ValueError(f"prompt {k} has {len(p)} tokens; max_total_tokens is {cfg.max_total_tokens}")
-    trajs = [Trajectory(len(p), list(p), [False] * len(p), [-1] * len(p), [0.0] * len(p)) for p in prompts]
+    trajs = [Trajectory.start(p) for p in prompts]
     sessions = [pool.session(start=True) for _ in prompts]  # warm up while turn 1 is sampled
     pending = {}  # trajectory -> observation tokens to feed before its next turn
     state, state_rows = None, []  # what the previous generate left, when reusing its KV cache
@@ -274,8 +280,7 @@ def teacher_trajectory(tokenizer, prompt_ids, turn_texts, session, end="<|im_end
     """A trajectory whose turns are given as text (for SFT and tests): the same record and the
     same observations as a rollout, the code of each turn run in session. The last turn ends
     with `end` (the end-of-message token) unless it ends with a tool call."""
-    traj = Trajectory(len(prompt_ids), list(prompt_ids), [False] * len(prompt_ids), [-1] * len(prompt_ids))
-    traj.sample_logp = [0.0] * len(prompt_ids)
+    traj = Trajectory.start(prompt_ids)
     for turn, text in enumerate(turn_texts):
         closed = CODE_BLOCK.search(text) is not None
         last = turn == len(turn_texts) - 1
