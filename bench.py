@@ -279,12 +279,11 @@ def _bench_rollout_speed(policy, tokenizer, problems, args):
                 rates.setdefault(label, []).append((tokens, seconds, turns))
             per_row = max(1, tokens // len(prompts))
             ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
-            plain = dict(
-                max_new_tokens=per_row, min_new_tokens=per_row, do_sample=args.temperature > 0,
-                temperature=args.temperature or None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
+            plain = rollout.sampling_config(  # the rollout's own sampling settings, no stopping
+                cfg, max_new_tokens=per_row, min_new_tokens=per_row, pad_token_id=tokenizer.pad_token_id
+            )
             start = time.perf_counter()
-            policy.generate(input_ids=ids, attention_mask=mask, **plain)
+            policy.generate(input_ids=ids, attention_mask=mask, generation_config=plain)
             rates.setdefault("plain model.generate, same tokens", []).append(
                 (per_row * len(prompts), time.perf_counter() - start, 1.0)
             )
@@ -297,7 +296,6 @@ def _bench_rollout_speed(policy, tokenizer, problems, args):
 
 
 def _bench_logprob_memory(policy, tokenizer, args):
-
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (args.logprob_batch, args.logprob_len), generator=g)
     mask = torch.ones_like(ids)
@@ -415,9 +413,7 @@ def main():
     sbx.add_argument("--sessions", type=int, default=32, help="concurrent sessions in the throughput test")
     sbx.add_argument("--workers", type=int, default=8, help="Pool max_workers in the throughput test")
     rol = sub.add_parser("rollout", help="multi-turn rollout vs plain generate; log-prob pass memory")
-    rol.add_argument(
-        "--model", default="demo", help="'demo' (tiny, memorised 3 turns) or a checkpoint directory"
-    )
+    rol.add_argument("--model", default="demo", help="a checkpoint directory to measure after the demo model")
     rol.add_argument("--batch", type=int, default=8, help="rollouts at once")
     rol.add_argument("--max_turns", type=int, default=3, help="turns per trajectory")
     rol.add_argument("--max_turn_tokens", type=int, default=96, help="tokens sampled per turn at most")
@@ -436,8 +432,8 @@ def main():
     rew.add_argument("--rollout_n", type=int, default=64, help="trajectories in the timed rollout step")
     rew.add_argument("--hidden_size", type=int, default=256, help="width of the demo model")
     args = parser.parse_args()
-    benches = {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout}
-    benches["rewards"] = bench_rewards
+    benches = {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout,
+               "rewards": bench_rewards}  # fmt: skip
     benches[args.bench](args)
 
 

@@ -140,6 +140,21 @@ def left_pad(segments, pad):
     return ids, mask
 
 
+def sampling_config(cfg, **settings):
+    """A GenerationConfig sampling with cfg's temperature and top_p and nothing else, plus `settings`.
+
+    Every other sampling setting is explicit and neutral: a None would be filled from the
+    checkpoint's generation_config (Qwen2.5: top_k=20, repetition_penalty=1.05), and the tokens
+    would come from another distribution than the one the loss assumes.
+    """
+    greedy = cfg.temperature == 0
+    return GenerationConfig(
+        do_sample=not greedy, temperature=1.0 if greedy else cfg.temperature,
+        top_p=1.0 if greedy else cfg.top_p, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, **settings,
+    )  # fmt: skip
+
+
 def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache=None):
     """Sample one turn for each row of a left-padded batch (B, W), continuing from `cache` (the
     KV cache of all but the last of those W positions) when given.
@@ -153,14 +168,9 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None})
     stop = CodeBlockStop(tokenizer, W, B, model.device)
     greedy = cfg.temperature == 0
-    # Every sampling setting explicit and neutral but temperature and top_p: a None here would be
-    # filled from the checkpoint's generation_config (Qwen2.5: top_k=20, repetition_penalty=1.05),
-    # and the tokens would come from another distribution than the one the loss assumes.
-    generation = GenerationConfig(
-        max_new_tokens=max(budgets), do_sample=not greedy, temperature=1.0 if greedy else cfg.temperature,
-        top_p=1.0 if greedy else cfg.top_p, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
-        eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos_ids,
-        pad_token_id=pad, return_dict_in_generate=True, output_logits=cfg.record_logprobs,
+    generation = sampling_config(
+        cfg, max_new_tokens=max(budgets), eos_token_id=eos_ids, pad_token_id=pad,
+        return_dict_in_generate=True, output_logits=cfg.record_logprobs,
     )  # fmt: skip
     out = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
