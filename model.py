@@ -50,6 +50,17 @@ def _tiny_corpus():
         "Traceback (most recent call last):\nNameError: name 'y' is not defined\n",
         "import math\nprint(math.gcd(120, 84), math.factorial(10), pow(3, 200, 1000))\n",
     ]
+    lines += [  # the toy task's shapes (data.toy_problems), so its fixed strings get their own tokens
+        "<|im_start|>user\nWhat is 19^592 mod 1133?<|im_end|>\n<|im_start|>assistant\n",
+        "```python\nprint(pow(19, 592, 1133))\n```\n```output\n97\n```\n\\boxed{97}<|im_end|>\n",
+        "How many n from 1 to 6319 are multiples of 8 or 5?\n",
+        "```python\nprint(sum(1 for n in range(1, 6320) if n % 8 == 0 or n % 5 == 0))\n```\n",
+        "Let x = 51^453 mod 134. What is x * 723?\nLet s be the digit sum of 31^85. What is s * 978?\n",
+        "```python\nprint(sum(int(d) for d in str(31 ** 85)))\n```\n```output\n607\n```\n",
+        "```python\nprint(529501 * 807926)\n```\n",
+        'Traceback (most recent call last):\n  File "<cell 1>", line 1, in <module>\n    print(powmod(2, 3))\n',
+        "           ^^^^^^\nNameError: name 'powmod' is not defined\n",
+    ] * 3
     words = "the of and to a in is that for it as with be on by this we are count number sum product"
     lines += [" ".join(words.split()[i:] + words.split()[:i]) + ".\n" for i in range(20)]
     lines += [f"{a} + {b} = {a + b}\n" for a in range(0, 200, 7) for b in range(3, 60, 11)]
@@ -79,6 +90,7 @@ def tiny_tokenizer(vocab_size=512):
     tokenizer = Qwen2Tokenizer(
         vocab=raw.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})  # else BPE splits it
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -110,8 +122,9 @@ def default_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False):
-    """(model, tokenizer) from "demo" (tiny, built in code), a local directory, or a hub id.
+def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False, demo_size=(64, 2), seed=0):
+    """(model, tokenizer) from "demo" (tiny, built in code: demo_size = (hidden size, layers),
+    initialised from seed), a local directory, or a hub id.
 
     A local directory must hold config.json and safetensors weights; a path that does not exist
     is an error naming what was looked for (hub ids are only tried for names that are not paths).
@@ -119,7 +132,7 @@ def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False):
     dtype = dtype or default_dtype(device)
     if name == "demo":
         tokenizer = tiny_tokenizer()
-        model = tiny_model(tokenizer, dtype=dtype)
+        model = tiny_model(tokenizer, seed, *demo_size, dtype=dtype)
     else:
         looks_like_path = name.startswith(("/", ".", "~")) or os.path.exists(name)
         path = os.path.expanduser(name)

@@ -146,10 +146,15 @@ def test_the_total_length_limit_holds_for_rows_of_different_lengths(tokenizer):
     policy = model.tiny_model(tokenizer)
     torch.manual_seed(2)
     problems = ["Add.", "What is the sum of the first one hundred positive integers, computed by a loop?"]
-    trajs, calls, cfg = run(policy, tokenizer, problems, max_turn_tokens=64, max_total_tokens=110)
+    longest = max(len(model.chat_prompt_ids(tokenizer, p)) for p in problems)
+    trajs, calls, cfg = run(policy, tokenizer, problems, max_turn_tokens=200, max_total_tokens=longest + 30)
     check_record(tokenizer, trajs, calls, cfg)
     assert {t.stop_reason for t in trajs} == {"max_length"}
-    assert len({len(t.input_ids) for t in trajs}) == 1, "both rows fill their budget exactly"
+    for t in trajs:  # a row cut by the token budget fills it exactly; one stopped before a tool
+        # output that would not fit ends at or below it
+        if t.turns[-1].result is None:
+            assert len(t.input_ids) == cfg.max_total_tokens
+        assert len(t.input_ids) <= cfg.max_total_tokens
 
 
 def test_scripted_trajectories_come_out_well_formed(tokenizer, memorised):

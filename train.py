@@ -1,0 +1,790 @@
+"""Train a tool-using policy: cold-start SFT, then GTPO (or GRPO), in one loop read top to bottom.
+
+    python train.py                                        # the demo: tiny Qwen2 on the toy task
+    python train.py --model Qwen/Qwen2.5-7B-Instruct --data dapo17k.jsonl --sft_data sft.jsonl
+    torchrun --nproc_per_node 8 train.py --model ... --data ... --parallel fsdp
+
+main(): load data and policy -> SFT (sft_steps, skipped when 0) -> held-out evaluation -> RL
+steps -> held-out evaluation -> summary.json. One RL step (rl_step):
+
+    1. problems      the next prompts_per_step problems; this rank takes a contiguous slice
+    2. rollout       group_size multi-turn trajectories per problem (rollout.py, sandbox.py)
+    3. rewards       grading, shaping, the turn reward matrix (rewards.py)
+    4. advantages    returns and normalisation over every rank's batch (gtpo.py)
+    5. old log-probs under the policy that sampled, with no gradient
+    6. update        ppo_epochs passes over micro-batches: policy_loss with the global token
+                     count, gradients summed over micro-batches and ranks, clipped, AdamW
+
+Under torchrun each rank owns whole problem groups; the model is wrapped in DDP (or FSDP2's
+fully_shard), gradient sync is exact (every loss is divided by the global count of trained
+tokens and multiplied by the world size, undoing DDP's mean), metrics are summed over ranks
+before rank 0 prints them, and rank 0 writes files. Checkpoints are written to a temporary
+directory and renamed; re-running with the same --out_dir resumes from the newest one.
+
+Shapes: N trajectories on this rank, G group size, K max turns, L tokens.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+import gtpo
+import model as policies
+import rewards
+import rollout
+import sandbox
+
+
+def arg(default, meaning):
+    return field(default=default, metadata={"help": meaning})
+
+
+@dataclass
+class Config:
+    # --- what to train, on what, where
+    model: str = arg("demo", "hub id, local Hugging Face directory, or 'demo' (tiny Qwen2 built in code)")
+    data: str = arg("toy", "RL problems: a JSONL file, 'toy' (built-in task), or 'hf:NAME[:SPLIT]'")
+    eval_data: str = arg("auto", "held-out problems (JSONL); 'auto': toy's held-out set, none for files")
+    sft_data: str = arg("toy", "SFT trajectories: a JSONL of {problem, answer, turns} or 'toy' (teacher)")
+    out_dir: str = arg("runs/demo", "run directory: config, metrics, samples, checkpoints, summary")
+    seed: int = arg(0, "seed of the model init (demo), data order and sampling")
+    # --- the demo model and the toy task
+    demo_size: str = arg("128x3", "hidden size x layers of the demo model")
+    toy_size: int = arg(3000, "toy training problems (SFT and RL draw from them)")
+    toy_mistake_rate: float = arg(0.25, "share of toy teacher trajectories with a mistake fixed next turn")
+    eval_size: int = arg(100, "held-out problems evaluated before and after RL (0: no evaluation)")
+    system_prompt: str = arg("auto", "'auto' (none for toy, model.SYSTEM_PROMPT otherwise), 'none', or text")
+    # --- cold-start SFT
+    sft_steps: int = arg(300, "SFT optimizer steps before RL (0 skips SFT)")
+    sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks")
+    sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW, linear warmup then cosine)")
+    # --- RL: sampling
+    max_steps: int = arg(30, "RL steps (0: SFT and evaluation only)")
+    prompts_per_step: int = arg(16, "problems per RL step, over all ranks")
+    group_size: int = arg(8, "trajectories per problem (G)")
+    max_turns: int = arg(4, "model turns per trajectory (K)")
+    max_turn_tokens: int = arg(64, "tokens sampled per turn at most")
+    max_total_tokens: int = arg(320, "prompt + turns + tool outputs, per trajectory")
+    temperature: float = arg(1.0, "sampling temperature of RL rollouts")
+    top_p: float = arg(1.0, "nucleus sampling of RL rollouts")
+    # --- RL: rewards and advantages
+    algo: str = arg("gtpo", "gtpo (turn rewards, returns, shaping) or grpo (the preset baseline)")
+    gamma: float = arg(0.9, "discount of turn rewards in the returns")
+    alpha: float = arg(0.5, "scale of the similarity credit of failed trajectories")
+    shaping: str = arg("code", "what shaping compares: code (the paper), text (whole turns), none")
+    embedder: str = arg("tokens", "shaping embedder: tokens, policy, or hf:<dir>")
+    adv_norm: str = arg("group", "normalisation set of advantages: group, turn, or batch")
+    format_penalty: float = arg(rewards.FORMAT_PENALTY, "reward of a turn with a bad tool call")
+    # --- RL: the update
+    lr: float = arg(1e-3, "RL peak learning rate (AdamW, linear warmup then constant)")
+    warmup_steps: int = arg(3, "RL steps of linear learning-rate warmup")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    ppo_epochs: int = arg(1, "optimizer steps per RL batch (each a pass over all micro-batches)")
+    micro_batch_size: int = arg(16, "trajectories per forward/backward (gradient accumulation)")
+    clip_low: float = arg(0.2, "PPO clip below 1")
+    clip_high: float = arg(0.2, "PPO clip above 1")
+    loss_agg: str = arg("token-mean", "token-mean, seq-mean-token-mean, or seq-mean-token-sum-norm")
+    kl_coef: float = arg(0.0, "k3 KL to the frozen policy RL started from (0: no reference model)")
+    # --- machine
+    device: str = arg("auto", "auto (cuda if available), cuda, or cpu")
+    parallel: str = arg("ddp", "ddp (a copy per GPU) or fsdp (FSDP2 fully_shard)")
+    activation_checkpointing: bool = arg(False, "recompute decoder layers in backward to save memory")
+    sandbox_workers: int = arg(8, "sandbox calls run at once per rank")
+    sandbox_timeout: float = arg(10.0, "seconds per tool call")
+    # --- output
+    save_every: int = arg(10, "checkpoint every N RL steps (and at the end)")
+    keep_checkpoints: int = arg(2, "RL checkpoints kept besides step_0 (the RL start)")
+    sample_every: int = arg(10, "write sample trajectories every N RL steps")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work, named."""
+
+
+def _flag_bool(text):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def parse_args(argv=None):
+    """Config from the command line; a bad flag is one error line and exit code 2."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kind = _flag_bool if f.type is bool else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"{f.metadata['help']} ({f.default})")
+
+    def one_line_error(message):
+        print(f"train.py: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = one_line_error
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg, world):
+    """Derived values, computed and checked in one place."""
+    choices = {"algo": ("gtpo", "grpo"), "shaping": ("code", "text", "none"), "adv_norm": gtpo.MODES,
+               "loss_agg": gtpo.AGGREGATIONS, "parallel": ("ddp", "fsdp"), "device": ("auto", "cuda", "cpu")}  # fmt: skip
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: must be one of {', '.join(allowed)}")
+    for name in ("group_size", "max_turns", "max_turn_tokens", "micro_batch_size", "ppo_epochs",
+                 "sft_batch_size", "save_every", "sample_every", "keep_checkpoints"):  # fmt: skip
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be at least 1")
+    if cfg.prompts_per_step < 1 or cfg.prompts_per_step % world.size:
+        raise ConfigError(f"--prompts_per_step {cfg.prompts_per_step}: must be a positive multiple of the {world.size} ranks")
+    if cfg.sft_batch_size % world.size:
+        raise ConfigError(f"--sft_batch_size {cfg.sft_batch_size}: must be a multiple of the {world.size} ranks")
+    if not re.fullmatch(r"\d+x\d+", cfg.demo_size):
+        raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"--temperature {cfg.temperature}: RL samples, so it must be > 0")
+    derived = {
+        "world_size": world.size,
+        "local_prompts": cfg.prompts_per_step // world.size,  # problems (groups) per rank per step
+        "local_trajectories": cfg.prompts_per_step // world.size * cfg.group_size,  # N
+        "local_sft_batch": cfg.sft_batch_size // world.size,
+        "shaped": cfg.algo == "gtpo" and cfg.shaping != "none" and cfg.alpha > 0,
+    }
+    if cfg.algo == "grpo":  # the preset: one reward per trajectory, group-normalised
+        derived["ignored_by_grpo"] = "gamma, alpha, shaping, embedder, adv_norm, format_penalty"
+    return derived
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device_flag):
+    """The same file under python (one process) and torchrun (RANK set): nccl on CUDA, gloo on CPU."""
+    cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:
+        return World(0, 1, device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+def all_sum(values, world):
+    """Element-wise sum over ranks of a list of floats (float64, so counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    if world.size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_rows(t, world):
+    """Concatenate every rank's equally shaped tensor along dim 0, in rank order."""
+    if world.size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world.size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+class LogProbs(nn.Module):
+    """The policy as a module whose forward is model.token_logprobs, so that DDP and FSDP2 wrap
+    exactly the pass that is trained (and its gradient sync hooks see it)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, attention_mask):
+        return policies.token_logprobs(self.policy, input_ids, attention_mask)  # (B, L)
+
+
+def wrap(policy, cfg, world):
+    """LogProbs(policy), data parallel under torchrun: DDP, or FSDP2 with each decoder layer
+    and the rest (embeddings, final norm, head) as shards."""
+    module = LogProbs(policy)
+    if world.size == 1:
+        return module
+    if cfg.parallel == "ddp":
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=next(policy.parameters()).dtype, reduce_dtype=torch.float32)
+    for layer in policy.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(module, mp_policy=mp)
+
+
+@contextlib.contextmanager
+def full_parameters(wrapped):
+    """For generation: FSDP2 gathers every shard once for the whole phase (not once per decode
+    step) and frees them after; DDP and single-process models already hold full parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+@contextlib.contextmanager
+def gradient_sync(wrapped, enabled):
+    """Accumulate without communicating on all but the last micro-batch."""
+    if enabled or not hasattr(wrapped, "no_sync") and not hasattr(wrapped, "set_requires_gradient_sync"):
+        yield
+    elif hasattr(wrapped, "no_sync"):  # DDP
+        with wrapped.no_sync():
+            yield
+    else:  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_data(cfg):
+    """(RL problems, held-out problems, SFT rows). The toy task is the same for every seed."""
+    if cfg.data == "toy":
+        train = data.toy_problems(cfg.toy_size, seed=0, mistake_rate=cfg.toy_mistake_rate)
+    elif cfg.data.startswith("hf:"):
+        train = data.load_hf_dataset(cfg.data)
+    else:
+        train = data.load_problems(cfg.data)
+    held_out = []
+    if cfg.eval_data == "auto" and cfg.data == "toy" and cfg.eval_size:
+        seen = {p["problem"] for p in train}
+        held_out = [p for p in data.toy_problems(cfg.eval_size, seed=1) if p["problem"] not in seen]
+    elif cfg.eval_data not in ("auto", "", "none"):
+        held_out = data.load_problems(cfg.eval_data)[: cfg.eval_size or None]
+    sft_rows = []
+    if cfg.sft_steps:
+        if cfg.sft_data == "toy":
+            toy = train if cfg.data == "toy" else data.toy_problems(cfg.toy_size, seed=0)
+            sft_rows = [dict(p, turns=p["teacher"]) for p in toy]
+        else:
+            sft_rows = data.load_trajectories(cfg.sft_data)
+    return train, held_out, sft_rows
+
+
+def system_prompt(cfg):
+    if cfg.system_prompt == "auto":
+        return None if cfg.data == "toy" else policies.SYSTEM_PROMPT
+    return None if cfg.system_prompt == "none" else cfg.system_prompt
+
+
+def problems_at(problems, position, count, seed):
+    """The problems at global positions [position, position + count) of an endless stream that
+    visits the set in a fresh seeded order each epoch (so resuming needs only the position)."""
+    out, orders = [], {}
+    for p in range(position, position + count):
+        epoch, k = divmod(p, len(problems))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(problems[int(orders[epoch][k])])
+    return out
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def teacher_trajectories(rows, tokenizer, cfg):
+    """The SFT rows as trajectories: the turns' code run in a sandbox (reset between rows), so the
+    tool outputs are real and masked exactly as in RL rollouts."""
+    trajs = []
+    with sandbox.Session(timeout=cfg.sandbox_timeout) as session:
+        for row in rows:
+            session.reset()
+            prompt = policies.chat_prompt_ids(tokenizer, row["problem"], system_prompt(cfg))
+            trajs.append(rollout.teacher_trajectory(tokenizer, prompt, row["turns"], session))
+    return trajs
+
+
+def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
+    """Cold-start SFT: mean NLL of the assistant's tokens (loss_mask), tool outputs masked."""
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.sft_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps))
+    )
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.sft_steps), desc="sft", disable=not world.main, dynamic_ncols=True)
+    for step in bar:
+        picks = torch.randint(len(trajs), (cfg.sft_batch_size,), generator=order_rng).tolist()
+        local = [trajs[k] for k in picks[world.rank * derived["local_sft_batch"] :][: derived["local_sft_batch"]]]
+        batch = {k: v.to(world.device) for k, v in rollout.collate(local, tokenizer.pad_token_id).items()}
+        global_tokens = all_sum([float(batch["loss_mask"].sum())], world)[0]
+        logp = wrapped(batch["input_ids"], batch["attention_mask"])  # (N, L)
+        loss = -(logp * batch["loss_mask"]).sum() / global_tokens
+        (loss * world.size).backward()  # DDP averages gradients over ranks; this makes it a sum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        nll = all_sum([float(loss.detach())], world)[0]
+        bar.set_postfix(nll=f"{nll:.3f}", gnorm=f"{float(grad_norm):.2f}")
+    bar.close()
+
+
+# ---------------------------------------------------------------- one RL step
+
+
+def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
+    """Rewards and advantages of this rank's trajectories: a dict of (N,) correct, outcomes,
+    infra, format_errors, trained and (N, K) turn_rewards, returns, turn_advantages.
+    Normalisation sees every rank's rows (so adv_norm="batch" is exact too). trained is False
+    for rows of groups whose advantages are all zero and rows with a sandbox failure."""
+    N, K = len(trajs), cfg.max_turns
+    correct = rewards.grade(trajs, golds, grader)  # (N,)
+    infra = torch.tensor([any(t.result is not None and t.result.infra_error for t in tr.turns) for tr in trajs])
+    outcomes = correct.float()  # (N,)
+    if derived["shaped"]:
+        texts = [rewards.trajectory_code(t) if cfg.shaping == "code" else "".join(u.text for u in t.turns) for t in trajs]
+        outcomes = rewards.shape_outcomes(correct, embedder(texts), group_index, cfg.alpha)
+    turn_rewards, turn_mask = rewards.turn_reward_matrix(trajs, outcomes, K, cfg.format_penalty)  # (N, K)
+    if cfg.algo == "gtpo":
+        returns = gtpo.discounted_returns(turn_rewards, turn_mask, cfg.gamma)  # (N, K)
+        take_part = turn_mask & ~infra[:, None]  # sandbox failures stay out of the statistics
+        everyone = [all_gather_rows(t, world) for t in (returns, take_part, group_index)]
+        turn_advantages = gtpo.normalize(*everyone, mode=cfg.adv_norm)[world.rank * N : (world.rank + 1) * N]
+    else:
+        trajectory_reward = rewards.grpo_rewards(trajs, correct)  # (N,)
+        returns = trajectory_reward[:, None] * turn_mask  # (N, K) one reward, on every turn
+        everyone = [all_gather_rows(t, world) for t in (trajectory_reward, ~infra, group_index)]
+        advantage = gtpo.grpo_advantages(everyone[0], everyone[2], mask=everyone[1])[world.rank * N : (world.rank + 1) * N]
+        turn_advantages = advantage[:, None] * turn_mask  # (N, K)
+    format_errors = torch.tensor([any(p != 0 for p in rewards.turn_format_penalties(t.turns)) for t in trajs])
+    signal = (turn_advantages != 0).any(dim=1)  # (N,)
+    live_group = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_put_((group_index,), signal, accumulate=True)
+    trained = live_group[group_index] & ~infra  # (N,) rows that take part in the loss
+    return {
+        "trained": trained,
+        "correct": correct, "outcomes": outcomes, "infra": infra, "format_errors": format_errors,
+        "turn_rewards": turn_rewards, "returns": returns, "turn_advantages": turn_advantages,
+    }  # fmt: skip
+
+
+def old_logprobs(wrapped, batch, rows_per_pass):
+    """log-probs of the sampled tokens under the current policy, no gradient: (N, L)."""
+    with torch.no_grad():
+        parts = [
+            wrapped(batch["input_ids"][s : s + rows_per_pass], batch["attention_mask"][s : s + rows_per_pass])
+            for s in range(0, len(batch["input_ids"]), rows_per_pass)
+        ]
+    return torch.cat(parts)
+
+
+def update(wrapped, optimizer, trajs, turn_advantages, trained, cfg, world, pad, ref=None):
+    """ppo_epochs optimizer steps on this rank's trajectories (with every rank's gradients).
+
+    Only rows with trained True take part (groups whose advantages are all zero contribute
+    nothing: they are dropped before any forward pass and do not count in num_tokens).
+    Returns (stat sums, seconds spent on old log-probs); a non-finite gradient norm skips the
+    optimizer step with a warning, on every rank alike.
+    """
+    rows = [t for t, keep in zip(trajs, trained.tolist()) if keep]
+    advantages = turn_advantages[trained]  # (n, K)
+    if not rows:  # keep this rank in the collectives: one row with nothing trained
+        rows, advantages = trajs[:1], torch.zeros_like(turn_advantages[:1])
+    batch = {k: v.to(world.device) for k, v in rollout.collate(rows, pad).items()}
+    batch["advantages"] = gtpo.token_advantages(advantages.to(world.device), batch["token_turn"])  # (n, L)
+    if not trained.any():
+        batch["loss_mask"][:] = False
+    num_tokens, num_seqs = all_sum([float(batch["loss_mask"].sum()), float(batch["loss_mask"].any(1).sum())], world)
+    t0 = time.perf_counter()
+    batch["old_logp"] = old_logprobs(wrapped, batch, cfg.micro_batch_size)  # (n, L)
+    if ref is not None:
+        batch["ref_logp"] = old_logprobs(ref, batch, cfg.micro_batch_size)
+    t_old = time.perf_counter() - t0
+    sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "grad_norm": 0.0, "skipped": 0.0}
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    starts = list(range(0, len(rows), cfg.micro_batch_size))
+    for _ in range(cfg.ppo_epochs):
+        for s in starts:
+            mb = {k: v[s : s + cfg.micro_batch_size] for k, v in batch.items()}
+            with gradient_sync(wrapped, enabled=s == starts[-1]):
+                logp = wrapped(mb["input_ids"], mb["attention_mask"])  # (m, L)
+                loss, stats = gtpo.policy_loss(
+                    logp, mb["old_logp"], mb["advantages"], mb["loss_mask"], cfg.clip_low, cfg.clip_high,
+                    cfg.loss_agg, num_tokens, mb.get("ref_logp"), cfg.kl_coef, num_seqs,
+                )  # fmt: skip
+                (loss * world.size).backward()  # DDP/FSDP average over ranks; this makes it a sum
+            weight = float(mb["loss_mask"].sum()) / max(num_tokens, 1) / cfg.ppo_epochs
+            sums["loss"] += float(loss) * world.size / cfg.ppo_epochs
+            for k in ("clip_frac", "approx_kl", "kl_ref"):
+                sums[k] += float(stats.get(k, 0.0)) * weight
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        if math.isfinite(grad_norm):  # identical on every rank: the gradients are synced
+            optimizer.step()
+        else:
+            sums["skipped"] += 1
+            if world.main:
+                tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); optimizer step skipped")
+        optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] += grad_norm / cfg.ppo_epochs
+    return sums, t_old
+
+
+def rl_step(step, state, cfg, derived, world):
+    """One RL step on this rank's share of the problems; returns (metric sums, the step's record)."""
+    policy, tokenizer, wrapped = state["policy"], state["tokenizer"], state["wrapped"]
+    n_local, G = derived["local_prompts"], cfg.group_size
+    position = state["data_position"] + world.rank * n_local
+    problems = problems_at(state["problems"], position, n_local, cfg.seed)
+    state["data_position"] += cfg.prompts_per_step
+    prompts = [policies.chat_prompt_ids(tokenizer, p["problem"], system_prompt(cfg)) for p in problems]
+    group_index = torch.arange(n_local).repeat_interleave(G) + world.rank * n_local  # (N,) global ids
+
+    t0 = time.perf_counter()
+    rollout_cfg = rollout.RolloutConfig(cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature, cfg.top_p)
+    with torch.no_grad(), full_parameters(wrapped):
+        policy.eval()
+        trajs = rollout.rollout(policy, tokenizer, [p for p in prompts for _ in range(G)], state["pool"], rollout_cfg)
+    state["pool"].prewarm(len(trajs))  # the next step's sandboxes start while this one trains
+    t1 = time.perf_counter()
+    if hasattr(state["embedder"], "new_step"):
+        state["embedder"].new_step()
+    golds = [p["answer"] for p in problems for _ in range(G)]
+    scored = score(trajs, golds, group_index, cfg, derived, state["grader"], state["embedder"], world)
+    t2 = time.perf_counter()
+    policy.train()
+    sums, t_old = update(wrapped, state["optimizer"], trajs, scored["turn_advantages"], scored["trained"], cfg,
+                         world, tokenizer.pad_token_id, state.get("ref"))  # fmt: skip
+    state["scheduler"].step()
+    t3 = time.perf_counter()
+    adv_zero = (scored["turn_advantages"] == 0).all(dim=1).view(n_local, G).all(dim=1)  # (groups,)
+    calls = [t for tr in trajs for t in tr.turns if t.code is not None]
+    metric_sums = {
+        "trajectories": len(trajs), "groups": n_local,
+        "reward": float(scored["turn_rewards"].sum()), "correct": float(scored["correct"].sum()),
+        "turns": sum(len(t.turns) for t in trajs), "tool_calls": len(calls),
+        "tool_errors": sum(1 for t in calls if t.result is None or not t.result.ok),
+        "format_errors": float(scored["format_errors"].sum()), "infra_errors": float(scored["infra"].sum()),
+        "failed": float((~scored["correct"]).sum()),
+        "shaped": float(((~scored["correct"]) & (scored["outcomes"] > 0)).sum()),
+        "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
+        **sums, "t_rollout": t1 - t0, "t_reward": t2 - t1, "t_old_logp": t_old, "t_update": t3 - t2 - t_old,
+    }  # fmt: skip
+    return metric_sums, (trajs, scored)
+
+
+METRIC_FIELDS = ("reward", "accuracy", "turns", "tool_errors", "format_errors", "shaped", "length",
+                 "loss", "clip_frac", "kl", "grad_norm", "lr")  # fmt: skip
+
+
+def reduce_metrics(step, metric_sums, lr, world):
+    """Sums over ranks -> the step's record (means over trajectories, calls, failures)."""
+    keys = sorted(metric_sums)
+    total = dict(zip(keys, all_sum([float(metric_sums[k]) for k in keys], world)))
+    n, ranks = total["trajectories"], world.size
+    return {
+        "step": step,
+        "reward": total["reward"] / n, "accuracy": total["correct"] / n, "turns": total["turns"] / n,
+        "tool_calls": total["tool_calls"] / n, "tool_errors": total["tool_errors"] / max(total["tool_calls"], 1),
+        "format_errors": total["format_errors"] / n, "infra_errors": total["infra_errors"],
+        "shaped": total["shaped"] / max(total["failed"], 1), "length": total["length"] / n,
+        "zero_adv_groups": total["zero_adv_groups"] / total["groups"],
+        "loss": total["loss"] / ranks, "clip_frac": total["clip_frac"], "approx_kl": total["approx_kl"],
+        "kl": total["kl_ref"], "grad_norm": total["grad_norm"] / ranks, "skipped": total["skipped"] / ranks, "lr": lr,
+        **{k: total[k] / ranks for k in ("t_rollout", "t_reward", "t_old_logp", "t_update")},
+    }  # fmt: skip
+
+
+def log_line(record):
+    """One line per step, fixed fields."""
+    return (
+        f"step {record['step']:4d} | reward {record['reward']:+.3f} | acc {record['accuracy']:.3f} | "
+        f"turns {record['turns']:.2f} | tool_err {record['tool_errors']:.3f} | fmt_err {record['format_errors']:.3f} | "
+        f"shaped {record['shaped']:.2f} | len {record['length']:.0f} | loss {record['loss']:+.4f} | "
+        f"clip {record['clip_frac']:.3f} | kl {record['kl']:.4f} | gnorm {record['grad_norm']:.3f} | "
+        f"lr {record['lr']:.2e} | time roll {record['t_rollout']:.1f}s rew {record['t_reward']:.1f}s "
+        f"upd {record['t_old_logp'] + record['t_update']:.1f}s"
+    )
+
+
+def write_samples(path, tokenizer, trajs, scored, count=4):
+    """A few trajectories with trained and masked tokens told apart, each turn's r, R and A."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(min(count, len(trajs))):
+            f.write(f"=== trajectory {i}: correct={bool(scored['correct'][i])}\n")
+            f.write(rollout.format_trajectory(tokenizer, trajs[i], scored["turn_rewards"][i],
+                                              scored["returns"][i], scored["turn_advantages"][i]) + "\n\n")  # fmt: skip
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, temperature):
+    """Held-out accuracy, one trajectory per problem (temperature 0: greedy), problems sharded
+    over ranks. The sampling RNG is saved and restored, so evaluating does not change training."""
+    if not problems:
+        return None
+    mine = problems[world.rank :: world.size]
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))
+    run_cfg = rollout.RolloutConfig(cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, temperature, cfg.top_p)
+    correct = 0.0
+    with torch.no_grad(), full_parameters(wrapped):
+        policy.eval()
+        for s in range(0, len(mine), 64):
+            chunk = mine[s : s + 64]
+            prompts = [policies.chat_prompt_ids(tokenizer, p["problem"], system_prompt(cfg)) for p in chunk]
+            trajs = rollout.rollout(policy, tokenizer, prompts, pool, run_cfg)
+            correct += float(rewards.grade(trajs, [p["answer"] for p in chunk], grader).sum())
+    torch.set_rng_state(rng)
+    total, n = all_sum([correct, float(len(mine))], world)
+    return total / n
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_steps(out_dir):
+    """RL steps that have a complete checkpoint (a directory is complete once renamed)."""
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", d)))
+
+
+def rng_states():
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(step, state, cfg, world):
+    """checkpoints/step_N: the policy in Hugging Face format, trainer.pt (optimizer, scheduler,
+    step, data position, evaluation so far) and rng_rank{r}.pt per rank. Written to step_N.tmp,
+    then renamed, so a crash mid-save leaves the previous checkpoints intact."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    final, tmp = os.path.join(root, f"step_{step}"), os.path.join(root, f"step_{step}.tmp")
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(state["wrapped"], options=full)  # every rank takes part (FSDP2)
+    optim = get_optimizer_state_dict(state["wrapped"], state["optimizer"], options=full) if state["optimizer"] else None
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        weights = {k.removeprefix("policy."): v for k, v in weights.items()}
+        state["policy"].save_pretrained(tmp, state_dict=weights)
+        state["tokenizer"].save_pretrained(tmp)
+        trainer = {"step": step, "data_position": state["data_position"], "optimizer": optim,
+                   "scheduler": state["scheduler"].state_dict() if state["scheduler"] else None,
+                   "evaluation": state["evaluation"]}  # fmt: skip
+        torch.save(trainer, os.path.join(tmp, "trainer.pt"))
+    barrier(world)
+    torch.save(rng_states(), os.path.join(tmp, f"rng_rank{world.rank}.pt"))
+    barrier(world)
+    if world.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_steps(cfg.out_dir)[1:-cfg.keep_checkpoints]:  # step_0 is kept: the RL start
+            shutil.rmtree(os.path.join(root, f"step_{old}"), ignore_errors=True)
+    barrier(world)
+
+
+def load_checkpoint(step, state, cfg, world):
+    """Restore what save_checkpoint wrote, including this rank's RNG states."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    path = os.path.join(cfg.out_dir, "checkpoints", f"step_{step}")
+    weights = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(path, name)))
+    if getattr(state["policy"].config, "tie_word_embeddings", False):
+        weights.setdefault("lm_head.weight", weights.get("model.embed_tokens.weight"))
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(state["wrapped"], {f"policy.{k}": v for k, v in weights.items()}, options=full)
+    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    if trainer["optimizer"] is not None and state["optimizer"] is not None:
+        set_optimizer_state_dict(state["wrapped"], state["optimizer"], trainer["optimizer"], options=full)
+    if trainer["scheduler"] is not None and state["scheduler"] is not None:
+        state["scheduler"].load_state_dict(trainer["scheduler"])
+    state["data_position"], state["evaluation"] = trainer["data_position"], trainer["evaluation"]
+    rng_file = os.path.join(path, f"rng_rank{world.rank}.pt")
+    if os.path.exists(rng_file):  # absent when resuming on more ranks than saved
+        set_rng_states(torch.load(rng_file, weights_only=False))
+
+
+def barrier(world):
+    if world.size > 1:
+        dist.barrier()
+
+
+def check_in_sync(wrapped, world):
+    """Whether every rank holds the same parameters (compared by per-tensor sums and sums of
+    squares in float64). Under FSDP2 each rank holds its own shard: there is nothing to compare."""
+    if world.size == 1 or cfg_parallel(wrapped) == "fsdp":
+        return True
+    sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in wrapped.parameters()])
+    everyone = all_gather_rows(sums[None].to(world.device), world)  # (ranks, P, 2)
+    return bool((everyone == everyone[0]).all())
+
+
+def cfg_parallel(wrapped):
+    from torch.distributed.fsdp import FSDPModule
+
+    return "fsdp" if isinstance(wrapped, FSDPModule) else "ddp"
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(cfg):
+    world = setup_distributed(cfg.device)
+    derived = check_config(cfg, world)
+    torch.manual_seed(cfg.seed + world.rank)  # distinct sampling per rank
+    random.seed(cfg.seed + world.rank)
+    np.random.seed(cfg.seed + world.rank)
+    if world.main:
+        os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
+        print(json.dumps({"config": dataclasses.asdict(cfg), "derived": derived}, indent=1))
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg), "derived": derived}, f, indent=1)
+    started = time.time()
+    problems, held_out, sft_rows = load_data(cfg)
+
+    hidden, layers = map(int, cfg.demo_size.split("x"))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    policy, tokenizer = policies.load_policy(cfg.model, world.device, activation_checkpointing=cfg.activation_checkpointing,
+                                             demo_size=(hidden, layers), seed=cfg.seed)  # fmt: skip
+    torch.manual_seed(cfg.seed + world.rank)
+    wrapped = wrap(policy, cfg, world)
+    pool = sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout)
+    grader = rewards.Grader()
+    state = {"policy": policy, "tokenizer": tokenizer, "wrapped": wrapped, "problems": problems, "pool": pool,
+             "grader": grader, "data_position": 0, "evaluation": {}, "optimizer": None, "scheduler": None}  # fmt: skip
+    try:
+        run(state, cfg, derived, world, held_out, sft_rows, started)
+    finally:
+        pool.close()
+        grader.close()
+        barrier(world)
+        if world.size > 1:
+            dist.destroy_process_group()
+
+
+def run(state, cfg, derived, world, held_out, sft_rows, started):
+    """SFT and the evaluation before RL (once per out_dir: step_0 records them), then RL."""
+    policy, tokenizer, wrapped = state["policy"], state["tokenizer"], state["wrapped"]
+    done = checkpoint_steps(cfg.out_dir)
+    evaluate_now = lambda temperature: evaluate(policy, wrapped, tokenizer, held_out, cfg, state["pool"],  # noqa: E731
+                                                state["grader"], world, temperature)  # fmt: skip
+    if not done:
+        if cfg.sft_steps:
+            trajs = teacher_trajectories(sft_rows, tokenizer, cfg)
+            policy.train()
+            run_sft(wrapped, tokenizer, trajs, cfg, derived, world)
+        state["evaluation"] = {"before_rl_sampled": evaluate_now(cfg.temperature), "before_rl_greedy": evaluate_now(0.0)}
+        if world.main:
+            print(f"held-out accuracy before RL: {state['evaluation']}")
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    state["optimizer"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state["scheduler"] = torch.optim.lr_scheduler.LambdaLR(state["optimizer"], lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    if not done:
+        save_checkpoint(0, state, cfg, world)  # the RL start: never pruned, the KL reference
+        done = [0]
+    start = done[-1]
+    load_checkpoint(start, state, cfg, world)
+    if cfg.kl_coef > 0:
+        state["ref"] = LogProbs(policies.load_policy(os.path.join(cfg.out_dir, "checkpoints", "step_0"), world.device)[0])
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if world.main:  # steps after the checkpoint are redone: drop their records
+        records = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records if r["step"] <= start)
+        if start:
+            print(f"resumed from {cfg.out_dir}/checkpoints/step_{start}")
+    state["pool"].prewarm(derived["local_trajectories"])
+    state["embedder"] = rewards.make_embedder(cfg.embedder, tokenizer, policy) if derived["shaped"] else None
+    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc="rl", disable=not world.main, dynamic_ncols=True,
+               initial=start, total=cfg.max_steps)  # fmt: skip
+    for step in bar:
+        lr = state["scheduler"].get_last_lr()[0]
+        metric_sums, (trajs, scored) = rl_step(step, state, cfg, derived, world)
+        record = reduce_metrics(step, metric_sums, lr, world)
+        if world.main:
+            tqdm.write(log_line(record))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % cfg.sample_every == 0 or step == 1:
+                write_samples(os.path.join(cfg.out_dir, "samples", f"step_{step}.txt"), tokenizer, trajs, scored)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_checkpoint(step, state, cfg, world)
+    bar.close()
+    in_sync = check_in_sync(wrapped, world)
+    after = {"after_rl_sampled": evaluate_now(cfg.temperature), "after_rl_greedy": evaluate_now(0.0)}
+    if world.main:
+        evaluation = {**state["evaluation"], **after}
+        summary = {
+            "accuracy_before_rl": evaluation["before_rl_sampled"], "accuracy_after_rl": evaluation["after_rl_sampled"],
+            **evaluation, "temperature": cfg.temperature, "held_out_problems": len(held_out), "seed": cfg.seed,
+            "algo": cfg.algo, "rl_steps": cfg.max_steps, "ranks_in_sync": in_sync,
+            "minutes": (time.time() - started) / 60,
+        }  # fmt: skip
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"summary: {json.dumps(summary)}")
+    if not in_sync:
+        raise RuntimeError("parameters differ between ranks after training")
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    try:
+        main(config)
+    except (ConfigError, data.DataError, FileNotFoundError, OSError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
