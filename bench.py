@@ -4,6 +4,7 @@
     python bench.py sandbox               # sandbox call latency vs a fresh `python -c` per call
     python bench.py rollout [--model DIR] # multi-turn rollout vs plain generate; log-prob memory
     python bench.py rewards               # grading throughput and shaping cost vs a rollout step
+    python bench.py step [--model DIR]    # one RL step's time split, GTPO vs GRPO on the same rollouts
 
 Each benchmark alternates the variants it compares (A, B, A, B, ...) so that load from elsewhere
 on a shared machine falls on both alike. It reports the median of all timed calls (the typical
@@ -392,6 +393,83 @@ def bench_rewards(args):
     print("vs rollout = shaping time per trajectory / rollout time per trajectory")
 
 
+def bench_step(args):
+    """One RL step of train.py, split into rollout, rewards (grading, shaping, advantages), old
+    log-probs and update, for GTPO and GRPO on the same rollouts from the same weights. (This
+    imports train.py's step functions, so that it times exactly the code that trains.)"""
+    import dataclasses
+
+    import data
+    import train
+
+    world = train.World(0, 1, torch.device("cpu"))
+    cfg = train.Config(model=args.model, prompts_per_step=args.prompts, group_size=args.group_size,
+                       micro_batch_size=args.micro_batch_size, sft_steps=args.sft_steps)  # fmt: skip
+    derived = train.check_config(cfg, world)
+    policy, tokenizer = model.load_policy(args.model, demo_size=(128, 3))
+    problems = data.toy_problems(args.prompts, seed=7)
+    if args.model == "demo" and args.sft_steps:  # a random model makes no tool calls: SFT it first
+        rows = [dict(p, turns=p["teacher"]) for p in data.toy_problems(500, seed=0)]
+        train.run_sft(train.wrap(policy.train(), cfg, world), tokenizer, train.teacher_trajectories(rows, tokenizer, cfg),
+                      cfg, derived, world)  # fmt: skip
+    prompts = [model.chat_prompt_ids(tokenizer, p["problem"], train.system_prompt(cfg)) for p in problems]
+    group_index = torch.arange(args.prompts).repeat_interleave(args.group_size)
+    golds = [p["answer"] for p in problems for _ in range(args.group_size)]
+    run_cfg = rollout.RolloutConfig(cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature)
+    with sandbox.Pool(max_workers=8, timeout=10) as pool, torch.no_grad():
+        policy.eval()
+        start = time.perf_counter()
+        trajs = rollout.rollout(
+            policy, tokenizer, [p for p in prompts for _ in range(args.group_size)], pool, run_cfg
+        )
+        t_rollout = time.perf_counter() - start
+    initial = {k: v.clone() for k, v in policy.state_dict().items()}
+    times = {algo: {"rewards": [], "old_logp": [], "update": []} for algo in ("gtpo", "grpo")}
+    trained_rows = {}
+    grader = rewards.Grader()
+    for _ in range(args.rounds):
+        for algo in ("gtpo", "grpo"):
+            run = dataclasses.replace(cfg, algo=algo)
+            policy.load_state_dict(initial)
+            policy.train()
+            wrapped = train.wrap(policy, run, world)
+            optimizer = torch.optim.AdamW(wrapped.parameters(), lr=run.lr)
+            embedder = rewards.make_embedder(run.embedder, tokenizer)
+            start = time.perf_counter()
+            scored = train.score(
+                trajs, golds, group_index, run, train.check_config(run, world), grader, embedder, world
+            )
+            times[algo]["rewards"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            _, t_old = train.update(wrapped, optimizer, trajs, scored["turn_advantages"], scored["trained"], run,
+                                    world, tokenizer.pad_token_id)  # fmt: skip
+            times[algo]["old_logp"].append(t_old)
+            times[algo]["update"].append(time.perf_counter() - start - t_old)
+            trained_rows[algo] = int(scored["trained"].sum())
+    grader.close()
+    turns = sum(len(t.turns) for t in trajs) / len(trajs)
+    print(f"{len(trajs)} trajectories ({args.prompts} problems x {args.group_size}), {turns:.2f} turns each; "
+          f"rollout (shared by both) {t_rollout:.2f} s")  # fmt: skip
+    print(
+        f"{'':10}{'rewards':>10}{'old logp':>10}{'update':>10}{'step':>10}{'trained rows':>14}   (median s, {args.rounds} rounds)"
+    )
+    step = {}
+    for algo in ("gtpo", "grpo"):
+        parts = [statistics.median(times[algo][k]) for k in ("rewards", "old_logp", "update")]
+        step[algo] = t_rollout + sum(parts)
+        print(
+            f"{algo:<10}"
+            + "".join(f"{p:>10.3f}" for p in parts)
+            + f"{step[algo]:>10.2f}{trained_rows[algo]:>14}"
+        )
+    reward_extra = statistics.median(times["gtpo"]["rewards"]) - statistics.median(times["grpo"]["rewards"])
+    print(f"GTPO/GRPO step time: {step['gtpo'] / step['grpo']:.3f}; GTPO's extra reward work "
+          f"(turn rewards, shaping, returns): {100 * reward_extra / step['grpo']:+.2f}% of GRPO's step")  # fmt: skip
+    print(
+        "The update differs when the two train different rows: groups whose advantages are all zero are skipped."
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -431,9 +509,20 @@ def main():
     rew.add_argument("--group_size", type=int, default=8, help="trajectories per problem (G)")
     rew.add_argument("--rollout_n", type=int, default=64, help="trajectories in the timed rollout step")
     rew.add_argument("--hidden_size", type=int, default=256, help="width of the demo model")
+    stp = sub.add_parser("step", help="one RL step's time split, GTPO vs GRPO on the same rollouts")
+    stp.add_argument(
+        "--model", default="demo", help="'demo' (SFT'd first, see --sft_steps) or a checkpoint directory"
+    )
+    stp.add_argument(
+        "--sft_steps", type=int, default=300, help="SFT steps of the demo model before measuring"
+    )
+    stp.add_argument("--prompts", type=int, default=16, help="problems in the step")
+    stp.add_argument("--group_size", type=int, default=8, help="trajectories per problem (G)")
+    stp.add_argument("--micro_batch_size", type=int, default=16, help="trajectories per forward/backward")
+    stp.add_argument("--rounds", type=int, default=3, help="rounds alternating GTPO and GRPO")
     args = parser.parse_args()
     benches = {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout,
-               "rewards": bench_rewards}  # fmt: skip
+               "rewards": bench_rewards, "step": bench_step}  # fmt: skip
     benches[args.bench](args)
 
 

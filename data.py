@@ -80,7 +80,9 @@ def load_hf_dataset(spec):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{spec}: the optional `datasets` package is not installed (pip install datasets)") from None
+        raise DataError(
+            f"{spec}: the optional `datasets` package is not installed (pip install datasets)"
+        ) from None
     name, _, split = spec[3:].partition(":")
     table = datasets.load_dataset(name, split=split or "train")
     problems = []
@@ -122,7 +124,11 @@ def _toy_problem(family, rng):
         x, a, b = r(100, 9999), r(2, 19), r(2, 19)
         code = f"print(sum(1 for n in range(1, {x + 1}) if n % {a} == 0 or n % {b} == 0))"
         count = sum(1 for n in range(1, x + 1) if n % a == 0 or n % b == 0)
-        return f"How many n from 1 to {x} are multiples of {a} or {b}?", count, [(code, code.replace("n %", "k %", 1))]
+        return (
+            f"How many n from 1 to {x} are multiples of {a} or {b}?",
+            count,
+            [(code, code.replace("n %", "k %", 1))],
+        )
     if family == "chain_pow":
         a, b, m, c = r(2, 99), r(10, 999), r(100, 9999), r(11, 999)
         x, first = pow(a, b, m), f"print(pow({a}, {b}, {m}))"
@@ -153,6 +159,12 @@ def toy_problems(n, seed=0, families=TOY_FAMILIES, mistake_rate=0.25):
             teacher.append(f"```python\n{code}\n```")
         teacher.append(f"\\boxed{{{answer}}}")
         problems.append(
-            {"problem": text, "answer": str(answer), "id": f"toy-{seed}-{k}", "family": family, "teacher": teacher}
+            {
+                "problem": text,
+                "answer": str(answer),
+                "id": f"toy-{seed}-{k}",
+                "family": family,
+                "teacher": teacher,
+            }
         )
     return problems

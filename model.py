@@ -14,8 +14,8 @@ import os
 import shutil
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
@@ -192,12 +192,14 @@ def _chunk_logprobs(hidden, targets, weight, temperature):
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (C,)
 
 
-def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk_tokens=1024):
+def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk_tokens=None):
     """log p(input_ids[b, t] | input_ids[b, :t]) under the logits / temperature, as sampled: (B, L).
 
     Position 0 has no prediction and holds 0. The hidden states are computed once; the
     vocabulary projection and log-softmax run over chunks of chunk_tokens positions, each
     recomputed in the backward pass, so no more than (chunk_tokens, V) fp32 logits exist at once.
+    By default a chunk holds 2^24 logits (64 MiB) or 1024 positions, whichever is more: 1024
+    positions for Qwen's 152k vocabulary, a whole batch for the tiny model's 512.
     """
     assert input_ids.dim() == 2, f"input_ids must be (B, L), got {tuple(input_ids.shape)}"
     assert temperature > 0, f"temperature must be > 0 (greedy rollouts are scored at 1), got {temperature}"
@@ -212,6 +214,7 @@ def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk
     hidden = hidden[:, :-1].reshape(B * (L - 1), -1)  # (B(L-1), H) predicts the next token
     targets = input_ids[:, 1:].reshape(-1)  # (B(L-1),)
     weight = model.get_output_embeddings().weight  # (V, H)
+    chunk_tokens = chunk_tokens or max(1024, (1 << 24) // weight.shape[0])
     chunks = []
     for start in range(0, targets.numel(), chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]

@@ -107,9 +107,7 @@ def _number(s):
         value = Fraction(s)
     elif m := re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", s):  # a mixed number: 3\frac{1}{2} = 3.5
         value = Fraction(m[1]) + Fraction(m[2]) / Fraction(m[3]) if int(m[3]) else None
-    elif m := re.fullmatch(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s):
-        value = Fraction(m[1]) / Fraction(m[2]) if Fraction(m[2]) else None
-    elif m := re.fullmatch(r"\\frac\{?(-?\d+(?:\.\d+)?)\}?\{?(\d+(?:\.\d+)?)\}?", s):
+    elif (m := re.fullmatch(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s)) or (m := re.fullmatch(r"\\frac\{?(-?\d+(?:\.\d+)?)\}?\{?(\d+(?:\.\d+)?)\}?", s)):
         value = Fraction(m[1]) / Fraction(m[2]) if Fraction(m[2]) else None
     elif m := re.fullmatch(r"(\d*(?:\.\d+)?)\\sqrt\{?(\d+(?:\.\d+)?)\}?", s):
         value = float(m[1] or 1) * math.sqrt(float(m[2]))

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from tqdm import tqdm
 
 import data
@@ -71,7 +71,7 @@ class Config:
     eval_size: int = arg(100, "held-out problems evaluated before and after RL (0: no evaluation)")
     system_prompt: str = arg("auto", "'auto' (none for toy, model.SYSTEM_PROMPT otherwise), 'none', or text")
     # --- cold-start SFT
-    sft_steps: int = arg(300, "SFT optimizer steps before RL (0 skips SFT)")
+    sft_steps: int = arg(1500, "SFT optimizer steps before RL (0 skips SFT)")
     sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks")
     sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW, linear warmup then cosine)")
     # --- RL: sampling
@@ -126,10 +126,14 @@ def _flag_bool(text):
 
 def parse_args(argv=None):
     """Config from the command line; a bad flag is one error line and exit code 2."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for f in dataclasses.fields(Config):
         kind = _flag_bool if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"{f.metadata['help']} ({f.default})")
+        parser.add_argument(
+            f"--{f.name}", type=kind, default=f.default, help=f"{f.metadata['help']} ({f.default})"
+        )
 
     def one_line_error(message):
         print(f"train.py: error: {message} (see --help)", file=sys.stderr)
@@ -151,9 +155,13 @@ def check_config(cfg, world):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} {getattr(cfg, name)}: must be at least 1")
     if cfg.prompts_per_step < 1 or cfg.prompts_per_step % world.size:
-        raise ConfigError(f"--prompts_per_step {cfg.prompts_per_step}: must be a positive multiple of the {world.size} ranks")
+        raise ConfigError(
+            f"--prompts_per_step {cfg.prompts_per_step}: must be a positive multiple of the {world.size} ranks"
+        )
     if cfg.sft_batch_size % world.size:
-        raise ConfigError(f"--sft_batch_size {cfg.sft_batch_size}: must be a multiple of the {world.size} ranks")
+        raise ConfigError(
+            f"--sft_batch_size {cfg.sft_batch_size}: must be a multiple of the {world.size} ranks"
+        )
     if not re.fullmatch(r"\d+x\d+", cfg.demo_size):
         raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
     if cfg.temperature <= 0:
@@ -189,7 +197,7 @@ def setup_distributed(device_flag):
     cuda = torch.cuda.is_available() and device_flag != "cpu"
     if device_flag == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -225,7 +233,14 @@ class LogProbs(nn.Module):
         self.policy = policy
 
     def forward(self, input_ids, attention_mask):
-        return policies.token_logprobs(self.policy, input_ids, attention_mask)  # (B, L)
+        with compute_dtype(input_ids.device):
+            return policies.token_logprobs(self.policy, input_ids, attention_mask)  # (B, L)
+
+
+def compute_dtype(device):
+    """bf16 compute on CUDA over fp32 master weights: pure-bf16 weights would round updates of
+    lr 1e-6 away (bf16 keeps 8 bits of mantissa). The CPU computes in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 def wrap(policy, cfg, world):
@@ -239,7 +254,10 @@ def wrap(policy, cfg, world):
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=next(policy.parameters()).dtype, reduce_dtype=torch.float32)
+    compute = (
+        torch.bfloat16 if world.device.type == "cuda" else torch.float32
+    )  # gathered params; shards stay fp32
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for layer in policy.model.layers:
         fully_shard(layer, mp_policy=mp)
     return fully_shard(module, mp_policy=mp)
@@ -319,7 +337,9 @@ def problems_at(problems, position, count, seed):
     for p in range(position, position + count):
         epoch, k = divmod(p, len(problems))
         if epoch not in orders:
-            orders[epoch] = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            orders[epoch] = torch.randperm(
+                len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+            )
         out.append(problems[int(orders[epoch][k])])
     return out
 
@@ -339,19 +359,38 @@ def teacher_trajectories(rows, tokenizer, cfg):
     return trajs
 
 
+def sft_batches(lengths, batch_size, steps, seed, pool=8):
+    """`steps` batches of indices drawn at random, grouped by length: each run of `pool` batches
+    is drawn together, sorted by length and cut, then shuffled, so batches carry little padding."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    while len(batches) < steps:
+        picks = torch.randint(len(lengths), (batch_size * pool,), generator=g).tolist()
+        picks.sort(key=lambda k: lengths[k])
+        group = [picks[s : s + batch_size] for s in range(0, len(picks), batch_size)]
+        batches += [group[k] for k in torch.randperm(pool, generator=g).tolist()]
+    return batches[:steps]
+
+
 def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
     """Cold-start SFT: mean NLL of the assistant's tokens (loss_mask), tool outputs masked."""
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.sft_steps // 10)
+    # Warmup, a long plateau, then a cosine tail: a tiny model learns to copy digits (from the
+    # problem into code, from tool output into the answer) in a sudden transition that needs
+    # many steps at a high learning rate.
+    warmup, plateau = max(1, cfg.sft_steps // 20), int(0.7 * cfg.sft_steps)
+    tail = max(1, cfg.sft_steps - plateau)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * (1.0 if s < plateau else 0.5 * (1 + math.cos(math.pi * (s - plateau) / tail))),
     )
-    order_rng = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.sft_steps), desc="sft", disable=not world.main, dynamic_ncols=True)
-    for step in bar:
-        picks = torch.randint(len(trajs), (cfg.sft_batch_size,), generator=order_rng).tolist()
-        local = [trajs[k] for k in picks[world.rank * derived["local_sft_batch"] :][: derived["local_sft_batch"]]]
+    batches = sft_batches([len(t.input_ids) for t in trajs], cfg.sft_batch_size, cfg.sft_steps, cfg.seed)
+    bar = tqdm(batches, desc="sft", disable=not world.main, dynamic_ncols=True)
+    for picks in bar:
+        local = [
+            trajs[k] for k in picks[world.rank * derived["local_sft_batch"] :][: derived["local_sft_batch"]]
+        ]
         batch = {k: v.to(world.device) for k, v in rollout.collate(local, tokenizer.pad_token_id).items()}
         global_tokens = all_sum([float(batch["loss_mask"].sum())], world)[0]
         logp = wrapped(batch["input_ids"], batch["attention_mask"])  # (N, L)
@@ -376,10 +415,15 @@ def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
     for rows of groups whose advantages are all zero and rows with a sandbox failure."""
     N, K = len(trajs), cfg.max_turns
     correct = rewards.grade(trajs, golds, grader)  # (N,)
-    infra = torch.tensor([any(t.result is not None and t.result.infra_error for t in tr.turns) for tr in trajs])
+    infra = torch.tensor(
+        [any(t.result is not None and t.result.infra_error for t in tr.turns) for tr in trajs]
+    )
     outcomes = correct.float()  # (N,)
     if derived["shaped"]:
-        texts = [rewards.trajectory_code(t) if cfg.shaping == "code" else "".join(u.text for u in t.turns) for t in trajs]
+        texts = [
+            rewards.trajectory_code(t) if cfg.shaping == "code" else "".join(u.text for u in t.turns)
+            for t in trajs
+        ]
         outcomes = rewards.shape_outcomes(correct, embedder(texts), group_index, cfg.alpha)
     turn_rewards, turn_mask = rewards.turn_reward_matrix(trajs, outcomes, K, cfg.format_penalty)  # (N, K)
     if cfg.algo == "gtpo":
@@ -391,11 +435,15 @@ def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
         trajectory_reward = rewards.grpo_rewards(trajs, correct)  # (N,)
         returns = trajectory_reward[:, None] * turn_mask  # (N, K) one reward, on every turn
         everyone = [all_gather_rows(t, world) for t in (trajectory_reward, ~infra, group_index)]
-        advantage = gtpo.grpo_advantages(everyone[0], everyone[2], mask=everyone[1])[world.rank * N : (world.rank + 1) * N]
+        advantage = gtpo.grpo_advantages(everyone[0], everyone[2], mask=everyone[1])[
+            world.rank * N : (world.rank + 1) * N
+        ]
         turn_advantages = advantage[:, None] * turn_mask  # (N, K)
     format_errors = torch.tensor([any(p != 0 for p in rewards.turn_format_penalties(t.turns)) for t in trajs])
     signal = (turn_advantages != 0).any(dim=1)  # (N,)
-    live_group = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_put_((group_index,), signal, accumulate=True)
+    live_group = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_put_(
+        (group_index,), signal, accumulate=True
+    )
     trained = live_group[group_index] & ~infra  # (N,) rows that take part in the loss
     return {
         "trained": trained,
@@ -430,7 +478,9 @@ def update(wrapped, optimizer, trajs, turn_advantages, trained, cfg, world, pad,
     batch["advantages"] = gtpo.token_advantages(advantages.to(world.device), batch["token_turn"])  # (n, L)
     if not trained.any():
         batch["loss_mask"][:] = False
-    num_tokens, num_seqs = all_sum([float(batch["loss_mask"].sum()), float(batch["loss_mask"].any(1).sum())], world)
+    num_tokens, num_seqs = all_sum(
+        [float(batch["loss_mask"].sum()), float(batch["loss_mask"].any(1).sum())], world
+    )
     t0 = time.perf_counter()
     batch["old_logp"] = old_logprobs(wrapped, batch, cfg.micro_batch_size)  # (n, L)
     if ref is not None:
@@ -450,7 +500,7 @@ def update(wrapped, optimizer, trajs, turn_advantages, trained, cfg, world, pad,
                 )  # fmt: skip
                 (loss * world.size).backward()  # DDP/FSDP average over ranks; this makes it a sum
             weight = float(mb["loss_mask"].sum()) / max(num_tokens, 1) / cfg.ppo_epochs
-            sums["loss"] += float(loss) * world.size / cfg.ppo_epochs
+            sums["loss"] += float(loss.detach()) * world.size / cfg.ppo_epochs
             for k in ("clip_frac", "approx_kl", "kl_ref"):
                 sums[k] += float(stats.get(k, 0.0)) * weight
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -476,10 +526,14 @@ def rl_step(step, state, cfg, derived, world):
     group_index = torch.arange(n_local).repeat_interleave(G) + world.rank * n_local  # (N,) global ids
 
     t0 = time.perf_counter()
-    rollout_cfg = rollout.RolloutConfig(cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature, cfg.top_p)
-    with torch.no_grad(), full_parameters(wrapped):
+    rollout_cfg = rollout.RolloutConfig(
+        cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature, cfg.top_p
+    )
+    with torch.no_grad(), full_parameters(wrapped), compute_dtype(world.device):
         policy.eval()
-        trajs = rollout.rollout(policy, tokenizer, [p for p in prompts for _ in range(G)], state["pool"], rollout_cfg)
+        trajs = rollout.rollout(
+            policy, tokenizer, [p for p in prompts for _ in range(G)], state["pool"], rollout_cfg
+        )
     state["pool"].prewarm(len(trajs))  # the next step's sandboxes start while this one trains
     t1 = time.perf_counter()
     if hasattr(state["embedder"], "new_step"):
@@ -562,9 +616,11 @@ def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, tem
     mine = problems[world.rank :: world.size]
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))
-    run_cfg = rollout.RolloutConfig(cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, temperature, cfg.top_p)
+    run_cfg = rollout.RolloutConfig(
+        cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, temperature, cfg.top_p
+    )
     correct = 0.0
-    with torch.no_grad(), full_parameters(wrapped):
+    with torch.no_grad(), full_parameters(wrapped), compute_dtype(world.device):
         policy.eval()
         for s in range(0, len(mine), 64):
             chunk = mine[s : s + 64]
@@ -606,13 +662,21 @@ def save_checkpoint(step, state, cfg, world):
     """checkpoints/step_N: the policy in Hugging Face format, trainer.pt (optimizer, scheduler,
     step, data position, evaluation so far) and rng_rank{r}.pt per rank. Written to step_N.tmp,
     then renamed, so a crash mid-save leaves the previous checkpoints intact."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     root = os.path.join(cfg.out_dir, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step}"), os.path.join(root, f"step_{step}.tmp")
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(state["wrapped"], options=full)  # every rank takes part (FSDP2)
-    optim = get_optimizer_state_dict(state["wrapped"], state["optimizer"], options=full) if state["optimizer"] else None
+    optim = (
+        get_optimizer_state_dict(state["wrapped"], state["optimizer"], options=full)
+        if state["optimizer"]
+        else None
+    )
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
         weights = {k.removeprefix("policy."): v for k, v in weights.items()}
@@ -628,7 +692,7 @@ def save_checkpoint(step, state, cfg, world):
     if world.main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoint_steps(cfg.out_dir)[1:-cfg.keep_checkpoints]:  # step_0 is kept: the RL start
+        for old in checkpoint_steps(cfg.out_dir)[1 : -cfg.keep_checkpoints]:  # step_0 is kept: the RL start
             shutil.rmtree(os.path.join(root, f"step_{old}"), ignore_errors=True)
     barrier(world)
 
@@ -636,7 +700,11 @@ def save_checkpoint(step, state, cfg, world):
 def load_checkpoint(step, state, cfg, world):
     """Restore what save_checkpoint wrote, including this rank's RNG states."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     path = os.path.join(cfg.out_dir, "checkpoints", f"step_{step}")
     weights = {}
@@ -668,7 +736,9 @@ def check_in_sync(wrapped, world):
     squares in float64). Under FSDP2 each rank holds its own shard: there is nothing to compare."""
     if world.size == 1 or cfg_parallel(wrapped) == "fsdp":
         return True
-    sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in wrapped.parameters()])
+    sums = torch.stack(
+        [torch.stack([p.double().sum(), p.double().square().sum()]) for p in wrapped.parameters()]
+    )
     everyone = all_gather_rows(sums[None].to(world.device), world)  # (ranks, P, 2)
     return bool((everyone == everyone[0]).all())
 
@@ -698,8 +768,14 @@ def main(cfg):
 
     hidden, layers = map(int, cfg.demo_size.split("x"))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    policy, tokenizer = policies.load_policy(cfg.model, world.device, activation_checkpointing=cfg.activation_checkpointing,
-                                             demo_size=(hidden, layers), seed=cfg.seed)  # fmt: skip
+    policy, tokenizer = policies.load_policy(
+        cfg.model,
+        world.device,
+        torch.float32,
+        cfg.activation_checkpointing,
+        demo_size=(hidden, layers),
+        seed=cfg.seed,
+    )  # fp32 master weights
     torch.manual_seed(cfg.seed + world.rank)
     wrapped = wrap(policy, cfg, world)
     pool = sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout)
@@ -720,29 +796,38 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
     """SFT and the evaluation before RL (once per out_dir: step_0 records them), then RL."""
     policy, tokenizer, wrapped = state["policy"], state["tokenizer"], state["wrapped"]
     done = checkpoint_steps(cfg.out_dir)
-    evaluate_now = lambda temperature: evaluate(policy, wrapped, tokenizer, held_out, cfg, state["pool"],  # noqa: E731
+    evaluate_now = lambda temperature: evaluate(policy, wrapped, tokenizer, held_out, cfg, state["pool"],
                                                 state["grader"], world, temperature)  # fmt: skip
     if not done:
         if cfg.sft_steps:
             trajs = teacher_trajectories(sft_rows, tokenizer, cfg)
             policy.train()
             run_sft(wrapped, tokenizer, trajs, cfg, derived, world)
-        state["evaluation"] = {"before_rl_sampled": evaluate_now(cfg.temperature), "before_rl_greedy": evaluate_now(0.0)}
+        state["evaluation"] = {
+            "before_rl_sampled": evaluate_now(cfg.temperature),
+            "before_rl_greedy": evaluate_now(0.0),
+        }
         if world.main:
             print(f"held-out accuracy before RL: {state['evaluation']}")
     params = [p for p in wrapped.parameters() if p.requires_grad]
     state["optimizer"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state["scheduler"] = torch.optim.lr_scheduler.LambdaLR(state["optimizer"], lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    state["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
+        state["optimizer"], lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
+    )
     if not done:
         save_checkpoint(0, state, cfg, world)  # the RL start: never pruned, the KL reference
         done = [0]
     start = done[-1]
     load_checkpoint(start, state, cfg, world)
     if cfg.kl_coef > 0:
-        state["ref"] = LogProbs(policies.load_policy(os.path.join(cfg.out_dir, "checkpoints", "step_0"), world.device)[0])
+        reference = policies.load_policy(os.path.join(cfg.out_dir, "checkpoints", "step_0"), world.device)[0]
+        state["ref"] = LogProbs(reference.eval().requires_grad_(False))  # bf16 on CUDA: it is never updated
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if world.main:  # steps after the checkpoint are redone: drop their records
-        records = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+        records = []
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                records = [json.loads(line) for line in f]
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records if r["step"] <= start)
         if start:
@@ -760,7 +845,9 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if step % cfg.sample_every == 0 or step == 1:
-                write_samples(os.path.join(cfg.out_dir, "samples", f"step_{step}.txt"), tokenizer, trajs, scored)
+                write_samples(
+                    os.path.join(cfg.out_dir, "samples", f"step_{step}.txt"), tokenizer, trajs, scored
+                )
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(step, state, cfg, world)
     bar.close()

@@ -1,0 +1,315 @@
+"""train.py on the tiny model: the RL step trains, GRPO is GTPO's reduction, data parallelism and
+resumption are exact, and bad input is one clear error line."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import model
+import rewards
+import rollout
+import sandbox
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(demo_size="64x2", toy_size=200, eval_size=0, prompts_per_step=4, group_size=4,
+             max_turn_tokens=48, max_total_tokens=256, sandbox_workers=4)  # fmt: skip
+
+
+def weights(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    """A tiny policy after a short SFT on the toy teacher: it makes tool calls often enough that
+    RL groups have reward variance (a random model's groups are all alike and train nothing)."""
+    out = str(tmp_path_factory.mktemp("sft"))
+    train.main(train.Config(out_dir=out, sft_steps=80, max_steps=0, **SMALL))
+    return os.path.join(out, "checkpoints", "step_0")
+
+
+def config(sft_model, out_dir, **overrides):
+    return train.Config(model=sft_model, sft_steps=0, out_dir=str(out_dir), **{**SMALL, **overrides})
+
+
+def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, tmp_path):
+    """Two RL steps (with a KL term) move every parameter tensor of the policy, log finite metrics
+    with every field, and leave a summary with the seed; the checkpoint is a loadable HF model."""
+    train.main(config(sft_model, tmp_path, max_steps=2, save_every=2, kl_coef=0.05))
+    before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"not trained: {unchanged}"
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in r.values()), r
+        assert set(train.METRIC_FIELDS) <= set(r)
+    assert records[0]["kl"] == 0 < records[1]["kl"], "step 1 samples from the reference itself"
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["seed"] == 0 and summary["ranks_in_sync"] is True
+    reloaded, _ = model.load_policy(str(tmp_path / "checkpoints" / "step_2"))
+    assert torch.equal(reloaded.model.embed_tokens.weight, after["model.embed_tokens.weight"])
+
+
+def single_turn_group(tokenizer, session):
+    """Single-turn trajectories (one tool call and the answer in the same turn, no format
+    error), some right and some wrong, in two groups."""
+    trajs, golds = [], []
+    for a, b in ((2, 3), (40, 2)):
+        prompt = model.chat_prompt_ids(tokenizer, f"What is {a} + {b}?", system=None)
+        for guess in (a + b, a + b + 1, a + b, a - b):
+            session.reset()
+            text = f"```python\nprint({a} + {b})\n```\n\\boxed{{{guess}}}"
+            trajs.append(rollout.teacher_trajectory(tokenizer, prompt, [text], session))
+            golds.append(str(a + b))
+    return trajs, golds
+
+
+def test_grpo_is_gtpo_reduced_on_single_turn_data():
+    """On single-turn trajectories without format errors, GTPO with group normalisation and no
+    shaping (any gamma) gives exactly GRPO's advantages and therefore the same update."""
+    tokenizer = model.tiny_tokenizer()
+    with sandbox.Session() as session:
+        trajs, golds = single_turn_group(tokenizer, session)
+    assert all(len(t.turns) == 1 and t.turns[0].valid_call for t in trajs)
+    world = train.World(0, 1, torch.device("cpu"))
+    group_index = torch.arange(2).repeat_interleave(4)
+    results = []
+    for algo, gamma in (("grpo", 0.9), ("gtpo", 0.5), ("gtpo", 1.0)):
+        cfg = train.Config(algo=algo, gamma=gamma, shaping="none", adv_norm="group", prompts_per_step=2,
+                           group_size=4, micro_batch_size=3, lr=1e-2)  # fmt: skip
+        derived = train.check_config(cfg, world)
+        scored = train.score(trajs, golds, group_index, cfg, derived, rewards.Grader(), None, world)
+        policy = model.tiny_model(tokenizer, seed=0).train()
+        wrapped = train.wrap(policy, cfg, world)
+        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr)
+        train.update(wrapped, optimizer, trajs, scored["turn_advantages"], scored["trained"], cfg, world,
+                     tokenizer.pad_token_id)  # fmt: skip
+        results.append((scored["turn_advantages"], policy.state_dict()))
+    (adv_grpo, grpo), *gtpos = results
+    assert adv_grpo.abs().sum() > 0, "the data must have reward variance"
+    for adv, params in gtpos:
+        assert torch.equal(adv, adv_grpo)
+        assert all(torch.equal(params[k], grpo[k]) for k in grpo)
+
+
+def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(capsys):
+    """A NaN in the advantages makes the gradient non-finite: the optimizer step is skipped with a
+    warning, the parameters are untouched, and the next finite update trains normally."""
+    tokenizer = model.tiny_tokenizer()
+    with sandbox.Session() as session:
+        trajs, _ = single_turn_group(tokenizer, session)
+    world = train.World(0, 1, torch.device("cpu"))
+    cfg = train.Config(prompts_per_step=2, group_size=4, micro_batch_size=4)
+    policy = model.tiny_model(tokenizer, seed=0).train()
+    wrapped = train.wrap(policy, cfg, world)
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    advantages = torch.zeros(8, cfg.max_turns)
+    advantages[:, 0] = torch.tensor([1.0, -1.0] * 4)
+    advantages[3, 0] = float("nan")
+    sums, _ = train.update(
+        wrapped, optimizer, trajs, advantages, torch.ones(8, dtype=torch.bool), cfg, world, 0
+    )
+    assert sums["skipped"] == 1 and "non-finite" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    advantages[3, 0] = 1.0
+    sums, _ = train.update(
+        wrapped, optimizer, trajs, advantages, torch.ones(8, dtype=torch.bool), cfg, world, 0
+    )
+    assert sums["skipped"] == 0 and not all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_groups_with_all_zero_advantages_and_sandbox_failures_are_not_trained():
+    """A group whose trajectories all score the same, and a trajectory whose sandbox failed,
+    have trained=False; every other row of a group with signal is trained."""
+    tokenizer = model.tiny_tokenizer()
+    with sandbox.Session() as session:
+        trajs, golds = single_turn_group(tokenizer, session)
+    golds[4:] = ["999"] * 4  # the second group is all wrong: no signal
+    trajs[1].turns[0].result = sandbox.Result(False, "", "sandbox failure\n", infra_error=True)
+    world = train.World(0, 1, torch.device("cpu"))
+    cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4)
+    scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
+                         rewards.Grader(), None, world)  # fmt: skip
+    assert scored["trained"].tolist() == [True, False, True, True, False, False, False, False]
+    assert (scored["turn_advantages"][1] == 0).all()
+
+
+def run_script(args, timeout=300, **kwargs):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+
+
+@pytest.fixture(scope="module")
+def one_process_update(tmp_path_factory):
+    out = tmp_path_factory.mktemp("update") / "one.pt"
+    done = run_script([sys.executable, "tests/dist_update.py", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_update_equals_one_process_update(one_process_update, tmp_path, parallel):
+    """Fed the same trajectories (each rank its share of the groups), the 2-process update (DDP,
+    or FSDP2 fully_shard) gives the 1-process parameters to 1e-5, and DDP's ranks end identical:
+    gradient sync, the global token count and batch-wide normalisation are exact."""
+    out = tmp_path / "two.pt"
+    done = run_script(torchrun("tests/dist_update.py", str(out), parallel))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = one_process_update, torch.load(out)
+    assert two["world_size"] == 2 and two["in_sync"]
+    initial = model.tiny_model(model.tiny_tokenizer(), seed=0).state_dict()
+    for name, value in one["weights"].items():
+        moved = (value - initial[name.removeprefix("policy.")]).abs().max()
+        assert moved > 1e-5, f"{name} was not trained"
+        torch.testing.assert_close(two["weights"][name], value, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_model, tmp_path, parallel):
+    """`torchrun --nproc_per_node 2 train.py` (gloo; DDP, or FSDP2 with parameters gathered for
+    generation) trains, saves and ends with every rank holding the same parameters (train.py
+    compares them and records it in summary.json)."""
+    args = ["train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "2", "--out_dir", str(tmp_path),
+            "--parallel", parallel, *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
+    done = run_script(torchrun(*args), timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)["ranks_in_sync"] is True
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resuming_gives_bit_identical_parameters(sft_model, tmp_path):
+    """4 steps straight and 2 steps, stop, resume, 2 steps give bit-identical parameters (model,
+    optimizer, scheduler, RNG and data position are all restored)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(config(sft_model, straight, max_steps=4, save_every=2))
+    train.main(config(sft_model, resumed, max_steps=2, save_every=2))
+    train.main(config(sft_model, resumed, max_steps=4, save_every=2))
+    a, b = weights(straight / "checkpoints" / "step_4"), weights(resumed / "checkpoints" / "step_4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], weights(sft_model)[k]) for k in a)
+    lines = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]
+    drop_time = lambda r: {k: v for k, v in r.items() if not k.startswith("t_")}
+    assert [drop_time(r) for r in lines(straight)] == [drop_time(r) for r in lines(resumed)]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
+    """SIGKILL during training, then the same command: it resumes from the newest checkpoint,
+    redoes only the lost steps and finishes with one metrics record per step."""
+    args = [sys.executable, "train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "6",
+            "--save_every", "2", "--out_dir", str(tmp_path), *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not os.path.isdir(tmp_path / "checkpoints" / "step_2") and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before its first RL checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = train.checkpoint_steps(str(tmp_path))
+    assert saved[-1] >= 2 and not os.path.exists(tmp_path / "summary.json")
+    done = run_script(args, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {tmp_path}/checkpoints/step_{saved[-1]}" in done.stdout
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert json.load(open(tmp_path / "summary.json"))["rl_steps"] == 6
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "BAD"], r"BAD:2: not valid JSON"),
+        (["--model", "/no/such/model"], r"no model at '/no/such/model'"),
+        (["--algo", "ppo"], r"--algo 'ppo': must be one of gtpo, grpo"),
+        (["--group_size", "many"], r"argument --group_size: invalid int value: 'many'"),
+        (["--no_such_flag", "1"], r"unrecognized arguments: --no_such_flag 1"),
+    ],
+)
+def test_bad_input_is_one_error_line_without_a_traceback(tmp_path, flags, message):
+    """Bad JSONL, a missing model path and invalid flags exit non-zero with exactly one error
+    line naming the input, and no traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": oops}\n')
+    flags = [str(bad) if f == "BAD" else f for f in flags]
+    done = run_script(
+        [sys.executable, "train.py", "--out_dir", str(tmp_path / "run"), "--sft_steps", "0", *flags]
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and re.search(message.replace("BAD", str(bad)), errors[0]), done.stderr
+
+
+def test_problem_stream_is_a_permutation_per_epoch_and_resumable():
+    """problems_at visits every problem once per epoch, and any window equals the same window of
+    one long read (so resuming needs only the position)."""
+    problems = [{"problem": str(k)} for k in range(7)]
+    long = [p["problem"] for p in train.problems_at(problems, 0, 21, seed=3)]
+    for epoch in range(3):
+        assert sorted(long[7 * epoch : 7 * epoch + 7], key=int) == [str(k) for k in range(7)]
+    assert [p["problem"] for p in train.problems_at(problems, 5, 9, seed=3)] == long[5:14]
+    assert long != [p["problem"] for p in train.problems_at(problems, 0, 21, seed=4)]
+
+
+def test_toy_teacher_trajectories_are_correct_and_use_one_to_three_tool_turns():
+    """Every toy teacher trajectory, run through the sandbox, ends with the right answer; it
+    makes 1-3 tool calls (two-step families at least 2 dependent ones), a mistaken call is
+    followed by a fixed one, and the two-step families are at least 30% of problems."""
+    tokenizer = model.tiny_tokenizer()
+    problems = data.toy_problems(60, seed=11, mistake_rate=0.5)
+    two_step = [p for p in problems if p["family"] in data.TWO_STEP_FAMILIES]
+    assert len(two_step) >= 0.3 * len(problems)
+    with sandbox.Session() as session:
+        for p in problems:
+            session.reset()
+            prompt = model.chat_prompt_ids(tokenizer, p["problem"], system=None)
+            traj = rollout.teacher_trajectory(tokenizer, prompt, p["teacher"], session)
+            assert rewards.is_equivalent(rewards.extract_answer(traj.final_text), p["answer"]), p
+            calls = [t for t in traj.turns if t.code is not None]
+            good = [t for t in calls if t.result.ok]
+            assert 1 <= len(good) <= 3 and len(calls) - len(good) <= 1
+            assert len(good) == (2 if p["family"] in data.TWO_STEP_FAMILIES else 1)
+            for k, t in enumerate(calls[:-1]):
+                if not t.result.ok:
+                    assert calls[k + 1].result.ok and "Error" in t.observation
+            if len(good) == 2:  # the second call uses the first call's printed output
+                assert good[0].result.stdout.strip() in good[1].code
+    assert data.toy_problems(5, seed=1) == data.toy_problems(5, seed=1)
+
+
+def test_sft_trains_exactly_the_assistant_turns():
+    """The SFT trajectories' trained tokens decode to the assistant's turns (ending with the
+    end-of-message token) and the untrained ones after the prompt to the real tool outputs."""
+    tokenizer = model.tiny_tokenizer()
+    rows = [dict(p, turns=p["teacher"]) for p in data.toy_problems(10, seed=2, mistake_rate=0.5)]
+    cfg = train.Config(system_prompt="none")
+    for row, traj in zip(rows, train.teacher_trajectories(rows, tokenizer, cfg)):
+        trained = [t for t, m in zip(traj.input_ids, traj.loss_mask) if m]
+        assert tokenizer.decode(trained) == "".join(row["turns"]) + "<|im_end|>"
+        observed = [
+            t
+            for k, (t, m) in enumerate(zip(traj.input_ids, traj.loss_mask))
+            if not m and k >= traj.prompt_len
+        ]
+        assert tokenizer.decode(observed) == "".join(t.observation for t in traj.turns[:-1])
+        assert "```output" in tokenizer.decode(observed)
