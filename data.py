@@ -153,8 +153,8 @@ def toy_problems(n, seed=0, families=TOY_FAMILIES, mistake_rate=0.25):
         text, answer, steps = _toy_problem(family, rng)
         slip = rng.randrange(len(steps)) if rng.random() < mistake_rate else None  # at most one mistake
         teacher = []
-        for k, (code, wrong) in enumerate(steps):
-            if k == slip:
+        for j, (code, wrong) in enumerate(steps):
+            if j == slip:
                 teacher.append(f"```python\n{wrong}\n```")  # the error comes back; the next turn fixes it
             teacher.append(f"```python\n{code}\n```")
         teacher.append(f"\\boxed{{{answer}}}")

@@ -172,9 +172,13 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
         cfg, max_new_tokens=max(budgets), eos_token_id=eos_ids, pad_token_id=pad,
         return_dict_in_generate=True, output_logits=cfg.record_logprobs,
     )  # fmt: skip
+    # synced_gpus=False: ranks generate different numbers of turns and steps, so none may wait for
+    # the others. (transformers turns the sync on for FSDP-managed models; ours have their
+    # parameters gathered for the whole rollout, see train.full_parameters.)
     out = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
         past_key_values=cache, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
+        synced_gpus=False,
     )  # fmt: skip
     new = out.sequences[:, W:].tolist()  # (B, steps)
     mask = torch.cat([attention_mask, torch.ones(B, len(new[0]), dtype=torch.long)], dim=1)  # (B, W + steps)

@@ -207,11 +207,11 @@ def setup_distributed(device_flag):
     return World(dist.get_rank(), dist.get_world_size(), device)
 
 
-def all_sum(values, world):
-    """Element-wise sum over ranks of a list of floats (float64, so counts stay exact)."""
+def all_reduce(values, world, op=None):
+    """Element-wise sum (or op) over ranks of a list of floats (float64, so counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=world.device)
     if world.size > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
 
 
@@ -251,7 +251,9 @@ def wrap(policy, cfg, world):
         return module
     if cfg.parallel == "ddp":
         ids = [world.device.index] if world.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        # No buffer sync in forward: the buffers (rotary frequencies) are constants, and a sync in
+        # every forward would tie ranks to the same number of forwards.
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     compute = (
@@ -260,16 +262,32 @@ def wrap(policy, cfg, world):
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for layer in policy.model.layers:
         fully_shard(layer, mp_policy=mp)
-    return fully_shard(module, mp_policy=mp)
+    module = fully_shard(module, mp_policy=mp)
+    with torch.no_grad():  # FSDP2 initialises at its first root forward; generation needs that done
+        module(torch.zeros(1, 2, dtype=torch.long, device=world.device), torch.ones(1, 2, device=world.device))
+    module.reshard()  # the root stays gathered after a forward: shard it again before AdamW sees it
+    return module
+
+
+def fsdp_modules(wrapped):
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+
+
+def trainable_parameters(wrapped):
+    """What the optimizer updates: under FSDP2 the shards. (After a forward FSDP2 leaves the root
+    gathered, and parameters() would hand out the gathered copies, which get no gradient.)"""
+    for m in fsdp_modules(wrapped):
+        m.reshard()
+    return [p for p in wrapped.parameters() if p.requires_grad]
 
 
 @contextlib.contextmanager
 def full_parameters(wrapped):
     """For generation: FSDP2 gathers every shard once for the whole phase (not once per decode
     step) and frees them after; DDP and single-process models already hold full parameters."""
-    from torch.distributed.fsdp import FSDPModule
-
-    sharded = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    sharded = fsdp_modules(wrapped)
     for m in sharded:
         m.unshard()
         m.set_reshard_after_forward(False)
@@ -374,7 +392,7 @@ def sft_batches(lengths, batch_size, steps, seed, pool=8):
 
 def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
     """Cold-start SFT: mean NLL of the assistant's tokens (loss_mask), tool outputs masked."""
-    params = [p for p in wrapped.parameters() if p.requires_grad]
+    params = trainable_parameters(wrapped)
     optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
     # Warmup, a long plateau, then a cosine tail: a tiny model learns to copy digits (from the
     # problem into code, from tool output into the answer) in a sudden transition that needs
@@ -392,7 +410,7 @@ def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
             trajs[k] for k in picks[world.rank * derived["local_sft_batch"] :][: derived["local_sft_batch"]]
         ]
         batch = {k: v.to(world.device) for k, v in rollout.collate(local, tokenizer.pad_token_id).items()}
-        global_tokens = all_sum([float(batch["loss_mask"].sum())], world)[0]
+        global_tokens = all_reduce([float(batch["loss_mask"].sum())], world)[0]
         logp = wrapped(batch["input_ids"], batch["attention_mask"])  # (N, L)
         loss = -(logp * batch["loss_mask"]).sum() / global_tokens
         (loss * world.size).backward()  # DDP averages gradients over ranks; this makes it a sum
@@ -400,7 +418,7 @@ def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        nll = all_sum([float(loss.detach())], world)[0]
+        nll = all_reduce([float(loss.detach())], world)[0]
         bar.set_postfix(nll=f"{nll:.3f}", gnorm=f"{float(grad_norm):.2f}")
     bar.close()
 
@@ -433,7 +451,7 @@ def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
         turn_advantages = gtpo.normalize(*everyone, mode=cfg.adv_norm)[world.rank * N : (world.rank + 1) * N]
     else:
         trajectory_reward = rewards.grpo_rewards(trajs, correct)  # (N,)
-        returns = trajectory_reward[:, None] * turn_mask  # (N, K) one reward, on every turn
+        returns = trajectory_reward[:, None] * turn_mask  # (N, K) one reward, on every turn (for display)
         everyone = [all_gather_rows(t, world) for t in (trajectory_reward, ~infra, group_index)]
         advantage = gtpo.grpo_advantages(everyone[0], everyone[2], mask=everyone[1])[
             world.rank * N : (world.rank + 1) * N
@@ -445,21 +463,39 @@ def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
         (group_index,), signal, accumulate=True
     )
     trained = live_group[group_index] & ~infra  # (N,) rows that take part in the loss
+    total_reward = turn_rewards.sum(dim=1) if cfg.algo == "gtpo" else trajectory_reward  # (N,)
     return {
-        "trained": trained,
+        "trained": trained, "total_reward": total_reward,
         "correct": correct, "outcomes": outcomes, "infra": infra, "format_errors": format_errors,
         "turn_rewards": turn_rewards, "returns": returns, "turn_advantages": turn_advantages,
     }  # fmt: skip
 
 
-def old_logprobs(wrapped, batch, rows_per_pass):
-    """log-probs of the sampled tokens under the current policy, no gradient: (N, L)."""
+def micro_batches(batch, size, trim, count):
+    """`count` row slices of a right-padded batch, each cut to its own longest row when trim (rows
+    are sorted by length, so little padding is computed). Every rank runs the same count (FSDP2
+    gathers parameters in each forward): past the last row come copies of row 0 that train nothing."""
+    for k in range(count):
+        s = k * size
+        if s < len(batch["input_ids"]):
+            width = int(batch["attention_mask"][s : s + size].sum(1).max()) if trim else None
+            yield s, {key: v[s : s + size, :width] for key, v in batch.items()}
+        else:
+            mb = {key: v[:1].clone() for key, v in batch.items()}
+            mb["loss_mask"][:] = False
+            yield None, mb
+
+
+def old_logprobs(wrapped, batch, size, trim, count):
+    """log-probs of the sampled tokens under the current policy, no gradient: (n, L), 0 beyond
+    each micro-batch's width."""
+    out = torch.zeros(batch["input_ids"].shape, device=batch["input_ids"].device)
     with torch.no_grad():
-        parts = [
-            wrapped(batch["input_ids"][s : s + rows_per_pass], batch["attention_mask"][s : s + rows_per_pass])
-            for s in range(0, len(batch["input_ids"]), rows_per_pass)
-        ]
-    return torch.cat(parts)
+        for s, mb in micro_batches(batch, size, trim, count):
+            logp = wrapped(mb["input_ids"], mb["attention_mask"])
+            if s is not None:
+                out[s : s + size, : logp.shape[1]] = logp
+    return out
 
 
 def update(wrapped, optimizer, trajs, turn_advantages, trained, cfg, world, pad, ref=None):
@@ -470,29 +506,30 @@ def update(wrapped, optimizer, trajs, turn_advantages, trained, cfg, world, pad,
     Returns (stat sums, seconds spent on old log-probs); a non-finite gradient norm skips the
     optimizer step with a warning, on every rank alike.
     """
-    rows = [t for t, keep in zip(trajs, trained.tolist()) if keep]
-    advantages = turn_advantages[trained]  # (n, K)
+    keep = sorted(torch.nonzero(trained).flatten().tolist(), key=lambda i: -len(trajs[i].input_ids))
+    rows, advantages = [trajs[i] for i in keep], turn_advantages[keep]  # longest first; (n, K)
     if not rows:  # keep this rank in the collectives: one row with nothing trained
         rows, advantages = trajs[:1], torch.zeros_like(turn_advantages[:1])
     batch = {k: v.to(world.device) for k, v in rollout.collate(rows, pad).items()}
     batch["advantages"] = gtpo.token_advantages(advantages.to(world.device), batch["token_turn"])  # (n, L)
     if not trained.any():
         batch["loss_mask"][:] = False
-    num_tokens, num_seqs = all_sum(
+    num_tokens, num_seqs = all_reduce(
         [float(batch["loss_mask"].sum()), float(batch["loss_mask"].any(1).sum())], world
     )
+    count = int(all_reduce([math.ceil(len(rows) / cfg.micro_batch_size)], world, dist.ReduceOp.MAX)[0])
+    # Cutting padding changes nothing but "seq-mean-token-sum-norm", which divides by the width.
+    trim = cfg.loss_agg != "seq-mean-token-sum-norm"
     t0 = time.perf_counter()
-    batch["old_logp"] = old_logprobs(wrapped, batch, cfg.micro_batch_size)  # (n, L)
+    batch["old_logp"] = old_logprobs(wrapped, batch, cfg.micro_batch_size, trim, count)  # (n, L)
     if ref is not None:
-        batch["ref_logp"] = old_logprobs(ref, batch, cfg.micro_batch_size)
+        batch["ref_logp"] = old_logprobs(ref, batch, cfg.micro_batch_size, trim, count)
     t_old = time.perf_counter() - t0
     sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "grad_norm": 0.0, "skipped": 0.0}
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    starts = list(range(0, len(rows), cfg.micro_batch_size))
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # see trainable_parameters
     for _ in range(cfg.ppo_epochs):
-        for s in starts:
-            mb = {k: v[s : s + cfg.micro_batch_size] for k, v in batch.items()}
-            with gradient_sync(wrapped, enabled=s == starts[-1]):
+        for k, (_, mb) in enumerate(micro_batches(batch, cfg.micro_batch_size, trim, count)):
+            with gradient_sync(wrapped, enabled=k == count - 1):
                 logp = wrapped(mb["input_ids"], mb["attention_mask"])  # (m, L)
                 loss, stats = gtpo.policy_loss(
                     logp, mb["old_logp"], mb["advantages"], mb["loss_mask"], cfg.clip_low, cfg.clip_high,
@@ -547,12 +584,12 @@ def rl_step(step, state, cfg, derived, world):
     state["scheduler"].step()
     t3 = time.perf_counter()
     adv_zero = (scored["turn_advantages"] == 0).all(dim=1).view(n_local, G).all(dim=1)  # (groups,)
-    calls = [t for tr in trajs for t in tr.turns if t.code is not None]
+    calls = [t for tr in trajs for t in tr.turns if t.result is not None]  # tool calls that ran
     metric_sums = {
         "trajectories": len(trajs), "groups": n_local,
-        "reward": float(scored["turn_rewards"].sum()), "correct": float(scored["correct"].sum()),
+        "reward": float(scored["total_reward"].sum()), "correct": float(scored["correct"].sum()),
         "turns": sum(len(t.turns) for t in trajs), "tool_calls": len(calls),
-        "tool_errors": sum(1 for t in calls if t.result is None or not t.result.ok),
+        "tool_errors": sum(1 for t in calls if not t.result.ok),
         "format_errors": float(scored["format_errors"].sum()), "infra_errors": float(scored["infra"].sum()),
         "failed": float((~scored["correct"]).sum()),
         "shaped": float(((~scored["correct"]) & (scored["outcomes"] > 0)).sum()),
@@ -569,7 +606,7 @@ METRIC_FIELDS = ("reward", "accuracy", "turns", "tool_errors", "format_errors", 
 def reduce_metrics(step, metric_sums, lr, world):
     """Sums over ranks -> the step's record (means over trajectories, calls, failures)."""
     keys = sorted(metric_sums)
-    total = dict(zip(keys, all_sum([float(metric_sums[k]) for k in keys], world)))
+    total = dict(zip(keys, all_reduce([float(metric_sums[k]) for k in keys], world)))
     n, ranks = total["trajectories"], world.size
     return {
         "step": step,
@@ -628,7 +665,7 @@ def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, tem
             trajs = rollout.rollout(policy, tokenizer, prompts, pool, run_cfg)
             correct += float(rewards.grade(trajs, [p["answer"] for p in chunk], grader).sum())
     torch.set_rng_state(rng)
-    total, n = all_sum([correct, float(len(mine))], world)
+    total, n = all_reduce([correct, float(len(mine))], world)
     return total / n
 
 
@@ -672,18 +709,16 @@ def save_checkpoint(step, state, cfg, world):
     final, tmp = os.path.join(root, f"step_{step}"), os.path.join(root, f"step_{step}.tmp")
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(state["wrapped"], options=full)  # every rank takes part (FSDP2)
-    optim = (
-        get_optimizer_state_dict(state["wrapped"], state["optimizer"], options=full)
-        if state["optimizer"]
-        else None
-    )
+    optim = None  # a fresh optimizer has nothing to save (and torch's fake step for it crashes on
+    if state["optimizer"].state:  # FSDP2's CPU DTensors)
+        optim = get_optimizer_state_dict(state["wrapped"], state["optimizer"], options=full)
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
         weights = {k.removeprefix("policy."): v for k, v in weights.items()}
         state["policy"].save_pretrained(tmp, state_dict=weights)
         state["tokenizer"].save_pretrained(tmp)
         trainer = {"step": step, "data_position": state["data_position"], "optimizer": optim,
-                   "scheduler": state["scheduler"].state_dict() if state["scheduler"] else None,
+                   "scheduler": state["scheduler"].state_dict(),
                    "evaluation": state["evaluation"]}  # fmt: skip
         torch.save(trainer, os.path.join(tmp, "trainer.pt"))
     barrier(world)
@@ -716,10 +751,9 @@ def load_checkpoint(step, state, cfg, world):
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(state["wrapped"], {f"policy.{k}": v for k, v in weights.items()}, options=full)
     trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-    if trainer["optimizer"] is not None and state["optimizer"] is not None:
+    if trainer["optimizer"] is not None:
         set_optimizer_state_dict(state["wrapped"], state["optimizer"], trainer["optimizer"], options=full)
-    if trainer["scheduler"] is not None and state["scheduler"] is not None:
-        state["scheduler"].load_state_dict(trainer["scheduler"])
+    state["scheduler"].load_state_dict(trainer["scheduler"])
     state["data_position"], state["evaluation"] = trainer["data_position"], trainer["evaluation"]
     rng_file = os.path.join(path, f"rng_rank{world.rank}.pt")
     if os.path.exists(rng_file):  # absent when resuming on more ranks than saved
@@ -733,8 +767,10 @@ def barrier(world):
 
 def check_in_sync(wrapped, world):
     """Whether every rank holds the same parameters (compared by per-tensor sums and sums of
-    squares in float64). Under FSDP2 each rank holds its own shard: there is nothing to compare."""
-    if world.size == 1 or cfg_parallel(wrapped) == "fsdp":
+    squares in float64); None under FSDP2, where each rank holds its own shard by design."""
+    if cfg_parallel(wrapped) == "fsdp":
+        return None
+    if world.size == 1:
         return True
     sums = torch.stack(
         [torch.stack([p.double().sum(), p.double().square().sum()]) for p in wrapped.parameters()]
@@ -744,9 +780,7 @@ def check_in_sync(wrapped, world):
 
 
 def cfg_parallel(wrapped):
-    from torch.distributed.fsdp import FSDPModule
-
-    return "fsdp" if isinstance(wrapped, FSDPModule) else "ddp"
+    return "fsdp" if fsdp_modules(wrapped) else "ddp"
 
 
 # ---------------------------------------------------------------- main
@@ -809,8 +843,7 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
         }
         if world.main:
             print(f"held-out accuracy before RL: {state['evaluation']}")
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    state["optimizer"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state["optimizer"] = torch.optim.AdamW(trainable_parameters(wrapped), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
         state["optimizer"], lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
     )
@@ -864,8 +897,20 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print(f"summary: {json.dumps(summary)}")
-    if not in_sync:
+    if in_sync is False:
         raise RuntimeError("parameters differ between ranks after training")
+
+
+def exit_now(code=0):
+    """End a torchrun process without the interpreter's teardown. After destroy_process_group a
+    gloo worker thread can still drop its last reference to a finished collective's tensor; if
+    that happens while the interpreter finalises, taking the GIL ends the thread mid-unwind and
+    std::terminate aborts a rank that had finished cleanly (seen in about 1 of 15 two-rank runs,
+    gdb: ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit). Everything is written
+    and closed by then, so skipping the teardown loses nothing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
@@ -875,3 +920,5 @@ if __name__ == "__main__":
     except (ConfigError, data.DataError, FileNotFoundError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    if "RANK" in os.environ:
+        exit_now()

@@ -1,7 +1,7 @@
 """One RL update on fixed trajectories, for tests/test_train.py: run under `python` (one process)
 or `torchrun --nproc_per_node 2` (each rank takes its contiguous share of the groups), it scores
 and updates the tiny policy and saves the resulting parameters, so the test can compare world
-sizes. Usage: python tests/dist_update.py OUT.pt [ddp|fsdp]
+sizes. Usage: python tests/dist_update.py OUT.pt [ddp|fsdp] [group|turn|batch]
 """
 
 import os
@@ -23,21 +23,24 @@ PROBLEMS, GROUP = 4, 3
 
 def trajectories(tokenizer):
     """GROUP trajectories per problem: the teacher's, the teacher's with a wrong final answer, and
-    a turn without a tool call (a format penalty): advantages of every sign."""
+    a turn without a tool call (a format penalty): advantages of every sign. The last problem's
+    are all alike, so under group normalisation the second rank trains fewer rows, in fewer
+    micro-batches, than the first."""
     trajs, golds = [], []
     with sandbox.Session() as session:
-        for p in data.toy_problems(PROBLEMS, seed=5, mistake_rate=0.5):
+        for k, p in enumerate(data.toy_problems(PROBLEMS, seed=5, mistake_rate=0.5)):
             prompt = model.chat_prompt_ids(tokenizer, p["problem"], system=None)
-            for turns in (p["teacher"], p["teacher"][:-1] + ["\\boxed{0}"], ["\\boxed{1}"]):
+            variants = (p["teacher"], p["teacher"][:-1] + ["\\boxed{0}"], ["\\boxed{1}"])
+            for turns in variants if k < PROBLEMS - 1 else [variants[1]] * GROUP:
                 session.reset()
                 trajs.append(rollout.teacher_trajectory(tokenizer, prompt, turns, session))
                 golds.append(p["answer"])
     return trajs, golds
 
 
-def main(out, parallel):
+def main(out, parallel, adv_norm):
     cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=2, ppo_epochs=2,
-                       parallel=parallel, lr=0.5, adv_norm="batch")  # fmt: skip
+                       parallel=parallel, lr=0.5, adv_norm=adv_norm)  # fmt: skip
     world = train.setup_distributed("cpu")
     derived = train.check_config(cfg, world)
     tokenizer = model.tiny_tokenizer()
@@ -69,4 +72,6 @@ def main(out, parallel):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp")
+    args = sys.argv[1:]
+    main(args[0], args[1] if len(args) > 1 else "ddp", args[2] if len(args) > 2 else "group")
+    train.exit_now()

@@ -157,22 +157,31 @@ def torchrun(*args):
 
 @pytest.fixture(scope="module")
 def one_process_update(tmp_path_factory):
-    out = tmp_path_factory.mktemp("update") / "one.pt"
-    done = run_script([sys.executable, "tests/dist_update.py", str(out)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out)
+    """The 1-process result of tests/dist_update.py, per normalisation mode (computed once)."""
+    results = {}
+
+    def get(adv_norm):
+        if adv_norm not in results:
+            out = tmp_path_factory.mktemp("update") / "one.pt"
+            done = run_script([sys.executable, "tests/dist_update.py", str(out), "ddp", adv_norm])
+            assert done.returncode == 0, done.stderr[-3000:]
+            results[adv_norm] = torch.load(out)
+        return results[adv_norm]
+
+    return get
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_process_update_equals_one_process_update(one_process_update, tmp_path, parallel):
-    """Fed the same trajectories (each rank its share of the groups), the 2-process update (DDP,
-    or FSDP2 fully_shard) gives the 1-process parameters to 1e-5, and DDP's ranks end identical:
-    gradient sync, the global token count and batch-wide normalisation are exact."""
+@pytest.mark.parametrize("parallel, adv_norm", [("ddp", "group"), ("fsdp", "group"), ("ddp", "batch")])
+def test_two_process_update_equals_one_process_update(one_process_update, tmp_path, parallel, adv_norm):
+    """Fed the same trajectories (each rank its share of the groups, the second rank fewer trained
+    rows in fewer micro-batches), the 2-process update (DDP, or FSDP2 fully_shard) gives the
+    1-process parameters to 1e-5, and DDP's ranks end identical: gradient sync, gradient
+    clipping, the global token count and batch-wide normalisation are exact."""
     out = tmp_path / "two.pt"
-    done = run_script(torchrun("tests/dist_update.py", str(out), parallel))
+    done = run_script(torchrun("tests/dist_update.py", str(out), parallel, adv_norm))
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = one_process_update, torch.load(out)
-    assert two["world_size"] == 2 and two["in_sync"]
+    one, two = one_process_update(adv_norm), torch.load(out)
+    assert two["world_size"] == 2 and two["in_sync"] is (True if parallel == "ddp" else None)
     initial = model.tiny_model(model.tiny_tokenizer(), seed=0).state_dict()
     for name, value in one["weights"].items():
         moved = (value - initial[name.removeprefix("policy.")]).abs().max()
@@ -183,14 +192,15 @@ def test_two_process_update_equals_one_process_update(one_process_update, tmp_pa
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_model, tmp_path, parallel):
     """`torchrun --nproc_per_node 2 train.py` (gloo; DDP, or FSDP2 with parameters gathered for
-    generation) trains, saves and ends with every rank holding the same parameters (train.py
-    compares them and records it in summary.json)."""
+    generation) trains and saves; under DDP every rank ends with the same parameters (train.py
+    compares them and records it in summary.json; FSDP2's ranks hold different shards by design,
+    and its exactness is the update test's)."""
     args = ["train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "2", "--out_dir", str(tmp_path),
             "--parallel", parallel, *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
     done = run_script(torchrun(*args), timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "summary.json") as f:
-        assert json.load(f)["ranks_in_sync"] is True
+        assert json.load(f)["ranks_in_sync"] is (True if parallel == "ddp" else None)
     with open(tmp_path / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
     before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
@@ -274,7 +284,8 @@ def test_problem_stream_is_a_permutation_per_epoch_and_resumable():
 def test_toy_teacher_trajectories_are_correct_and_use_one_to_three_tool_turns():
     """Every toy teacher trajectory, run through the sandbox, ends with the right answer; it
     makes 1-3 tool calls (two-step families at least 2 dependent ones), a mistaken call is
-    followed by a fixed one, and the two-step families are at least 30% of problems."""
+    followed by a fixed one, the two-step families are at least 30% of problems, and the
+    problems are reproducible with distinct ids."""
     tokenizer = model.tiny_tokenizer()
     problems = data.toy_problems(60, seed=11, mistake_rate=0.5)
     two_step = [p for p in problems if p["family"] in data.TWO_STEP_FAMILIES]
@@ -295,6 +306,7 @@ def test_toy_teacher_trajectories_are_correct_and_use_one_to_three_tool_turns():
             if len(good) == 2:  # the second call uses the first call's printed output
                 assert good[0].result.stdout.strip() in good[1].code
     assert data.toy_problems(5, seed=1) == data.toy_problems(5, seed=1)
+    assert len({p["id"] for p in problems}) == len(problems)
 
 
 def test_sft_trains_exactly_the_assistant_turns():
