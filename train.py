@@ -71,11 +71,11 @@ class Config:
     eval_size: int = arg(100, "held-out problems evaluated before and after RL (0: no evaluation)")
     system_prompt: str = arg("auto", "'auto' (none for toy, model.SYSTEM_PROMPT otherwise), 'none', or text")
     # --- cold-start SFT
-    sft_steps: int = arg(1500, "SFT optimizer steps before RL (0 skips SFT)")
+    sft_steps: int = arg(5000, "SFT optimizer steps before RL (0 skips SFT)")
     sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks")
-    sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW, linear warmup then cosine)")
+    sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW: 5% warmup, flat to 70%, cosine tail)")
     # --- RL: sampling
-    max_steps: int = arg(30, "RL steps (0: SFT and evaluation only)")
+    max_steps: int = arg(40, "RL steps (0: SFT and evaluation only)")
     prompts_per_step: int = arg(16, "problems per RL step, over all ranks")
     group_size: int = arg(8, "trajectories per problem (G)")
     max_turns: int = arg(4, "model turns per trajectory (K)")
@@ -92,7 +92,7 @@ class Config:
     adv_norm: str = arg("group", "normalisation set of advantages: group, turn, or batch")
     format_penalty: float = arg(rewards.FORMAT_PENALTY, "reward of a turn with a bad tool call")
     # --- RL: the update
-    lr: float = arg(1e-3, "RL peak learning rate (AdamW, linear warmup then constant)")
+    lr: float = arg(3e-4, "RL peak learning rate (AdamW, linear warmup then constant)")
     warmup_steps: int = arg(3, "RL steps of linear learning-rate warmup")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
