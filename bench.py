@@ -418,6 +418,9 @@ def bench_step(args):
     run_cfg = rollout.RolloutConfig(cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature)
     with sandbox.Pool(max_workers=8, timeout=10) as pool, torch.no_grad():
         policy.eval()
+        start = time.perf_counter()  # train.py starts the next step's sandboxes during the update
+        pool.prewarm(len(golds), wait=True)
+        t_sandboxes = time.perf_counter() - start
         start = time.perf_counter()
         trajs = rollout.rollout(
             policy, tokenizer, [p for p in prompts for _ in range(args.group_size)], pool, run_cfg
@@ -449,7 +452,8 @@ def bench_step(args):
     grader.close()
     turns = sum(len(t.turns) for t in trajs) / len(trajs)
     print(f"{len(trajs)} trajectories ({args.prompts} problems x {args.group_size}), {turns:.2f} turns each; "
-          f"rollout (shared by both) {t_rollout:.2f} s")  # fmt: skip
+          f"rollout (shared by both, sandboxes started) {t_rollout:.2f} s; starting the {len(trajs)} "
+          f"sandboxes {t_sandboxes:.2f} s (train.py overlaps it with the update)")  # fmt: skip
     print(
         f"{'':10}{'rewards':>10}{'old logp':>10}{'update':>10}{'step':>10}{'trained rows':>14}   (median s, {args.rounds} rounds)"
     )
@@ -465,9 +469,11 @@ def bench_step(args):
     reward_extra = statistics.median(times["gtpo"]["rewards"]) - statistics.median(times["grpo"]["rewards"])
     print(f"GTPO/GRPO step time: {step['gtpo'] / step['grpo']:.3f}; GTPO's extra reward work "
           f"(turn rewards, shaping, returns): {100 * reward_extra / step['grpo']:+.2f}% of GRPO's step")  # fmt: skip
-    print(
-        "The update differs when the two train different rows: groups whose advantages are all zero are skipped."
-    )
+    per_row = {a: sum(statistics.median(times[a][k]) for k in ("old_logp", "update")) / max(trained_rows[a], 1)
+               for a in times}  # fmt: skip
+    print(f"old logp + update per trained row: GTPO {1e3 * per_row['gtpo']:.2f} ms, GRPO "
+          f"{1e3 * per_row['grpo']:.2f} ms. The update differs in size where the two train different rows: "
+          "groups whose advantages are all zero are skipped.")  # fmt: skip
 
 
 def main():
