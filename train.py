@@ -264,7 +264,8 @@ def wrap(policy, cfg, world):
         fully_shard(layer, mp_policy=mp)
     module = fully_shard(module, mp_policy=mp)
     with torch.no_grad():  # FSDP2 initialises at its first root forward; generation needs that done
-        module(torch.zeros(1, 2, dtype=torch.long, device=world.device), torch.ones(1, 2, device=world.device))
+        ids = torch.zeros(1, 2, dtype=torch.long, device=world.device)
+        module(ids, torch.ones_like(ids))
     module.reshard()  # the root stays gathered after a forward: shard it again before AdamW sees it
     return module
 
@@ -843,7 +844,9 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
         }
         if world.main:
             print(f"held-out accuracy before RL: {state['evaluation']}")
-    state["optimizer"] = torch.optim.AdamW(trainable_parameters(wrapped), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state["optimizer"] = torch.optim.AdamW(
+        trainable_parameters(wrapped), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     state["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
         state["optimizer"], lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
     )

@@ -57,3 +57,29 @@ def test_a_missing_or_empty_file_is_an_error(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(data.DataError, match="no problems"):
         data.load_problems(str(tmp_path / "empty.jsonl"))
+
+
+def test_hf_datasets_are_mapped_by_column_and_bad_rows_are_named(monkeypatch):
+    """hf:NAME:SPLIT asks `datasets` for that split and maps problem/question/prompt and
+    answer/solution; a row without a problem is an error naming the spec and the row; without
+    the optional package the error says how to install it. (`datasets` is stood in for here:
+    the package is optional and the hub is offline.)"""
+    import sys
+    import types
+
+    asked = []
+    tables = {"good": [{"question": "1+1?", "answer": 2}, {"prompt": "2+2?", "solution": "4", "id": "x"}],
+              "bad": [{"problem": "ok", "answer": 1}, {"answer": 3}]}  # fmt: skip
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: asked.append((name, split)) or tables[name]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    problems = data.load_hf_dataset("hf:good:test")
+    assert asked == [("good", "test")]
+    got = [(p["problem"], p["answer"], p["id"]) for p in problems]
+    assert got == [("1+1?", "2", "good-0"), ("2+2?", "4", "x")]
+    with pytest.raises(data.DataError, match=r"hf:bad row 1: needs a non-empty string 'problem'"):
+        data.load_hf_dataset("hf:bad")
+    assert asked[-1] == ("bad", "train")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # an import of it now fails
+    with pytest.raises(data.DataError, match="pip install datasets"):
+        data.load_hf_dataset("hf:good")
