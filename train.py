@@ -769,7 +769,7 @@ def barrier(world):
 def check_in_sync(wrapped, world):
     """Whether every rank holds the same parameters (compared by per-tensor sums and sums of
     squares in float64); None under FSDP2, where each rank holds its own shard by design."""
-    if cfg_parallel(wrapped) == "fsdp":
+    if fsdp_modules(wrapped):
         return None
     if world.size == 1:
         return True
@@ -778,10 +778,6 @@ def check_in_sync(wrapped, world):
     )
     everyone = all_gather_rows(sums[None].to(world.device), world)  # (ranks, P, 2)
     return bool((everyone == everyone[0]).all())
-
-
-def cfg_parallel(wrapped):
-    return "fsdp" if fsdp_modules(wrapped) else "ddp"
 
 
 # ---------------------------------------------------------------- main
