@@ -400,9 +400,10 @@ def bench_step(args):
     import dataclasses
 
     import data
+    import launch
     import train
 
-    world = train.World(0, 1, torch.device("cpu"))
+    world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(model=args.model, prompts_per_step=args.prompts, group_size=args.group_size,
                        micro_batch_size=args.micro_batch_size, sft_steps=args.sft_steps)  # fmt: skip
     derived = train.check_config(cfg, world)

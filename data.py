@@ -168,3 +168,11 @@ def toy_problems(n, seed=0, families=TOY_FAMILIES, mistake_rate=0.25):
             }
         )
     return problems
+
+
+def toy_held_out(n, train_size=3000, train_mistake_rate=0.25, seed=1):
+    """The toy task's held-out set: n problems drawn with another seed than training's
+    (toy_problems(train_size, 0, mistake_rate=train_mistake_rate)), any that also occur in
+    training removed."""
+    seen = {p["problem"] for p in toy_problems(train_size, seed=0, mistake_rate=train_mistake_rate)}
+    return [p for p in toy_problems(n, seed=seed) if p["problem"] not in seen]

@@ -24,7 +24,6 @@ directory and renamed; re-running with the same --out_dir resumes from the newes
 Shapes: N trajectories on this rank, G group size, K max turns, L tokens.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -35,7 +34,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,10 +48,9 @@ import model as policies
 import rewards
 import rollout
 import sandbox
-
-
-def arg(default, meaning):
-    return field(default=default, metadata={"help": meaning})
+from launch import (
+    ConfigError, all_gather_rows, all_reduce, arg, barrier, exit_now, finish, parse_config, setup_distributed,
+)  # fmt: skip
 
 
 @dataclass
@@ -114,33 +112,9 @@ class Config:
     sample_every: int = arg(10, "write sample trajectories every N RL steps")
 
 
-class ConfigError(ValueError):
-    """A flag value that cannot work, named."""
-
-
-def _flag_bool(text):
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-
 def parse_args(argv=None):
     """Config from the command line; a bad flag is one error line and exit code 2."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(Config):
-        kind = _flag_bool if f.type is bool else f.type
-        parser.add_argument(
-            f"--{f.name}", type=kind, default=f.default, help=f"{f.metadata['help']} ({f.default})"
-        )
-
-    def one_line_error(message):
-        print(f"train.py: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-    parser.error = one_line_error
-    return Config(**vars(parser.parse_args(argv)))
+    return parse_config(Config, "train.py", __doc__, argv)
 
 
 def check_config(cfg, world):
@@ -172,6 +146,7 @@ def check_config(cfg, world):
         "local_trajectories": cfg.prompts_per_step // world.size * cfg.group_size,  # N
         "local_sft_batch": cfg.sft_batch_size // world.size,
         "shaped": cfg.algo == "gtpo" and cfg.shaping != "none" and cfg.alpha > 0,
+        "system_prompt": system_prompt(cfg),  # resolved; eval.py reads it from config.json
     }
     if cfg.algo == "grpo":  # the preset: one reward per trajectory, group-normalised
         derived["ignored_by_grpo"] = "gamma, alpha, shaping, embedder, adv_norm, format_penalty"
@@ -179,49 +154,6 @@ def check_config(cfg, world):
 
 
 # ---------------------------------------------------------------- torch.distributed
-
-
-@dataclass
-class World:
-    rank: int
-    size: int
-    device: torch.device
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def setup_distributed(device_flag):
-    """The same file under python (one process) and torchrun (RANK set): nccl on CUDA, gloo on CPU."""
-    cuda = torch.cuda.is_available() and device_flag != "cpu"
-    if device_flag == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "RANK" not in os.environ:
-        return World(0, 1, device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), device)
-
-
-def all_reduce(values, world, op=None):
-    """Element-wise sum (or op) over ranks of a list of floats (float64, so counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=world.device)
-    if world.size > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def all_gather_rows(t, world):
-    """Concatenate every rank's equally shaped tensor along dim 0, in rank order."""
-    if world.size == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world.size)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 class LogProbs(nn.Module):
@@ -329,8 +261,7 @@ def load_data(cfg):
         train = data.load_problems(cfg.data)
     held_out = []
     if cfg.eval_data == "auto" and cfg.data == "toy" and cfg.eval_size:
-        seen = {p["problem"] for p in train}
-        held_out = [p for p in data.toy_problems(cfg.eval_size, seed=1) if p["problem"] not in seen]
+        held_out = data.toy_held_out(cfg.eval_size, cfg.toy_size, cfg.toy_mistake_rate)
     elif cfg.eval_data not in ("auto", "", "none"):
         held_out = data.load_problems(cfg.eval_data)[: cfg.eval_size or None]
     sft_rows = []
@@ -402,7 +333,10 @@ def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
     tail = max(1, cfg.sft_steps - plateau)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * (1.0 if s < plateau else 0.5 * (1 + math.cos(math.pi * (s - plateau) / tail))),
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (1.0 if s < plateau else 0.5 * (1 + math.cos(math.pi * (s - plateau) / tail)))
+        ),
     )
     batches = sft_batches([len(t.input_ids) for t in trajs], cfg.sft_batch_size, cfg.sft_steps, cfg.seed)
     bar = tqdm(batches, desc="sft", disable=not world.main, dynamic_ncols=True)
@@ -597,7 +531,7 @@ def rl_step(step, state, cfg, derived, world):
         "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
         **sums, "t_rollout": t1 - t0, "t_reward": t2 - t1, "t_old_logp": t_old, "t_update": t3 - t2 - t_old,
     }  # fmt: skip
-    return metric_sums, (trajs, scored)
+    return metric_sums, (problems, trajs, scored)
 
 
 METRIC_FIELDS = ("reward", "accuracy", "turns", "tool_errors", "format_errors", "shaped", "length",
@@ -634,13 +568,21 @@ def log_line(record):
     )
 
 
-def write_samples(path, tokenizer, trajs, scored, count=4):
-    """A few trajectories with trained and masked tokens told apart, each turn's r, R and A."""
+def write_samples(path, trajs, problems, scored, group_size, count=2):
+    """The first `count` problems' groups as JSON (view with `python eval.py --show PATH`): every
+    turn's text, code and tool output, its trained and masked token counts, r, R and A."""
+    records = []
+    for k, p in enumerate(problems[:count]):
+        rows = range(k * group_size, (k + 1) * group_size)
+        samples = [
+            dict(rollout.trajectory_record(trajs[i], *(scored[n][i] for n in ("turn_rewards", "returns", "turn_advantages"))),
+                 answer=rewards.extract_answer(trajs[i].final_text), correct=bool(scored["correct"][i]))
+            for i in rows
+        ]  # fmt: skip
+        records.append({"key": f"{p.get('id', k)}", "problem": p["problem"], "answer": p["answer"],
+                        "correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
     with open(path, "w", encoding="utf-8") as f:
-        for i in range(min(count, len(trajs))):
-            f.write(f"=== trajectory {i}: correct={bool(scored['correct'][i])}\n")
-            f.write(rollout.format_trajectory(tokenizer, trajs[i], scored["turn_rewards"][i],
-                                              scored["returns"][i], scored["turn_advantages"][i]) + "\n\n")  # fmt: skip
+        json.dump({"kind": "samples", "problems": records}, f, indent=1)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -761,11 +703,6 @@ def load_checkpoint(step, state, cfg, world):
         set_rng_states(torch.load(rng_file, weights_only=False))
 
 
-def barrier(world):
-    if world.size > 1:
-        dist.barrier()
-
-
 def check_in_sync(wrapped, world):
     """Whether every rank holds the same parameters (compared by per-tensor sums and sums of
     squares in float64); None under FSDP2, where each rank holds its own shard by design."""
@@ -818,9 +755,7 @@ def main(cfg):
     finally:
         pool.close()
         grader.close()
-        barrier(world)
-        if world.size > 1:
-            dist.destroy_process_group()
+        finish(world)
 
 
 def run(state, cfg, derived, world, held_out, sft_rows, started):
@@ -870,16 +805,15 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
                initial=start, total=cfg.max_steps)  # fmt: skip
     for step in bar:
         lr = state["scheduler"].get_last_lr()[0]
-        metric_sums, (trajs, scored) = rl_step(step, state, cfg, derived, world)
+        metric_sums, (problems, trajs, scored) = rl_step(step, state, cfg, derived, world)
         record = reduce_metrics(step, metric_sums, lr, world)
         if world.main:
             tqdm.write(log_line(record))
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if step % cfg.sample_every == 0 or step == 1:
-                write_samples(
-                    os.path.join(cfg.out_dir, "samples", f"step_{step}.txt"), tokenizer, trajs, scored
-                )
+                path = os.path.join(cfg.out_dir, "samples", f"step_{step}.json")
+                write_samples(path, trajs, problems, scored, cfg.group_size)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(step, state, cfg, world)
     bar.close()
@@ -898,18 +832,6 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
         print(f"summary: {json.dumps(summary)}")
     if in_sync is False:
         raise RuntimeError("parameters differ between ranks after training")
-
-
-def exit_now(code=0):
-    """End a torchrun process without the interpreter's teardown. After destroy_process_group a
-    gloo worker thread can still drop its last reference to a finished collective's tensor; if
-    that happens while the interpreter finalises, taking the GIL ends the thread mid-unwind and
-    std::terminate aborts a rank that had finished cleanly (seen in about 1 of 15 two-rank runs,
-    gdb: ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit). Everything is written
-    and closed by then, so skipping the teardown loses nothing."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Shared test set-up: hypothesis profiles and the repository root on sys.path."""
+"""Shared test set-up: hypothesis profiles, and a tiny SFT-trained checkpoint for the loop tests."""
 
 import os
+import subprocess
+import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # No deadlines: the machine is shared and timing is noisy. CI derandomises so a red run can be
@@ -11,3 +14,33 @@ settings.register_profile(
     "ci", deadline=None, max_examples=200, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(args, timeout=300, **kwargs):
+    """Run a command in the repository root, one thread per process (as torchrun's ranks)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def torchrun(*args):
+    """The command line of a 2-process torchrun (gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+
+
+# train.py flags of a small, fast run of the tiny model.
+SMALL = dict(demo_size="64x2", toy_size=200, eval_size=0, prompts_per_step=4, group_size=4,
+             max_turn_tokens=48, max_total_tokens=256, sandbox_workers=4)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory):
+    """A tiny policy after a short SFT on the toy teacher (a checkpoint directory inside a run
+    directory): it makes tool calls often enough that RL groups have reward variance (a random
+    model's groups are all alike and train nothing)."""
+    import train
+
+    out = str(tmp_path_factory.mktemp("sft"))
+    train.main(train.Config(out_dir=out, sft_steps=80, max_steps=0, **SMALL))
+    return os.path.join(out, "checkpoints", "step_0")

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
+import launch
 import model
 import rewards
 import rollout
@@ -41,7 +42,7 @@ def trajectories(tokenizer):
 def main(out, parallel, adv_norm):
     cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=2, ppo_epochs=2,
                        parallel=parallel, lr=0.5, adv_norm=adv_norm)  # fmt: skip
-    world = train.setup_distributed("cpu")
+    world = launch.setup_distributed("cpu")
     derived = train.check_config(cfg, world)
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0)
@@ -66,12 +67,10 @@ def main(out, parallel, adv_norm):
     in_sync = train.check_in_sync(wrapped, world)
     if world.main:
         torch.save({"weights": weights, "in_sync": in_sync, "world_size": world.size}, out)
-    train.barrier(world)
-    if world.size > 1:
-        torch.distributed.destroy_process_group()
+    launch.finish(world)
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     main(args[0], args[1] if len(args) > 1 else "ddp", args[2] if len(args) > 2 else "group")
-    train.exit_now()
+    launch.exit_now()

@@ -6,6 +6,7 @@ without code, a code error then an answer, and a run into max_turns), rolled out
 """
 
 import ast
+import json
 
 import pytest
 import torch
@@ -251,15 +252,26 @@ def test_a_missing_model_path_is_a_clear_error(tmp_path):
         model.load_policy(str(tmp_path / "nothing-here"))
 
 
-def test_the_printer_tells_trained_from_masked_tokens(tokenizer, memorised):
-    """format_trajectory marks each trained turn with its number and values and masks the rest."""
+def test_the_record_counts_trained_and_masked_tokens_and_the_printer_marks_them(tokenizer, memorised):
+    """trajectory_record's per-turn token counts add up to the trajectory's trained and masked
+    tokens (the prompt aside), its texts decode from them, and format_record marks each trained
+    turn with its number and values and the masked observations."""
     trajs, _, _ = run(memorised, tokenizer, ["Divide one by zero."], temperature=0)
-    text = rollout.format_trajectory(
-        tokenizer, trajs[0], turn_rewards=[0.0, 1.0], returns=[0.9, 1.0], advantages=[0.5, 0.7]
+    traj = trajs[0]
+    record = rollout.trajectory_record(
+        traj, turn_rewards=[0.0, 1.0], returns=[0.9, 1.0], advantages=[0.5, 0.7]
     )
-    assert "<<turn 1 r=+0.000 R=+0.900 A=+0.500>>```python" in text
+    json.dumps(record)  # JSON-able
+    assert sum(t["tokens"] for t in record["turns"]) == sum(traj.loss_mask)
+    masked_after_prompt = len(traj.loss_mask) - traj.prompt_len - sum(traj.loss_mask)
+    assert sum(t["observation_tokens"] for t in record["turns"]) == masked_after_prompt
+    trained = [i for i, m in zip(traj.input_ids, traj.loss_mask) if m]
+    assert tokenizer.decode(trained) == "".join(t["text"] for t in record["turns"])
+    text = rollout.format_record(record)
+    n1 = record["turns"][0]["tokens"]
+    assert f"<<turn 1 ({n1} tokens) r=+0.000 R=+0.900 A=+0.500>>```python" in text
     assert "[[\n```output\n" in text or "[[```output\n" in text
-    assert "<<turn 2 r=+1.000 R=+1.000 A=+0.700>>It failed" in text
+    assert "A=+0.700>>It failed" in text
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tokenizer):

@@ -14,28 +14,18 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import eval as evaluation
+import launch
 import model
 import rewards
 import rollout
 import sandbox
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(demo_size="64x2", toy_size=200, eval_size=0, prompts_per_step=4, group_size=4,
-             max_turn_tokens=48, max_total_tokens=256, sandbox_workers=4)  # fmt: skip
+from conftest import ROOT, SMALL, run_script, torchrun
 
 
 def weights(directory):
     return load_file(os.path.join(directory, "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    """A tiny policy after a short SFT on the toy teacher: it makes tool calls often enough that
-    RL groups have reward variance (a random model's groups are all alike and train nothing)."""
-    out = str(tmp_path_factory.mktemp("sft"))
-    train.main(train.Config(out_dir=out, sft_steps=80, max_steps=0, **SMALL))
-    return os.path.join(out, "checkpoints", "step_0")
 
 
 def config(sft_model, out_dir, **overrides):
@@ -44,8 +34,9 @@ def config(sft_model, out_dir, **overrides):
 
 def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, tmp_path):
     """Two RL steps (with a KL term) move every parameter tensor of the policy, log finite metrics
-    with every field, and leave a summary with the seed; the checkpoint is a loadable HF model."""
-    train.main(config(sft_model, tmp_path, max_steps=2, save_every=2, kl_coef=0.05))
+    with every field, and leave a summary with the seed; the checkpoint is a loadable HF model;
+    the sample dumps hold each turn's reward, return and advantage, consistent with gamma."""
+    train.main(config(sft_model, tmp_path, max_steps=2, save_every=2, sample_every=1, kl_coef=0.05))
     before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     assert not unchanged, f"not trained: {unchanged}"
@@ -59,6 +50,18 @@ def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, tmp_
     assert summary["seed"] == 0 and summary["ranks_in_sync"] is True
     reloaded, _ = model.load_policy(str(tmp_path / "checkpoints" / "step_2"))
     assert torch.equal(reloaded.model.embed_tokens.weight, after["model.embed_tokens.weight"])
+    dump = evaluation.load_report(tmp_path / "samples" / "step_1.json")  # what `eval.py --show` reads
+    assert len(dump["problems"]) == 2 and all(
+        len(p["samples"]) == SMALL["group_size"] for p in dump["problems"]
+    )
+    for s in (s for p in dump["problems"] for s in p["samples"]):
+        r, R = [t["reward"] for t in s["turns"]], [t["return"] for t in s["turns"]]
+        for j in range(len(r)):  # the dumped returns are the discounted sums of the dumped rewards
+            assert R[j] == pytest.approx(r[j] + (0.9 * R[j + 1] if j + 1 < len(r) else 0.0), abs=1e-5)
+    assert re.search(
+        r"--- turn 1 · \d+ tokens trained · r [+-]\d\.\d{3} · R .* · A ",
+        evaluation.show_text(dump["problems"][0]),
+    )
 
 
 def single_turn_group(tokenizer, session):
@@ -82,7 +85,7 @@ def test_grpo_is_gtpo_reduced_on_single_turn_data():
     with sandbox.Session() as session:
         trajs, golds = single_turn_group(tokenizer, session)
     assert all(len(t.turns) == 1 and t.turns[0].valid_call for t in trajs)
-    world = train.World(0, 1, torch.device("cpu"))
+    world = launch.World(0, 1, torch.device("cpu"))
     group_index = torch.arange(2).repeat_interleave(4)
     results = []
     for algo, gamma in (("grpo", 0.9), ("gtpo", 0.5), ("gtpo", 1.0)):
@@ -109,7 +112,7 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(capsys):
     tokenizer = model.tiny_tokenizer()
     with sandbox.Session() as session:
         trajs, _ = single_turn_group(tokenizer, session)
-    world = train.World(0, 1, torch.device("cpu"))
+    world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(prompts_per_step=2, group_size=4, micro_batch_size=4)
     policy = model.tiny_model(tokenizer, seed=0).train()
     wrapped = train.wrap(policy, cfg, world)
@@ -138,21 +141,12 @@ def test_groups_with_all_zero_advantages_and_sandbox_failures_are_not_trained():
         trajs, golds = single_turn_group(tokenizer, session)
     golds[4:] = ["999"] * 4  # the second group is all wrong: no signal
     trajs[1].turns[0].result = sandbox.Result(False, "", "sandbox failure\n", infra_error=True)
-    world = train.World(0, 1, torch.device("cpu"))
+    world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4)
     scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
                          rewards.Grader(), None, world)  # fmt: skip
     assert scored["trained"].tolist() == [True, False, True, True, False, False, False, False]
     assert (scored["turn_advantages"][1] == 0).all()
-
-
-def run_script(args, timeout=300, **kwargs):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,617 @@
+"""Evaluate a policy with exactly the rollout and grader of training, and look at what it did.
+
+    python eval.py --model runs/demo/checkpoints/step_40 --data toy --out runs/demo/eval.json
+    python eval.py --model DIR --data gsm8k.jsonl math500.jsonl --samples 8 --temperature 0.6 --out r.json
+    torchrun --nproc_per_node 8 eval.py --model DIR --data aime24.jsonl --samples 32 --temperature 1 --out r.json
+    python eval.py --compare before.json after.json           # side by side, paired bootstrap CI
+    python eval.py --show r.json --problem toy/17             # one problem, turn by turn
+    python eval.py --show runs/demo/samples/step_10.json --html   # a training dump: r, R, A per turn
+    python eval.py --plot runs/demo/metrics.jsonl             # training curves as PNG (matplotlib)
+
+Evaluation: each --data set is cut into batches of problems (--batch_size trajectories, each
+problem repeated --samples times), and batch b of set s is sampled with a seed made of (--seed,
+s, b). So the report does not depend on the number of ranks, nor on whether the run was
+interrupted: under torchrun the batches are dealt round-robin to ranks, rank 0 gathers each
+round's records and appends them to OUT.partial.jsonl, and the same command run again resumes
+from there. Greedy decoding: --samples 1 --temperature 0 (the defaults).
+
+Figures per set (and over all sets at the top of the report): accuracy (mean over problems of
+the share of correct samples), pass@k (the unbiased estimator, k = 1, 2, 4, ... up to --samples),
+mean turns, tool-call rate (trajectories that ran at least one tool call), tool error rate (tool
+calls whose code raised or timed out), format error rate (trajectories with an invalid call or
+no call in turn 1, as in training's reward), answer rate (trajectories with a \\boxed answer),
+mean tokens (sampled tokens per trajectory).
+"""
+
+import dataclasses
+import html
+import json
+import math
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import model as policies
+import rewards
+import rollout
+import sandbox
+from launch import (
+    ConfigError, arg, barrier, broadcast_object, exit_now, finish, gather_objects, parse_config, setup_distributed,
+)  # fmt: skip
+
+
+@dataclass
+class Config:
+    # --- evaluate
+    model: str = arg("", "checkpoint directory, hub id, or 'demo' (an untrained tiny Qwen2)")
+    data: list[str] = arg([], "problem sets: JSONL files, 'toy' (the demo's held-out set), 'hf:NAME[:SPLIT]'")
+    out: str = arg("report.json", "the JSON report (its partial records go to OUT.partial.jsonl)")
+    samples: int = arg(1, "trajectories per problem (k of pass@k)")
+    temperature: float = arg(0.0, "sampling temperature; 0 is greedy")
+    top_p: float = arg(1.0, "nucleus sampling")
+    max_turns: int = arg(None, "model turns per trajectory (default: training's, else 4)")
+    max_turn_tokens: int = arg(None, "tokens sampled per turn (default: training's, else 512)")
+    max_total_tokens: int = arg(None, "prompt + turns + tool outputs (default: training's, else 2048)")
+    system_prompt: str = arg("auto", "'auto' (training's, else model.SYSTEM_PROMPT), 'none', or text")
+    train_config: str = arg(
+        "auto", "training's config.json ('auto': RUN/config.json for RUN/checkpoints/step_N)"
+    )
+    seed: int = arg(0, "sampling seed (each batch is seeded from it, the set and the batch number)")
+    batch_size: int = arg(64, "trajectories per generation batch (whole problems; part of the seeding)")
+    limit: int = arg(0, "evaluate only the first N problems of each set (0: all)")
+    demo_size: str = arg("128x3", "hidden size x layers of --model demo")
+    device: str = arg("auto", "auto (cuda if available), cuda, or cpu")
+    sandbox_workers: int = arg(8, "tool calls run at once per rank")
+    sandbox_timeout: float = arg(10.0, "seconds per tool call")
+    # --- the other modes
+    compare: list[str] = arg([], "two reports A B: accuracy side by side, B - A, paired bootstrap 95% CI")
+    show: str = arg("", "a report or training sample dump to view turn by turn")
+    problem: str = arg("", "with --show: the problem (key, id or index); empty lists the problems")
+    html: bool = arg(False, "with --show: write an HTML view next to the file instead of printing")
+    plot: list[str] = arg([], "training metrics.jsonl files to draw as PNG curves (needs matplotlib)")
+    plot_out: str = arg("", "the PNG (default: metrics.png next to the first metrics file)")
+
+
+# Settings that change what the evaluation produces: a resumed run must match them exactly.
+RESULT_SETTINGS = ("model", "data", "samples", "temperature", "top_p", "max_turns", "max_turn_tokens",
+                   "max_total_tokens", "system_prompt", "seed", "batch_size", "limit", "demo_size",
+                   "sandbox_timeout")  # fmt: skip
+
+
+# ---------------------------------------------------------------- settings
+
+
+def training_config(cfg):
+    """Training's saved config and derived values, or None."""
+    path = cfg.train_config
+    if path == "auto":
+        run_dir, checkpoints = os.path.split(os.path.dirname(os.path.abspath(cfg.model)))
+        path = os.path.join(run_dir, "config.json") if checkpoints == "checkpoints" else ""
+        if not os.path.isfile(path):
+            return None
+    elif path in ("", "none"):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return {**saved["config"], **saved["derived"]}
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ConfigError(f"--train_config {path}: not a train.py config.json ({e})") from None
+
+
+def resolve(cfg):
+    """Check the flags and fill the defaults taken from training; returns the evaluation's
+    settings (None in the other modes)."""
+    given = {"data": cfg.data, "compare": cfg.compare, "show": cfg.show, "plot": cfg.plot}
+    modes = [f"--{m}" for m, value in given.items() if value]
+    if len(modes) != 1:
+        got = f"; got {', '.join(modes)}" if modes else ""
+        raise ConfigError(f"give exactly one of --data (evaluate), --compare, --show, --plot{got}")
+    if not cfg.data:
+        return None
+    if not cfg.model:
+        raise ConfigError("--model is required to evaluate (a checkpoint directory, hub id, or 'demo')")
+    for name in ("samples", "batch_size", "sandbox_workers"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be at least 1")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"--temperature {cfg.temperature} --top_p {cfg.top_p}: need T >= 0, 0 < top_p <= 1")
+    if cfg.samples > 1 and cfg.temperature == 0:
+        raise ConfigError(
+            f"--samples {cfg.samples} with --temperature 0: every sample would be the same greedy one"
+        )
+    trained = training_config(cfg)
+    for name, default in (("max_turns", 4), ("max_turn_tokens", 512), ("max_total_tokens", 2048)):
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, trained[name] if trained else default)
+    if cfg.system_prompt == "auto" and trained and "system_prompt" not in trained:
+        raise ConfigError("the training config.json does not record its system prompt: give --system_prompt")
+    if cfg.system_prompt == "auto":
+        cfg.system_prompt = trained["system_prompt"] if trained else policies.SYSTEM_PROMPT
+    cfg.system_prompt = None if cfg.system_prompt == "none" else cfg.system_prompt
+    names = [set_name(spec) for spec in cfg.data]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--data {' '.join(cfg.data)}: two sets have the same name ({', '.join(names)})")
+    settings = {k: getattr(cfg, k) for k in RESULT_SETTINGS}
+    settings["training_config"] = bool(trained)
+    return settings
+
+
+def set_name(spec):
+    if spec == "toy" or spec.startswith("hf:"):
+        return spec.removeprefix("hf:")
+    return os.path.splitext(os.path.basename(spec))[0]
+
+
+def load_sets(cfg):
+    """{set name: problems}, each cut to --limit."""
+    sets = {}
+    for spec in cfg.data:
+        if spec == "toy":
+            problems = data.toy_held_out(100)
+        elif spec.startswith("hf:"):
+            problems = data.load_hf_dataset(spec)
+        else:
+            problems = data.load_problems(spec)
+        sets[set_name(spec)] = problems[: cfg.limit or None]
+    return sets
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def batches(sets, problems_per_batch):
+    """[(set name, batch number, [(index, problem), ...])] in a fixed order."""
+    out = []
+    for name, problems in sets.items():
+        items = list(enumerate(problems))
+        for b, start in enumerate(range(0, len(items), problems_per_batch)):
+            out.append((name, b, items[start : start + problems_per_batch]))
+    return out
+
+
+def batch_seed(seed, name, b):
+    """A seed per (seed, set, batch), stable across runs and machines (crc32, not hash())."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 1009 + b) % 2**63
+
+
+def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items):
+    """The problem records of one batch: every problem's samples, graded."""
+    k = cfg.samples
+    torch.manual_seed(batch_seed(cfg.seed, name, b))
+    run_cfg = rollout.RolloutConfig(
+        cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature, cfg.top_p
+    )
+    prompts = [
+        policies.chat_prompt_ids(tokenizer, p["problem"], cfg.system_prompt)
+        for _, p in items
+        for _ in range(k)
+    ]
+    with torch.no_grad():
+        trajs = rollout.rollout(policy, tokenizer, prompts, pool, run_cfg)
+    correct = rewards.grade(trajs, [p["answer"] for _, p in items for _ in range(k)], grader)  # (N,)
+    records = []
+    for n, (index, p) in enumerate(items):
+        samples = []
+        for traj, ok in zip(trajs[n * k : (n + 1) * k], correct[n * k : (n + 1) * k]):
+            format_error = any(v != 0 for v in rewards.turn_format_penalties(traj.turns))
+            answer = rewards.extract_answer(traj.final_text)
+            record = rollout.trajectory_record(traj)
+            samples.append({**record, "answer": answer, "correct": bool(ok), "format_error": format_error})
+        records.append({"key": f"{name}/{index}", "set": name, "index": index, "id": p.get("id"),
+                        "problem": p["problem"], "answer": p["answer"],
+                        "correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
+    return records
+
+
+def read_partial(path, settings):
+    """The records of an interrupted run with the same settings ({key: record}); a partial file
+    from other settings is an error naming the first setting that differs. A last line cut by a
+    kill mid-write is dropped from the file (its batch is redone)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    done = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise data.DataError(
+                    f"{path}:{number}: not valid JSON; delete the file to start over"
+                ) from None
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(good + "\n" for good in lines[:-1])
+            break
+        if number == 1:
+            check_same_settings(path, obj.get("settings", {}), settings)
+        else:
+            done[obj["key"]] = obj
+    return done
+
+
+def check_same_settings(path, saved, settings):
+    for k in settings:
+        if saved.get(k) != settings[k]:
+            raise ConfigError(
+                f"{path} was made with {k}={saved.get(k)!r}, this run has {k}={settings[k]!r}; "
+                "use another --out or delete it"
+            )
+
+
+def records_so_far(cfg, settings):
+    """{key: record} of an interrupted run (OUT.partial.jsonl) or a finished one (OUT) with the
+    same settings; starts OUT.partial.jsonl when there is none."""
+    partial = cfg.out + ".partial.jsonl"
+    done = read_partial(partial, settings)
+    if os.path.exists(cfg.out):  # a finished report is never overwritten by another evaluation
+        report = load_report(cfg.out)
+        check_same_settings(cfg.out, report.get("settings", {}), settings)
+        done.update((rec["key"], rec) for rec in report["problems"])
+    if not os.path.exists(partial):
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"settings": settings}) + "\n")
+    return done
+
+
+def run_evaluation(cfg, settings, world):
+    """Evaluate every set; rank 0 writes OUT (and returns the report)."""
+    sets = load_sets(cfg)
+    partial = cfg.out + ".partial.jsonl"
+    done = records_so_far(cfg, settings) if world.main else {}
+    done_keys = broadcast_object(set(done), world)
+    per_batch = max(1, cfg.batch_size // cfg.samples)
+    todo = [
+        (n, b, items)
+        for n, b, items in batches(sets, per_batch)
+        if any(f"{n}/{i}" not in done_keys for i, _ in items)
+    ]
+    hidden, layers = map(int, cfg.demo_size.split("x"))
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = policies.load_policy(
+        cfg.model, world.device, demo_size=(hidden, layers), seed=cfg.seed
+    )
+    policy.eval()
+    pool, grader = sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout), rewards.Grader()
+    total = sum(len(items) for _, _, items in todo)
+    bar = tqdm(total=total, desc="eval", unit="problem", disable=not world.main, dynamic_ncols=True)
+    try:
+        for r in range(0, len(todo), world.size):
+            mine = todo[r + world.rank] if r + world.rank < len(todo) else None
+            records = evaluate_batch(policy, tokenizer, pool, grader, cfg, *mine) if mine else []
+            everyone = [rec for part in gather_objects(records, world) for rec in part]
+            if world.main:
+                with open(partial, "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(rec) + "\n" for rec in everyone)
+                done.update((rec["key"], rec) for rec in everyone)
+            bar.update(sum(len(t[2]) for t in todo[r : r + world.size]))
+    finally:
+        bar.close()
+        pool.close()
+        grader.close()
+    report = None
+    if world.main:
+        ordered = [done[f"{n}/{i}"] for n, problems in sets.items() for i in range(len(problems))]
+        report = make_report(settings, ordered)
+        tmp = cfg.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, cfg.out)
+        os.remove(partial)
+    barrier(world)
+    return report
+
+
+# ---------------------------------------------------------------- figures
+
+
+def pass_at_k(n, c, k):
+    """The unbiased estimator of pass@k from n samples of which c are correct:
+    1 - C(n - c, k) / C(n, k), the chance that k of the n drawn without replacement hold a
+    correct one (computed as a product, so large n does not overflow)."""
+    assert 0 <= c <= n and 1 <= k <= n, (n, c, k)
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_ks(n):
+    """k = 1, 2, 4, ... below n, and n."""
+    return sorted({2**e for e in range(int(math.log2(n)) + 1)} | {n})
+
+
+def summarize(records):
+    """The figures of a list of problem records (see the module docstring)."""
+    samples = [s for r in records for s in r["samples"]]
+    n = min(len(r["samples"]) for r in records)
+    calls = [t for s in samples for t in s["turns"] if t["result"] is not None]
+    mean = lambda values: float(np.mean(values)) if len(values) else 0.0  # noqa: E731
+    return {
+        "num_problems": len(records), "num_samples": n,
+        "accuracy": mean([r["correct"] / len(r["samples"]) for r in records]),
+        "pass_at_k": {str(k): mean([pass_at_k(len(r["samples"]), r["correct"], k) for r in records]) for k in pass_ks(n)},
+        "mean_turns": mean([len(s["turns"]) for s in samples]),
+        "tool_call_rate": mean([any(t["result"] is not None for t in s["turns"]) for s in samples]),
+        "mean_tool_calls": len(calls) / len(samples),
+        "tool_error_rate": mean([not t["result"]["ok"] for t in calls]),
+        "format_error_rate": mean([s["format_error"] for s in samples]),
+        "answer_rate": mean([s["answer"] is not None for s in samples]),
+        "mean_tokens": mean([sum(t["tokens"] for t in s["turns"]) for s in samples]),
+        "stop_reasons": {why: mean([s["stop"] == why for s in samples]) for why in rollout.STOP_REASONS},
+    }  # fmt: skip
+
+
+def make_report(settings, records):
+    """The report: figures over all sets at the top level, per set under "sets", the records."""
+    names = list(dict.fromkeys(r["set"] for r in records))
+    per_set = {name: summarize([r for r in records if r["set"] == name]) for name in names}
+    return {"kind": "eval", "settings": settings, **summarize(records), "sets": per_set, "problems": records}
+
+
+def print_table(report):
+    columns = ("accuracy", "pass@k", "turns", "tool calls", "tool err", "fmt err", "answered", "tokens")
+    print(f"{'set':<16} {'problems':>8} " + " ".join(f"{c:>10}" for c in columns))
+    rows = list(report["sets"].items())
+    for name, s in rows + ([("all", report)] if len(rows) > 1 else []):
+        k = max(s["pass_at_k"], key=int)
+        values = (f"{s['accuracy']:.3f}", f"{s['pass_at_k'][k]:.3f}@{k}", f"{s['mean_turns']:.2f}", f"{s['tool_call_rate']:.3f}",
+                  f"{s['tool_error_rate']:.3f}", f"{s['format_error_rate']:.3f}", f"{s['answer_rate']:.3f}",
+                  f"{s['mean_tokens']:.0f}")  # fmt: skip
+        print(f"{name:<16} {s['num_problems']:>8} " + " ".join(f"{v:>10}" for v in values))
+
+
+# ---------------------------------------------------------------- comparing two reports
+
+
+def load_report(path):
+    """An eval report or a training sample dump, with a clear error for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        raise data.DataError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise data.DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("problems"), list):
+        raise data.DataError(f"{path}: not an eval.py report or a train.py sample dump (no 'problems' list)")
+    return report
+
+
+def paired_bootstrap(a, b, resamples=10_000, seed=0):
+    """(mean of b - a, 2.5th and 97.5th percentiles of that mean over problems resampled with
+    replacement): a and b (P,) are per-problem accuracies of the same problems."""
+    diff = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)  # (P,)
+    rng = np.random.default_rng(seed)
+    means = np.concatenate(
+        [diff[rng.integers(0, len(diff), (min(1000, resamples - s), len(diff)))].mean(axis=1)
+         for s in range(0, resamples, 1000)]
+    )  # fmt: skip
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def compare(path_a, path_b):
+    """Per set, on the problems both reports hold: A's and B's accuracy, B - A, its paired
+    bootstrap 95% CI. Prints the table and returns its rows."""
+    a, b = load_report(path_a), load_report(path_b)
+    for k in sorted(set(a.get("settings", {})) | set(b.get("settings", {}))):
+        if k != "model" and a["settings"].get(k) != b["settings"].get(k):
+            print(f"note: {k} differs: A {a['settings'].get(k)!r}, B {b['settings'].get(k)!r}")
+    by_key = {r["key"]: r for r in b["problems"]}
+    rows = []
+    for name in dict.fromkeys(r["set"] for r in a["problems"]):
+        pairs = [(r, by_key[r["key"]]) for r in a["problems"] if r["set"] == name and r["key"] in by_key]
+        for ra, rb in pairs:
+            if ra["problem"] != rb["problem"]:
+                raise data.DataError(f"{ra['key']}: a different problem in {path_a} and {path_b}")
+        if not pairs:
+            continue
+        acc_a = [ra["correct"] / len(ra["samples"]) for ra, _ in pairs]
+        acc_b = [rb["correct"] / len(rb["samples"]) for _, rb in pairs]
+        diff, low, high = paired_bootstrap(acc_a, acc_b)
+        rows.append({"set": name, "problems": len(pairs), "a": float(np.mean(acc_a)), "b": float(np.mean(acc_b)),
+                     "diff": diff, "ci_low": low, "ci_high": high})  # fmt: skip
+    print(f"A = {path_a}\nB = {path_b}")
+    print(f"{'set':<16} {'problems':>8} {'A':>8} {'B':>8} {'B - A':>8}   paired bootstrap 95% CI")
+    for r in rows:
+        print(f"{r['set']:<16} {r['problems']:>8} {r['a']:>8.3f} {r['b']:>8.3f} {r['diff']:>+8.3f}   "
+              f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")  # fmt: skip
+    if not rows:
+        print("no problem is in both reports")
+    return rows
+
+
+# ---------------------------------------------------------------- the trajectory view
+
+
+def find_problem(report, wanted):
+    for r in report["problems"]:
+        if wanted in (r.get("key"), str(r.get("id")), str(r.get("index"))):
+            return r
+    keys = ", ".join(r["key"] for r in report["problems"][:5])
+    raise data.DataError(f"no problem {wanted!r} in the file (keys: {keys}, ...)")
+
+
+def turn_header(j, turn):
+    values = [
+        f"{name} {turn[key]:+.3f}"
+        for key, name in (("reward", "r"), ("return", "R"), ("advantage", "A"))
+        if key in turn
+    ]
+    return " · ".join([f"turn {j + 1}", f"{turn['tokens']} tokens trained", *values])
+
+
+def sample_header(s, number):
+    verdict = "correct" if s["correct"] else "wrong"
+    return (f"sample {number}: {verdict}, answer {s['answer']!r}, stop {s['stop']}, {len(s['turns'])} turns, "
+            f"{sum(t['tokens'] for t in s['turns'])} tokens trained, "
+            f"{sum(t['observation_tokens'] for t in s['turns'])} masked")  # fmt: skip
+
+
+def show_text(record):
+    """One problem as text: T| lines were sampled by the policy (trained), M| lines are tool
+    output (masked)."""
+    out = [f"{record['key']}: {record['correct']}/{len(record['samples'])} correct", f"problem: {record['problem']}",
+           f"gold answer: {record['answer']}", "(T| sampled by the policy, trained; M| tool output, masked)"]  # fmt: skip
+    for number, s in enumerate(record["samples"]):
+        out.append(f"\n=== {sample_header(s, number)}")
+        for j, turn in enumerate(s["turns"]):
+            out.append(f"--- {turn_header(j, turn)}")
+            out += ["T| " + line for line in turn["text"].split("\n")]
+            if turn["observation_tokens"]:
+                result = turn["result"] or {}
+                status = "ok" if result.get("ok") else "timed out" if result.get("timed_out") else "error"
+                out.append(f"--- tool output ({status}, {turn['observation_tokens']} tokens masked)")
+                out += ["M| " + line for line in turn["observation"].strip("\n").split("\n")]
+    return "\n".join(out)
+
+
+HTML_STYLE = """body{font-family:sans-serif;max-width:70em;margin:auto} pre{white-space:pre-wrap;margin:0}
+.t{background:#e3f6e3} .m{background:#eee;color:#555} .turn{font-size:85%;color:#333;margin-top:.6em}
+.correct{color:#070} .wrong{color:#a00} details{margin:.3em 0}"""
+
+
+def show_html(records, title):
+    """The problems as one HTML page: trained text on green, masked tool output on grey."""
+    parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{HTML_STYLE}</style>",
+             f"<h1>{html.escape(title)}</h1><p><span class=t>sampled by the policy (trained)</span> "
+             "<span class=m>tool output (masked)</span></p>"]  # fmt: skip
+    for r in records:
+        parts.append(f"<details><summary><b>{html.escape(r['key'])}</b> {r['correct']}/{len(r['samples'])} correct — "
+                     f"{html.escape(r['problem'][:120])}</summary><p>gold answer: {html.escape(str(r['answer']))}</p>")  # fmt: skip
+        for number, s in enumerate(r["samples"]):
+            verdict = "correct" if s["correct"] else "wrong"
+            parts.append(
+                f"<details><summary class={verdict}>{html.escape(sample_header(s, number))}</summary>"
+            )
+            for j, turn in enumerate(s["turns"]):
+                parts.append(f"<div class=turn>{html.escape(turn_header(j, turn))}</div>")
+                parts.append(f"<pre class=t>{html.escape(turn['text'])}</pre>")
+                if turn["observation_tokens"]:
+                    parts.append(f"<pre class=m>{html.escape(turn['observation'])}</pre>")
+            parts.append("</details>")
+        parts.append("</details>")
+    return "\n".join(parts)
+
+
+def show(cfg):
+    report = load_report(cfg.show)
+    if cfg.html:
+        records = [find_problem(report, cfg.problem)] if cfg.problem else report["problems"]
+        path = os.path.splitext(cfg.show)[0] + ".html"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(show_html(records, os.path.basename(cfg.show)))
+        print(f"wrote {path} ({len(records)} problems)")
+    elif cfg.problem:
+        print(show_text(find_problem(report, cfg.problem)))
+    else:
+        for r in report["problems"]:
+            print(f"{r['key']:<20} {r['correct']}/{len(r['samples'])} correct  {r['problem'][:70]!r}")
+
+
+# ---------------------------------------------------------------- training curves
+
+
+PLOTTED = ("reward", "accuracy", "turns", "tool_errors", "format_errors", "kl", "zero_adv_groups", "length")
+
+
+def read_metrics(path):
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise data.DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    except FileNotFoundError:
+        raise data.DataError(f"{path}: no such file") from None
+    if not records:
+        raise data.DataError(f"{path}: no metrics in the file")
+    return records
+
+
+def moving_average(values, window):
+    """The mean of each value and the window - 1 before it (fewer at the start)."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    return (sums[1:] - sums[starts]) / (np.arange(1, len(values) + 1) - starts)
+
+
+def plot(paths, out):
+    """train.py's metrics.jsonl files as one PNG: a panel per figure, a line per run (faint: each
+    step; solid: the mean of the last 5 steps)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    runs = {path: read_metrics(path) for path in paths}
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
+    for ax, name in zip(axes.flat, PLOTTED):
+        for path, records in runs.items():
+            points = [(r["step"], r[name]) for r in records if name in r]
+            if points:
+                steps, values = map(np.array, zip(*points))
+                raw = ax.plot(steps, values, alpha=0.3)[0]
+                label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+                ax.plot(steps, moving_average(values, 5), color=raw.get_color(), label=label)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("RL step")
+    axes.flat[0].legend(fontsize="small")
+    fig.tight_layout()
+    out = out or os.path.join(os.path.dirname(os.path.abspath(paths[0])), "metrics.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(cfg):
+    world = setup_distributed(cfg.device)
+    try:
+        settings = resolve(cfg)
+        if cfg.compare:
+            if len(cfg.compare) != 2:
+                raise ConfigError(f"--compare takes two reports, got {len(cfg.compare)}")
+            return compare(*cfg.compare)
+        if cfg.show:
+            return show(cfg)
+        if cfg.plot:
+            return plot(cfg.plot, cfg.plot_out)
+        if world.main:
+            print(json.dumps({"config": dataclasses.asdict(cfg), "settings": settings}, indent=1))
+        report = run_evaluation(cfg, settings, world)
+        if world.main:
+            print_table(report)
+            print(f"wrote {cfg.out}")
+        return report
+    finally:
+        finish(world)
+
+
+if __name__ == "__main__":
+    config = parse_config(Config, "eval.py", __doc__)
+    try:
+        main(config)
+    except (ConfigError, data.DataError, FileNotFoundError, OSError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if "RANK" in os.environ:
+        exit_now()
