@@ -573,13 +573,13 @@ def write_samples(path, trajs, problems, scored, group_size, count=2):
     turn's text, code and tool output, its trained and masked token counts, r, R and A."""
     records = []
     for k, p in enumerate(problems[:count]):
-        rows = range(k * group_size, (k + 1) * group_size)
-        samples = [
-            dict(rollout.trajectory_record(trajs[i], *(scored[n][i] for n in ("turn_rewards", "returns", "turn_advantages"))),
-                 answer=rewards.extract_answer(trajs[i].final_text), correct=bool(scored["correct"][i]))
-            for i in rows
-        ]  # fmt: skip
-        records.append({"key": f"{p.get('id', k)}", "problem": p["problem"], "answer": p["answer"],
+        samples = []
+        for i in range(k * group_size, (k + 1) * group_size):
+            values = (scored[name][i] for name in ("turn_rewards", "returns", "turn_advantages"))
+            record = rollout.trajectory_record(trajs[i], *values)
+            answer = rewards.extract_answer(trajs[i].final_text)
+            samples.append({**record, "answer": answer, "correct": bool(scored["correct"][i])})
+        records.append({"key": f"{p.get('id', k)}", "index": k, "problem": p["problem"], "answer": p["answer"],
                         "correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"kind": "samples", "problems": records}, f, indent=1)
