@@ -19,8 +19,9 @@ Figures per set (and over all sets at the top of the report): accuracy (mean ove
 the share of correct samples), pass@k (the unbiased estimator, k = 1, 2, 4, ... up to --samples),
 mean turns, tool-call rate (trajectories that ran at least one tool call), tool error rate (tool
 calls whose code raised or timed out), format error rate (trajectories with an invalid call or
-no call in turn 1, as in training's reward), answer rate (trajectories with a \\boxed answer),
-mean tokens (sampled tokens per trajectory).
+no call in turn 1, as in training's reward), answer rate (trajectories with an answer
+rewards.extract_answer finds), mean tokens (sampled tokens per trajectory). On an error, every
+rank raises it (no rank is left waiting in a collective) and it is printed once.
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 import zlib
 from dataclasses import dataclass
@@ -120,6 +122,10 @@ def resolve(cfg):
     for name in ("samples", "batch_size", "sandbox_workers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} {getattr(cfg, name)}: must be at least 1")
+    if cfg.limit < 0:
+        raise ConfigError(f"--limit {cfg.limit}: must be 0 (all) or more")
+    if not re.fullmatch(r"\d+x\d+", cfg.demo_size):
+        raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"--temperature {cfg.temperature} --top_p {cfg.top_p}: need T >= 0, 0 < top_p <= 1")
     if cfg.samples > 1 and cfg.temperature == 0:
@@ -150,7 +156,7 @@ def set_name(spec):
 
 
 def load_sets(cfg):
-    """{set name: problems}, each cut to --limit."""
+    """{set name: problems}, each cut to --limit; a set left empty is an error."""
     sets = {}
     for spec in cfg.data:
         if spec == "toy":
@@ -160,6 +166,8 @@ def load_sets(cfg):
         else:
             problems = data.load_problems(spec)
         sets[set_name(spec)] = problems[: cfg.limit or None]
+        if not sets[set_name(spec)]:
+            raise data.DataError(f"{spec}: no problems to evaluate")
     return sets
 
 
@@ -184,15 +192,17 @@ def batch_seed(seed, name, b):
 def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items):
     """The problem records of one batch: every problem's samples, graded."""
     k = cfg.samples
+    prompts = []
+    for index, p in items:
+        ids = policies.chat_prompt_ids(tokenizer, p["problem"], cfg.system_prompt)
+        if len(ids) >= cfg.max_total_tokens:
+            raise data.DataError(f"{name}/{index}: the prompt has {len(ids)} tokens, --max_total_tokens is "
+                                 f"{cfg.max_total_tokens}")  # fmt: skip
+        prompts += [ids] * k
     torch.manual_seed(batch_seed(cfg.seed, name, b))
     run_cfg = rollout.RolloutConfig(
         cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature, cfg.top_p
     )
-    prompts = [
-        policies.chat_prompt_ids(tokenizer, p["problem"], cfg.system_prompt)
-        for _, p in items
-        for _ in range(k)
-    ]
     with torch.no_grad():
         trajs = rollout.rollout(policy, tokenizer, prompts, pool, run_cfg)
     correct = rewards.grade(trajs, [p["answer"] for _, p in items for _ in range(k)], grader)  # (N,)
@@ -206,35 +216,37 @@ def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items):
             samples.append({**record, "answer": answer, "correct": bool(ok), "format_error": format_error})
         records.append({"key": f"{name}/{index}", "set": name, "index": index, "id": p.get("id"),
                         "problem": p["problem"], "answer": p["answer"],
-                        "correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
+                        "num_correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
     return records
 
 
-def read_partial(path, settings):
-    """The records of an interrupted run with the same settings ({key: record}); a partial file
-    from other settings is an error naming the first setting that differs. A last line cut by a
-    kill mid-write is dropped from the file (its batch is redone)."""
+def read_partial(path, settings, sets):
+    """{key: record} of an interrupted run. A last line cut by a kill mid-write is dropped from the
+    file (its batch is redone); a file made with other settings or other problems is an error
+    naming the difference."""
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
-    done = {}
+        text = f.read()
+    lines = text.split("\n")
+    if not text.endswith("\n"):  # cut mid-write (or just before its newline)
+        lines = lines[:-1]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+    records = []
     for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            obj = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number < len(lines):
-                raise data.DataError(
-                    f"{path}:{number}: not valid JSON; delete the file to start over"
-                ) from None
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(good + "\n" for good in lines[:-1])
-            break
-        if number == 1:
-            check_same_settings(path, obj.get("settings", {}), settings)
-        else:
-            done[obj["key"]] = obj
-    return done
+            raise data.DataError(f"{path}:{number}: not valid JSON; delete the file to start over") from None
+    if not records:
+        return {}
+    if "settings" not in records[0]:
+        raise data.DataError(f"{path}:1: not an eval.py partial report (no settings); delete the file")
+    check_same_settings(path, records[0]["settings"], settings)
+    return check_same_problems(path, records[1:], sets)
 
 
 def check_same_settings(path, saved, settings):
@@ -246,34 +258,76 @@ def check_same_settings(path, saved, settings):
             )
 
 
-def records_so_far(cfg, settings):
+def check_same_problems(path, records, sets):
+    """{key: record}, once every record is known to hold the problem its key names today."""
+    for r in records:
+        problems = sets.get(r["set"], [])
+        if r["index"] >= len(problems) or problems[r["index"]]["problem"] != r["problem"]:
+            raise data.DataError(f"{path}: {r['key']} holds another problem than the data now does "
+                                 "(the data changed); use another --out or delete it")  # fmt: skip
+    return {r["key"]: r for r in records}
+
+
+def records_so_far(cfg, settings, sets):
     """{key: record} of an interrupted run (OUT.partial.jsonl) or a finished one (OUT) with the
-    same settings; starts OUT.partial.jsonl when there is none."""
+    same settings and problems; starts OUT.partial.jsonl when there is none."""
     partial = cfg.out + ".partial.jsonl"
-    done = read_partial(partial, settings)
-    if os.path.exists(cfg.out):  # a finished report is never overwritten by another evaluation
-        report = load_report(cfg.out)
-        check_same_settings(cfg.out, report.get("settings", {}), settings)
-        done.update((rec["key"], rec) for rec in report["problems"])
-    if not os.path.exists(partial):
+    done = read_partial(partial, settings, sets)
+    if not done:  # a new partial file: its first line holds the settings
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         with open(partial, "w", encoding="utf-8") as f:
             f.write(json.dumps({"settings": settings}) + "\n")
+    if os.path.exists(cfg.out):  # a finished report is never overwritten by another evaluation
+        report = load_report(cfg.out)
+        check_same_settings(cfg.out, report.get("settings", {}), settings)
+        done.update(check_same_problems(cfg.out, report["problems"], sets))
     return done
 
 
+def on_every_rank(fn, world):
+    """fn() on rank 0, its result on every rank; an error raised by fn is raised on every rank
+    (so no rank is left waiting in a collective)."""
+    result, error = None, None
+    if world.main:
+        try:
+            result = fn()
+        except (ConfigError, data.DataError, OSError) as e:
+            error = e
+    result, error = broadcast_object((result, error), world)
+    if error is not None:
+        raise error
+    return result
+
+
+def evaluate_round(todo, policy, tokenizer, pool, grader, cfg, world):
+    """Each rank evaluates its batch of the round (the rank-th of todo, if any); every rank gets
+    all records, in batch order. An error on any rank is raised on every rank."""
+    records, error = [], None
+    if world.rank < len(todo):
+        try:
+            records = evaluate_batch(policy, tokenizer, pool, grader, cfg, *todo[world.rank])
+        except (ConfigError, data.DataError, OSError) as e:
+            error = e
+    parts = gather_objects((records, error), world)
+    for _, e in parts:
+        if e is not None:
+            raise e
+    return [rec for part, _ in parts for rec in part]
+
+
 def run_evaluation(cfg, settings, world):
-    """Evaluate every set; rank 0 writes OUT (and returns the report)."""
+    """Evaluate every set, resuming from what an earlier run left; rank 0 appends each round's
+    records to OUT.partial.jsonl, then writes OUT and returns the report."""
     sets = load_sets(cfg)
-    partial = cfg.out + ".partial.jsonl"
-    done = records_so_far(cfg, settings) if world.main else {}
-    done_keys = broadcast_object(set(done), world)
+    done = {}  # key -> record, on rank 0
+
+    def keys_so_far():
+        done.update(records_so_far(cfg, settings, sets))
+        return set(done)
+
+    done_keys = on_every_rank(keys_so_far, world)
     per_batch = max(1, cfg.batch_size // cfg.samples)
-    todo = [
-        (n, b, items)
-        for n, b, items in batches(sets, per_batch)
-        if any(f"{n}/{i}" not in done_keys for i, _ in items)
-    ]
+    todo = [t for t in batches(sets, per_batch) if any(f"{t[0]}/{i}" not in done_keys for i, _ in t[2])]
     hidden, layers = map(int, cfg.demo_size.split("x"))
     torch.manual_seed(cfg.seed)
     policy, tokenizer = policies.load_policy(
@@ -285,28 +339,29 @@ def run_evaluation(cfg, settings, world):
     bar = tqdm(total=total, desc="eval", unit="problem", disable=not world.main, dynamic_ncols=True)
     try:
         for r in range(0, len(todo), world.size):
-            mine = todo[r + world.rank] if r + world.rank < len(todo) else None
-            records = evaluate_batch(policy, tokenizer, pool, grader, cfg, *mine) if mine else []
-            everyone = [rec for part in gather_objects(records, world) for rec in part]
+            round_todo = todo[r : r + world.size]
+            records = evaluate_round(round_todo, policy, tokenizer, pool, grader, cfg, world)
             if world.main:
-                with open(partial, "a", encoding="utf-8") as f:
-                    f.writelines(json.dumps(rec) + "\n" for rec in everyone)
-                done.update((rec["key"], rec) for rec in everyone)
-            bar.update(sum(len(t[2]) for t in todo[r : r + world.size]))
+                with open(cfg.out + ".partial.jsonl", "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(rec) + "\n" for rec in records)
+                done.update((rec["key"], rec) for rec in records)
+            bar.update(sum(len(items) for _, _, items in round_todo))
     finally:
         bar.close()
         pool.close()
         grader.close()
-    report = None
-    if world.main:
-        ordered = [done[f"{n}/{i}"] for n, problems in sets.items() for i in range(len(problems))]
-        report = make_report(settings, ordered)
-        tmp = cfg.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, cfg.out)
-        os.remove(partial)
-    barrier(world)
+    return write_report(cfg, settings, sets, done) if world.main else None
+
+
+def write_report(cfg, settings, sets, done):
+    """OUT from the records, in set and problem order (written to OUT.tmp, then renamed); the
+    partial file goes once OUT is in place."""
+    ordered = [done[f"{n}/{i}"] for n, problems in sets.items() for i in range(len(problems))]
+    report = make_report(settings, ordered)
+    with open(cfg.out + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    os.replace(cfg.out + ".tmp", cfg.out)
+    os.remove(cfg.out + ".partial.jsonl")
     return report
 
 
@@ -336,8 +391,8 @@ def summarize(records):
     mean = lambda values: float(np.mean(values)) if len(values) else 0.0  # noqa: E731
     return {
         "num_problems": len(records), "num_samples": n,
-        "accuracy": mean([r["correct"] / len(r["samples"]) for r in records]),
-        "pass_at_k": {str(k): mean([pass_at_k(len(r["samples"]), r["correct"], k) for r in records]) for k in pass_ks(n)},
+        "accuracy": mean([r["num_correct"] / len(r["samples"]) for r in records]),
+        "pass_at_k": {str(k): mean([pass_at_k(len(r["samples"]), r["num_correct"], k) for r in records]) for k in pass_ks(n)},
         "mean_turns": mean([len(s["turns"]) for s in samples]),
         "tool_call_rate": mean([any(t["result"] is not None for t in s["turns"]) for s in samples]),
         "mean_tool_calls": len(calls) / len(samples),
@@ -402,9 +457,13 @@ def compare(path_a, path_b):
     """Per set, on the problems both reports hold: A's and B's accuracy, B - A, its paired
     bootstrap 95% CI. Prints the table and returns its rows."""
     a, b = load_report(path_a), load_report(path_b)
-    for k in sorted(set(a.get("settings", {})) | set(b.get("settings", {}))):
-        if k != "model" and a["settings"].get(k) != b["settings"].get(k):
-            print(f"note: {k} differs: A {a['settings'].get(k)!r}, B {b['settings'].get(k)!r}")
+    for path, report in ((path_a, a), (path_b, b)):
+        if report.get("kind") != "eval":
+            raise data.DataError(f"{path}: --compare takes eval.py reports (this is {report.get('kind')!r})")
+    sa, sb = a.get("settings", {}), b.get("settings", {})
+    for k in sorted(set(sa) | set(sb)):
+        if k != "model" and sa.get(k) != sb.get(k):
+            print(f"note: {k} differs: A {sa.get(k)!r}, B {sb.get(k)!r}")
     by_key = {r["key"]: r for r in b["problems"]}
     rows = []
     for name in dict.fromkeys(r["set"] for r in a["problems"]):
@@ -414,8 +473,8 @@ def compare(path_a, path_b):
                 raise data.DataError(f"{ra['key']}: a different problem in {path_a} and {path_b}")
         if not pairs:
             continue
-        acc_a = [ra["correct"] / len(ra["samples"]) for ra, _ in pairs]
-        acc_b = [rb["correct"] / len(rb["samples"]) for _, rb in pairs]
+        acc_a = [ra["num_correct"] / len(ra["samples"]) for ra, _ in pairs]
+        acc_b = [rb["num_correct"] / len(rb["samples"]) for _, rb in pairs]
         diff, low, high = paired_bootstrap(acc_a, acc_b)
         rows.append({"set": name, "problems": len(pairs), "a": float(np.mean(acc_a)), "b": float(np.mean(acc_b)),
                      "diff": diff, "ci_low": low, "ci_high": high})  # fmt: skip
@@ -433,9 +492,14 @@ def compare(path_a, path_b):
 
 
 def find_problem(report, wanted):
-    for r in report["problems"]:
-        if wanted in (r.get("key"), str(r.get("id")), str(r.get("index"))):
-            return r
+    """The record whose key, id or index is `wanted`; none or several is an error."""
+    found = [r for r in report["problems"] if wanted in (r.get("key"), str(r.get("id")), str(r.get("index")))]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise data.DataError(
+            f"{wanted!r} names several problems ({', '.join(r['key'] for r in found)}): give a key"
+        )
     keys = ", ".join(r["key"] for r in report["problems"][:5])
     raise data.DataError(f"no problem {wanted!r} in the file (keys: {keys}, ...)")
 
@@ -456,21 +520,29 @@ def sample_header(s, number):
             f"{sum(t['observation_tokens'] for t in s['turns'])} masked")  # fmt: skip
 
 
+def show_turns(sample):
+    """A trajectory record's turns as lines: T| what the policy sampled (trained), M| the tool
+    output fed back (masked), each turn headed by its token count and, in a training dump, its
+    reward r, return R and advantage A."""
+    out = []
+    for j, turn in enumerate(sample["turns"]):
+        out.append(f"--- {turn_header(j, turn)}")
+        out += ["T| " + line for line in turn["text"].split("\n")]
+        if turn["observation_tokens"]:
+            result = turn["result"] or {}
+            status = "ok" if result.get("ok") else "timed out" if result.get("timed_out") else "error"
+            out.append(f"--- tool output ({status}, {turn['observation_tokens']} tokens masked)")
+            out += ["M| " + line for line in turn["observation"].strip("\n").split("\n")]
+    return out
+
+
 def show_text(record):
-    """One problem as text: T| lines were sampled by the policy (trained), M| lines are tool
-    output (masked)."""
-    out = [f"{record['key']}: {record['correct']}/{len(record['samples'])} correct", f"problem: {record['problem']}",
-           f"gold answer: {record['answer']}", "(T| sampled by the policy, trained; M| tool output, masked)"]  # fmt: skip
+    """One problem and all its samples, turn by turn (see show_turns)."""
+    out = [f"{record['key']}: {record['num_correct']}/{len(record['samples'])} correct",
+           f"problem: {record['problem']}", f"gold answer: {record['answer']}",
+           "(T| sampled by the policy, trained; M| tool output, masked)"]  # fmt: skip
     for number, s in enumerate(record["samples"]):
-        out.append(f"\n=== {sample_header(s, number)}")
-        for j, turn in enumerate(s["turns"]):
-            out.append(f"--- {turn_header(j, turn)}")
-            out += ["T| " + line for line in turn["text"].split("\n")]
-            if turn["observation_tokens"]:
-                result = turn["result"] or {}
-                status = "ok" if result.get("ok") else "timed out" if result.get("timed_out") else "error"
-                out.append(f"--- tool output ({status}, {turn['observation_tokens']} tokens masked)")
-                out += ["M| " + line for line in turn["observation"].strip("\n").split("\n")]
+        out += [f"\n=== {sample_header(s, number)}", *show_turns(s)]
     return "\n".join(out)
 
 
@@ -485,7 +557,7 @@ def show_html(records, title):
              f"<h1>{html.escape(title)}</h1><p><span class=t>sampled by the policy (trained)</span> "
              "<span class=m>tool output (masked)</span></p>"]  # fmt: skip
     for r in records:
-        parts.append(f"<details><summary><b>{html.escape(r['key'])}</b> {r['correct']}/{len(r['samples'])} correct — "
+        parts.append(f"<details><summary><b>{html.escape(r['key'])}</b> {r['num_correct']}/{len(r['samples'])} correct — "
                      f"{html.escape(r['problem'][:120])}</summary><p>gold answer: {html.escape(str(r['answer']))}</p>")  # fmt: skip
         for number, s in enumerate(r["samples"]):
             verdict = "correct" if s["correct"] else "wrong"
@@ -514,7 +586,7 @@ def show(cfg):
         print(show_text(find_problem(report, cfg.problem)))
     else:
         for r in report["problems"]:
-            print(f"{r['key']:<20} {r['correct']}/{len(r['samples'])} correct  {r['problem'][:70]!r}")
+            print(f"{r['key']:<20} {r['num_correct']}/{len(r['samples'])} correct  {r['problem'][:70]!r}")
 
 
 # ---------------------------------------------------------------- training curves
@@ -584,34 +656,39 @@ def plot(paths, out):
 
 
 def main(cfg):
+    """One mode: evaluate (--data), --compare, --show or --plot. On an error the process group is
+    left without a barrier (every rank raises the same error, see on_every_rank)."""
     world = setup_distributed(cfg.device)
-    try:
-        settings = resolve(cfg)
-        if cfg.compare:
-            if len(cfg.compare) != 2:
-                raise ConfigError(f"--compare takes two reports, got {len(cfg.compare)}")
-            return compare(*cfg.compare)
-        if cfg.show:
-            return show(cfg)
-        if cfg.plot:
-            return plot(cfg.plot, cfg.plot_out)
+    settings = resolve(cfg)
+    if cfg.compare:
+        if len(cfg.compare) != 2:
+            raise ConfigError(f"--compare takes two reports, got {len(cfg.compare)}")
+        result = compare(*cfg.compare)
+    elif cfg.show:
+        result = show(cfg)
+    elif cfg.plot:
+        result = plot(cfg.plot, cfg.plot_out)
+    else:
         if world.main:
             print(json.dumps({"config": dataclasses.asdict(cfg), "settings": settings}, indent=1))
-        report = run_evaluation(cfg, settings, world)
+        result = run_evaluation(cfg, settings, world)
         if world.main:
-            print_table(report)
+            print_table(result)
             print(f"wrote {cfg.out}")
-        return report
-    finally:
-        finish(world)
+    finish(world)
+    return result
 
 
 if __name__ == "__main__":
     config = parse_config(Config, "eval.py", __doc__)
+    distributed = "RANK" in os.environ
     try:
         main(config)
-    except (ConfigError, data.DataError, FileNotFoundError, OSError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
+    except (ConfigError, data.DataError, OSError) as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank has the same error: say it once
+            print(f"eval.py: error: {e}", file=sys.stderr)
+        if distributed:
+            exit_now(1)
         sys.exit(1)
-    if "RANK" in os.environ:
+    if distributed:
         exit_now()

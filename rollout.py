@@ -320,37 +320,23 @@ def trajectory_record(traj, turn_rewards=None, returns=None, advantages=None):
     many observation tokens followed (masked), and its reward r, return R and advantage A when
     given (each a (K,) sequence)."""
     sampled, masked = {}, {}  # turn -> token count
-    turn = -1
+    last_turn = -1
     for in_loss, j in zip(traj.loss_mask[traj.prompt_len :], traj.token_turn[traj.prompt_len :]):
         if in_loss:
-            turn = j
+            last_turn = j
             sampled[j] = sampled.get(j, 0) + 1
         else:  # an observation belongs to the turn whose call produced it
-            masked[turn] = masked.get(turn, 0) + 1
+            masked[last_turn] = masked.get(last_turn, 0) + 1
     turns = []
     for j, t in enumerate(traj.turns):
-        result = t.result and {
-            k: getattr(t.result, k) for k in ("ok", "stdout", "stderr", "timed_out", "infra_error")
-        }
-        turn = {"text": t.text, "tokens": sampled.get(j, 0), "code": t.code, "valid_call": t.valid_call,
-                "result": result, "observation": t.observation if masked.get(j) else "",
-                "observation_tokens": masked.get(j, 0)}  # fmt: skip
+        result = None
+        if t.result is not None:
+            result = {k: getattr(t.result, k) for k in ("ok", "stdout", "stderr", "timed_out", "infra_error")}
+        record = {"text": t.text, "tokens": sampled.get(j, 0), "code": t.code, "valid_call": t.valid_call,
+                  "result": result, "observation": t.observation if masked.get(j) else "",
+                  "observation_tokens": masked.get(j, 0)}  # fmt: skip
         for name, values in (("reward", turn_rewards), ("return", returns), ("advantage", advantages)):
             if values is not None:
-                turn[name] = float(values[j])
-        turns.append(turn)
+                record[name] = float(values[j])
+        turns.append(record)
     return {"stop": traj.stop_reason, "prompt_tokens": traj.prompt_len, "turns": turns}
-
-
-def format_record(record):
-    """A trajectory record as text: each trained turn in <<turn j (n tokens) r= R= A=>> ...
-    <<end>>, each masked observation in [[...]]."""
-    labels = {"reward": "r", "return": "R", "advantage": "A"}
-    parts = [f"stop: {record['stop']}\n"]
-    for j, turn in enumerate(record["turns"]):
-        info = [f"turn {j + 1}", f"({turn['tokens']} tokens)"]
-        info += [f"{label}={turn[k]:+.3f}" for k, label in labels.items() if k in turn]
-        parts.append(f"<<{' '.join(info)}>>{turn['text']}<<end>>")
-        if turn["observation_tokens"]:
-            parts.append(f"[[{turn['observation']}]]")
-    return "".join(parts)

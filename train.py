@@ -570,7 +570,8 @@ def log_line(record):
 
 def write_samples(path, trajs, problems, scored, group_size, count=2):
     """The first `count` problems' groups as JSON (view with `python eval.py --show PATH`): every
-    turn's text, code and tool output, its trained and masked token counts, r, R and A."""
+    turn's text, code and tool output, its trained and masked token counts, r, R and A. A
+    record's key is the problem's id, its index its position in the file."""
     records = []
     for k, p in enumerate(problems[:count]):
         samples = []
@@ -579,8 +580,9 @@ def write_samples(path, trajs, problems, scored, group_size, count=2):
             record = rollout.trajectory_record(trajs[i], *values)
             answer = rewards.extract_answer(trajs[i].final_text)
             samples.append({**record, "answer": answer, "correct": bool(scored["correct"][i])})
-        records.append({"key": f"{p.get('id', k)}", "index": k, "problem": p["problem"], "answer": p["answer"],
-                        "correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
+        key = str(p["id"]) if p.get("id") is not None else str(k)
+        records.append({"key": key, "index": k, "problem": p["problem"], "answer": p["answer"],
+                        "num_correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"kind": "samples", "problems": records}, f, indent=1)
 
