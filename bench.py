@@ -5,6 +5,7 @@
     python bench.py rollout [--model DIR] # multi-turn rollout vs plain generate; log-prob memory
     python bench.py rewards               # grading throughput and shaping cost vs a rollout step
     python bench.py step [--model DIR]    # one RL step's time split, GTPO vs GRPO on the same rollouts
+    python bench.py repro                 # GRPO vs GTPO, shaping ablation, gamma sweep: seeds x runs
 
 Each benchmark alternates the variants it compares (A, B, A, B, ...) so that load from elsewhere
 on a shared machine falls on both alike. It reports the median of all timed calls (the typical
@@ -14,6 +15,7 @@ cost) and the minimum (the cost with the least interference, as timeit recommend
 import argparse
 import ctypes
 import gc
+import json
 import os
 import statistics
 import subprocess
@@ -477,6 +479,151 @@ def bench_step(args):
           "groups whose advantages are all zero are skipped.")  # fmt: skip
 
 
+# ---------------------------------------------------------------- the paper's claims in miniature
+
+REPRO_VARIANTS = {  # name -> train.py flags (everything else: the demo's defaults)
+    "grpo": ["--algo", "grpo"],
+    "gtpo_no_shaping": ["--shaping", "none"],
+    "gtpo_code": [],  # the paper's GTPO: gamma 0.9, similarity shaping on the code
+    "gtpo_text": ["--shaping", "text"],  # shaping on the whole trajectory text
+    "gamma_0.5": ["--gamma", "0.5"],
+    "gamma_0.7": ["--gamma", "0.7"],
+    "gamma_1.0": ["--gamma", "1.0"],  # gamma 0.9 is gtpo_code
+}
+
+
+def repro_run(args, variant, seed, start):
+    """One train.py RL run from an SFT start (resumed if cut; skipped once summary.json exists)."""
+    out = os.path.join(args.out, variant, f"seed{seed}")
+    if not os.path.exists(os.path.join(out, "summary.json")):
+        os.makedirs(out, exist_ok=True)
+        command = [sys.executable, "train.py", "--model", os.path.join(start, "checkpoints", "step_0"),
+                   "--sft_steps", "0", "--seed", str(seed), "--max_steps", str(args.max_steps), "--out_dir", out,
+                   *REPRO_VARIANTS[variant], *args.train_flags]  # fmt: skip
+        started = time.time()
+        with open(os.path.join(out, "log.txt"), "a") as log:
+            done = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(__file__) or "."
+            )
+        if done.returncode:
+            sys.exit(f"bench.py repro: {variant} seed {seed} failed; see {out}/log.txt")
+        print(f"{variant:<16} seed {seed}: {(time.time() - started) / 60:.1f} min", flush=True)
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    return summary, metrics
+
+
+def repro_start(args, seed, index):
+    """The SFT start of a seed: the given run directory, or one made here (train.py --max_steps 0)."""
+    if args.starts:
+        return args.starts[index]
+    start = os.path.join(args.out, f"sft_seed{seed}")
+    if not os.path.exists(os.path.join(start, "summary.json")):
+        command = [sys.executable, "train.py", "--seed", str(seed), "--max_steps", "0", "--out_dir", start,
+                   *args.train_flags]  # fmt: skip
+        os.makedirs(start, exist_ok=True)
+        with open(os.path.join(start, "log.txt"), "a") as log:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+                sys.exit(f"bench.py repro: SFT of seed {seed} failed; see {start}/log.txt")
+    return start
+
+
+def mean_se(values):
+    """(mean, standard error over seeds) of the values that exist."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return statistics.fmean(values), se
+
+
+def steps_to(metrics, threshold, window=5):
+    """The first RL step at which the mean training accuracy of the last `window` steps reaches
+    threshold (None if never)."""
+    for k in range(len(metrics)):
+        recent = metrics[max(0, k - window + 1) : k + 1]
+        if statistics.fmean(r["accuracy"] for r in recent) >= threshold:
+            return metrics[k]["step"]
+    return None
+
+
+def repro_row(variant, runs, threshold):
+    """A results row: held-out accuracy after RL and its change from the start, sampled and
+    greedy, (mean, SE) over seeds; steps to the threshold; zero-advantage groups and turns."""
+    row = {"variant": variant, "seeds": len(runs)}
+    for kind in ("sampled", "greedy"):
+        row[f"{kind}_after"] = mean_se([s[f"after_rl_{kind}"] for s, _ in runs])
+        gains = [
+            s[f"after_rl_{kind}"] - s[f"before_rl_{kind}"]
+            for s, _ in runs
+            if s[f"before_rl_{kind}"] is not None
+        ]
+        row[f"{kind}_gain"] = mean_se(gains)
+    reached = [steps_to(m, threshold) for _, m in runs]
+    row["steps_to_threshold"] = mean_se(reached)
+    row["reached_threshold"] = sum(r is not None for r in reached)
+    row["zero_adv_groups"] = mean_se([statistics.fmean(r["zero_adv_groups"] for r in m) for _, m in runs])
+    row["turns"] = mean_se([statistics.fmean(r["turns"] for r in m) for _, m in runs])
+    return row
+
+
+def repro_table(rows, threshold):
+    """The results as a Markdown table (mean ± standard error over seeds)."""
+    fmt = lambda ms, scale=100, digits=1: (
+        "—" if ms[0] is None else f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}"
+    )  # noqa: E731
+    lines = [
+        f"| variant | seeds | sampled after RL | sampled gain | greedy after RL | greedy gain | steps to train acc {threshold:.2f} (seeds) | zero-adv groups | turns |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for r in rows:
+        steps = (
+            "—"
+            if r["steps_to_threshold"][0] is None
+            else f"{fmt(r['steps_to_threshold'], 1)} ({r['reached_threshold']})"
+        )
+        lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['sampled_after'])} | {fmt(r['sampled_gain'])} | "
+                     f"{fmt(r['greedy_after'])} | {fmt(r['greedy_gain'])} | {steps} | {fmt(r['zero_adv_groups'])}% | "
+                     f"{fmt(r['turns'], 1, 2)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def bench_repro(args):
+    """GRPO, GTPO without shaping, with code shaping, with whole-text shaping, and the gamma sweep,
+    each from the same SFT start per seed. Resumable: finished runs are read back, a cut run resumes
+    from its last checkpoint. Writes results.md, results.json and curves.png (matplotlib) to --out."""
+    import eval as evaluation  # for its plot
+
+    starts = {seed: repro_start(args, seed, k) for k, seed in enumerate(args.seeds)}
+    rows, curves = [], []
+    for variant in args.variants:
+        runs = [repro_run(args, variant, seed, starts[seed]) for seed in args.seeds]
+        rows.append(repro_row(variant, runs, args.threshold))
+        steps = min(len(m) for _, m in runs)  # the mean curve over seeds, for the plot
+        mean = [{k: statistics.fmean(m[i][k] for _, m in runs) for k in evaluation.PLOTTED if k in runs[0][1][i]}
+                | {"step": runs[0][1][i]["step"]} for i in range(steps)]  # fmt: skip
+        curves.append(os.path.join(args.out, variant, "mean_metrics.jsonl"))
+        with open(curves[-1], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in mean)
+    table = repro_table(rows, args.threshold)
+    print(table)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(
+            {"seeds": args.seeds, "max_steps": args.max_steps, "train_flags": args.train_flags, "rows": rows},
+            f,
+            indent=1,
+        )
+    try:
+        evaluation.plot(curves, os.path.join(args.out, "curves.png"))
+    except evaluation.ConfigError as e:  # matplotlib is optional
+        print(f"no plot: {e}")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -527,9 +674,25 @@ def main():
     stp.add_argument("--group_size", type=int, default=8, help="trajectories per problem (G)")
     stp.add_argument("--micro_batch_size", type=int, default=16, help="trajectories per forward/backward")
     stp.add_argument("--rounds", type=int, default=3, help="rounds alternating GTPO and GRPO")
+    rep = sub.add_parser("repro", help="the paper's comparisons in miniature: GRPO, shaping, gamma")
+    rep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each its own SFT start)")
+    rep.add_argument("--starts", nargs="*", default=[], help="a run directory per seed to start RL from "
+                     "(its checkpoints/step_0); default: SFT each seed here with train.py --max_steps 0")  # fmt: skip
+    rep.add_argument("--variants", nargs="+", default=list(REPRO_VARIANTS), choices=list(REPRO_VARIANTS),
+                     help="which runs")  # fmt: skip
+    rep.add_argument("--max_steps", type=int, default=40, help="RL steps per run")
+    rep.add_argument("--threshold", type=float, default=0.7, help="training accuracy (5-step mean) to reach")
+    rep.add_argument("--out", default="runs/repro", help="where the runs and results go")
+    rep.add_argument(
+        "train_flags", nargs=argparse.REMAINDER, help="after --: more train.py flags for every run"
+    )
     args = parser.parse_args()
+    if args.bench == "repro":
+        args.train_flags = [f for f in args.train_flags if f != "--"]
+        if args.starts and len(args.starts) != len(args.seeds):
+            parser.error(f"--starts: give one run directory per seed ({len(args.seeds)})")
     benches = {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout,
-               "rewards": bench_rewards, "step": bench_step}  # fmt: skip
+               "rewards": bench_rewards, "step": bench_step, "repro": bench_repro}  # fmt: skip
     benches[args.bench](args)
 
 

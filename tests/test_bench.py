@@ -1,0 +1,32 @@
+"""bench.py repro: every variant and seed trains from the seed's SFT start, and a rerun reads the
+finished runs back to the same table."""
+
+import json
+import os
+import sys
+
+from conftest import SMALL, run_script
+
+
+def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, tmp_path):
+    """`bench.py repro` runs train.py once per variant and seed from the seed's SFT start (the
+    variant's flags applied), writes a table row per variant and results.json; run again, it
+    trains nothing and writes the same table."""
+    start = os.path.dirname(os.path.dirname(sft_model))
+    small = [f"--{k}={v}" for k, v in SMALL.items()]
+    args = [sys.executable, "bench.py", "repro", "--seeds", "0", "--starts", start, "--variants", "grpo",
+            "gtpo_code", "--max_steps", "2", "--out", str(tmp_path), "--", *small, "--eval_size=8"]  # fmt: skip
+    first = run_script(args, timeout=400)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("seed 0:") == 2
+    table = (tmp_path / "results.md").read_text()
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| grpo", "| gtpo_code"]
+    for variant, algo in (("grpo", "grpo"), ("gtpo_code", "gtpo")):
+        with open(tmp_path / variant / "seed0" / "config.json") as f:
+            config = json.load(f)["config"]
+        assert config["algo"] == algo and config["model"].startswith(start) and config["max_steps"] == 2
+        with open(tmp_path / variant / "seed0" / "summary.json") as f:
+            assert json.load(f)["held_out_problems"] == 8
+    again = run_script(args, timeout=200)
+    assert again.returncode == 0 and "seed 0:" not in again.stdout
+    assert (tmp_path / "results.md").read_text() == table
