@@ -590,10 +590,82 @@ def repro_table(rows, threshold):
     return "\n".join(lines)
 
 
+def repro_family_accuracy(args, checkpoint, out):
+    """Held-out accuracy on the toy task's two-step and one-step problems: eval.py on the same 100
+    held-out problems as train.py, --eval_samples per problem at T = 1 (the training
+    temperature); skipped when its report exists."""
+    import data
+
+    if not os.path.exists(out):
+        command = [sys.executable, "eval.py", "--model", checkpoint, "--data", "toy", "--samples",
+                   str(args.eval_samples), "--temperature", "1", "--system_prompt", "none", "--out", out]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"bench.py repro: evaluating {checkpoint} failed: {done.stderr[-2000:]}")
+    with open(out) as f:
+        report = json.load(f)
+    two_step = {k for k, p in enumerate(data.toy_held_out(100)) if p["family"] in data.TWO_STEP_FAMILIES}
+    split = {"two_step": [], "one_step": []}
+    for r in report["problems"]:
+        split["two_step" if r["index"] in two_step else "one_step"].append(
+            r["num_correct"] / len(r["samples"])
+        )
+    return {"all": report["accuracy"], **{k: statistics.fmean(v) for k, v in split.items()}}
+
+
+def repro_family_table(starts, finals):
+    """Sampled held-out accuracy, all problems and by kind: the SFT start, and per variant after RL
+    and its gain over the start (mean ± SE over seeds). starts: {seed: split}; finals: {variant:
+    {seed: split}}."""
+    pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
+    kinds = ("all", "two_step", "one_step")
+    start = [cell for k in kinds for cell in (pct(mean_se([s[k] for s in starts.values()])), "")]
+    lines = ["| run | all problems | gain | two-step problems | gain | one-step problems | gain |",
+             "| --- | --- | --- | --- | --- | --- | --- |", "| SFT start | " + " | ".join(start) + " |"]  # fmt: skip
+    for variant, by_seed in finals.items():
+        cells = []
+        for kind in kinds:
+            cells.append(pct(mean_se([by_seed[s][kind] for s in by_seed])))
+            cells.append(pct(mean_se([by_seed[s][kind] - starts[s][kind] for s in by_seed])))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def repro_mean_curve(runs, path, fields):
+    """The seeds' mean of each metric per RL step, as a metrics.jsonl (for eval.py's plot)."""
+    steps = min(len(m) for _, m in runs)
+    with open(path, "w") as f:
+        for i in range(steps):
+            mean = {k: statistics.fmean(m[i][k] for _, m in runs) for k in fields if k in runs[0][1][i]}
+            f.write(json.dumps({"step": runs[0][1][i]["step"], **mean}) + "\n")
+    return path
+
+
+def repro_by_kind(args, starts):
+    """({seed: start's split}, {variant: {seed: final checkpoint's split}}) of two-step and
+    one-step held-out accuracy (see repro_family_accuracy)."""
+    start_split = {
+        seed: repro_family_accuracy(args, os.path.join(start, "checkpoints", "step_0"),
+                                    os.path.join(args.out, f"start_seed{seed}_eval.json"))
+        for seed, start in starts.items()
+    }  # fmt: skip
+    finals = {}
+    for variant in args.variants:
+        finals[variant] = {}
+        for seed in args.seeds:
+            run = os.path.join(args.out, variant, f"seed{seed}")
+            checkpoint = os.path.join(run, "checkpoints", f"step_{args.max_steps}")
+            finals[variant][seed] = repro_family_accuracy(
+                args, checkpoint, os.path.join(run, "eval_final.json")
+            )
+    return start_split, finals
+
+
 def bench_repro(args):
     """GRPO, GTPO without shaping, with code shaping, with whole-text shaping, and the gamma sweep,
-    each from the same SFT start per seed. Resumable: finished runs are read back, a cut run resumes
-    from its last checkpoint. Writes results.md, results.json and curves.png (matplotlib) to --out."""
+    each from the same SFT start per seed. Resumable: finished runs and evaluations are read back,
+    a cut run resumes from its last checkpoint. Writes results.md, results.json and curves.png
+    (the seeds' mean curves; needs matplotlib) to --out."""
     import eval as evaluation  # for its plot
 
     starts = {seed: repro_start(args, seed, k) for k, seed in enumerate(args.seeds)}
@@ -601,22 +673,24 @@ def bench_repro(args):
     for variant in args.variants:
         runs = [repro_run(args, variant, seed, starts[seed]) for seed in args.seeds]
         rows.append(repro_row(variant, runs, args.threshold))
-        steps = min(len(m) for _, m in runs)  # the mean curve over seeds, for the plot
-        mean = [{k: statistics.fmean(m[i][k] for _, m in runs) for k in evaluation.PLOTTED if k in runs[0][1][i]}
-                | {"step": runs[0][1][i]["step"]} for i in range(steps)]  # fmt: skip
-        curves.append(os.path.join(args.out, variant, "mean_metrics.jsonl"))
-        with open(curves[-1], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in mean)
+        curves.append(
+            repro_mean_curve(runs, os.path.join(args.out, variant, "mean_metrics.jsonl"), evaluation.PLOTTED)
+        )
     table = repro_table(rows, args.threshold)
+    results = {
+        "seeds": args.seeds,
+        "max_steps": args.max_steps,
+        "train_flags": args.train_flags,
+        "rows": rows,
+    }
+    if args.eval_samples:
+        results["by_kind_start"], results["by_kind_final"] = repro_by_kind(args, starts)
+        table += "\n\n" + repro_family_table(results["by_kind_start"], results["by_kind_final"])
     print(table)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(
-            {"seeds": args.seeds, "max_steps": args.max_steps, "train_flags": args.train_flags, "rows": rows},
-            f,
-            indent=1,
-        )
+        json.dump(results, f, indent=1)
     try:
         evaluation.plot(curves, os.path.join(args.out, "curves.png"))
     except evaluation.ConfigError as e:  # matplotlib is optional
@@ -683,6 +757,8 @@ def main():
     rep.add_argument("--max_steps", type=int, default=40, help="RL steps per run")
     rep.add_argument("--threshold", type=float, default=0.7, help="training accuracy (5-step mean) to reach")
     rep.add_argument("--out", default="runs/repro", help="where the runs and results go")
+    rep.add_argument("--eval_samples", type=int, default=4,
+                     help="samples per held-out problem in the by-kind evaluation of each run (0: skip it)")  # fmt: skip
     rep.add_argument(
         "train_flags", nargs=argparse.REMAINDER, help="after --: more train.py flags for every run"
     )

@@ -10,17 +10,27 @@ from conftest import SMALL, run_script
 
 def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, tmp_path):
     """`bench.py repro` runs train.py once per variant and seed from the seed's SFT start (the
-    variant's flags applied), writes a table row per variant and results.json; run again, it
-    trains nothing and writes the same table."""
+    variant's flags applied), writes a table row per variant, a by-kind table from eval.py on each
+    final checkpoint and the start, and results.json; run again, it trains and evaluates nothing
+    and writes the same tables."""
     start = os.path.dirname(os.path.dirname(sft_model))
     small = [f"--{k}={v}" for k, v in SMALL.items()]
     args = [sys.executable, "bench.py", "repro", "--seeds", "0", "--starts", start, "--variants", "grpo",
-            "gtpo_code", "--max_steps", "2", "--out", str(tmp_path), "--", *small, "--eval_size=8"]  # fmt: skip
+            "gtpo_code", "--max_steps", "2", "--eval_samples", "1", "--out", str(tmp_path), "--", *small,
+            "--eval_size=8"]  # fmt: skip
     first = run_script(args, timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("seed 0:") == 2
     table = (tmp_path / "results.md").read_text()
-    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| grpo", "| gtpo_code"]
+    main, by_kind = table.split("\n\n")
+    assert [line.split(" | ")[0] for line in main.splitlines()[2:]] == ["| grpo", "| gtpo_code"]
+    assert [line.split(" | ")[0] for line in by_kind.splitlines()[2:]] == [
+        "| SFT start",
+        "| grpo",
+        "| gtpo_code",
+    ]
+    with open(tmp_path / "grpo" / "seed0" / "eval_final.json") as f:  # the final checkpoint, evaluated
+        assert json.load(f)["settings"]["model"].endswith("step_2")
     for variant, algo in (("grpo", "grpo"), ("gtpo_code", "gtpo")):
         with open(tmp_path / variant / "seed0" / "config.json") as f:
             config = json.load(f)["config"]
