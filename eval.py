@@ -44,7 +44,7 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    ConfigError, arg, barrier, broadcast_object, exit_now, finish, gather_objects, parse_config, setup_distributed,
+    ConfigError, arg, broadcast_object, exit_now, finish, gather_objects, parse_config, setup_distributed,
 )  # fmt: skip
 
 
