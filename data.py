@@ -42,7 +42,9 @@ def parse_trajectory(obj, where):
     return row
 
 
-def _read_jsonl(path, parse, what):
+def read_jsonl(path, parse, what):
+    """Every line of a JSONL file through parse(obj, "file:line"); blank lines skipped; a missing
+    or empty file or a bad line is a DataError naming the file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     rows = []
@@ -63,14 +65,14 @@ def _read_jsonl(path, parse, what):
 
 def load_problems(path):
     """All problems of a JSONL file, in file order."""
-    return _read_jsonl(path, parse_problem, "problems")
+    return read_jsonl(path, parse_problem, "problems")
 
 
 def load_trajectories(path):
     """All SFT trajectories of a JSONL file ({"problem", "answer", "turns": [...]}), in file order.
     Tool calls in the turns are run by the sandbox when the trajectory is built, so the tool
     outputs the model is trained after are real (and masked, as in RL)."""
-    return _read_jsonl(path, parse_trajectory, "trajectories")
+    return read_jsonl(path, parse_trajectory, "trajectories")
 
 
 def load_hf_dataset(spec):

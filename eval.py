@@ -596,20 +596,8 @@ PLOTTED = ("reward", "accuracy", "turns", "tool_errors", "format_errors", "kl", 
 
 
 def read_metrics(path):
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise data.DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-    except FileNotFoundError:
-        raise data.DataError(f"{path}: no such file") from None
-    if not records:
-        raise data.DataError(f"{path}: no metrics in the file")
-    return records
+    """train.py's metrics.jsonl: one record per RL step."""
+    return data.read_jsonl(path, lambda obj, where: obj, "metrics")
 
 
 def moving_average(values, window):
