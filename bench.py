@@ -489,6 +489,7 @@ REPRO_VARIANTS = {  # name -> train.py flags (everything else: the demo's defaul
     "gamma_0.5": ["--gamma", "0.5"],
     "gamma_0.7": ["--gamma", "0.7"],
     "gamma_1.0": ["--gamma", "1.0"],  # gamma 0.9 is gtpo_code
+    "gtpo_turn_norm": ["--adv_norm", "turn"],  # returns normalised per (problem, turn index)
 }
 
 

@@ -67,11 +67,13 @@ class Config:
     toy_size: int = arg(3000, "toy training problems (SFT and RL draw from them)")
     toy_mistake_rate: float = arg(0.25, "share of toy teacher trajectories with a mistake fixed next turn")
     eval_size: int = arg(100, "held-out problems evaluated before and after RL (0: no evaluation)")
+    eval_samples: int = arg(1, "sampled trajectories per held-out problem (greedy takes one)")
     system_prompt: str = arg("auto", "'auto' (none for toy, model.SYSTEM_PROMPT otherwise), 'none', or text")
     # --- cold-start SFT
     sft_steps: int = arg(5000, "SFT optimizer steps before RL (0 skips SFT)")
     sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks")
-    sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW: 5% warmup, flat to 70%, cosine tail)")
+    sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW: 5% warmup, flat, then a cosine tail to 0)")
+    sft_decay_start: float = arg(0.7, "fraction of the SFT steps after which the cosine tail starts")
     # --- RL: sampling
     max_steps: int = arg(40, "RL steps (0: SFT and evaluation only)")
     prompts_per_step: int = arg(16, "problems per RL step, over all ranks")
@@ -125,7 +127,7 @@ def check_config(cfg, world):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name} {getattr(cfg, name)!r}: must be one of {', '.join(allowed)}")
     for name in ("group_size", "max_turns", "max_turn_tokens", "micro_batch_size", "ppo_epochs",
-                 "sft_batch_size", "save_every", "sample_every", "keep_checkpoints"):  # fmt: skip
+                 "sft_batch_size", "eval_samples", "save_every", "sample_every", "keep_checkpoints"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} {getattr(cfg, name)}: must be at least 1")
     if cfg.prompts_per_step < 1 or cfg.prompts_per_step % world.size:
@@ -138,6 +140,8 @@ def check_config(cfg, world):
         )
     if not re.fullmatch(r"\d+x\d+", cfg.demo_size):
         raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
+    if not 0 <= cfg.sft_decay_start <= 1:
+        raise ConfigError(f"--sft_decay_start {cfg.sft_decay_start}: must be a fraction in [0, 1]")
     if cfg.temperature <= 0:
         raise ConfigError(f"--temperature {cfg.temperature}: RL samples, so it must be > 0")
     derived = {
@@ -329,7 +333,7 @@ def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
     # Warmup, a long plateau, then a cosine tail: a tiny model learns to copy digits (from the
     # problem into code, from tool output into the answer) in a sudden transition that needs
     # many steps at a high learning rate.
-    warmup, plateau = max(1, cfg.sft_steps // 20), int(0.7 * cfg.sft_steps)
+    warmup, plateau = max(1, cfg.sft_steps // 20), int(cfg.sft_decay_start * cfg.sft_steps)
     tail = max(1, cfg.sft_steps - plateau)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -591,11 +595,13 @@ def write_samples(path, trajs, problems, scored, group_size, count=2):
 
 
 def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, temperature):
-    """Held-out accuracy, one trajectory per problem (temperature 0: greedy), problems sharded
-    over ranks. The sampling RNG is saved and restored, so evaluating does not change training."""
+    """Held-out accuracy: the mean over eval_samples trajectories per problem (one when greedy,
+    temperature 0), problems sharded over ranks. The sampling RNG is saved and restored, so
+    evaluating does not change training."""
     if not problems:
         return None
-    mine = problems[world.rank :: world.size]
+    samples = cfg.eval_samples if temperature > 0 else 1
+    mine = [p for p in problems[world.rank :: world.size] for _ in range(samples)]
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))
     run_cfg = rollout.RolloutConfig(
@@ -825,7 +831,8 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
         evaluation = {**state["evaluation"], **after}
         summary = {
             "accuracy_before_rl": evaluation["before_rl_sampled"], "accuracy_after_rl": evaluation["after_rl_sampled"],
-            **evaluation, "temperature": cfg.temperature, "held_out_problems": len(held_out), "seed": cfg.seed,
+            **evaluation, "temperature": cfg.temperature, "held_out_problems": len(held_out),
+            "eval_samples": cfg.eval_samples, "seed": cfg.seed,
             "algo": cfg.algo, "rl_steps": cfg.max_steps, "ranks_in_sync": in_sync,
             "minutes": (time.time() - started) / 60,
         }  # fmt: skip

@@ -239,6 +239,36 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
     assert json.load(open(tmp_path / "summary.json"))["rl_steps"] == 6
 
 
+def test_held_out_accuracy_is_the_mean_over_eval_samples_trajectories_per_problem(sft_model, monkeypatch):
+    """Sampled held-out accuracy rolls out exactly eval_samples trajectories per problem, each
+    problem's copies together, and returns the share of them graded correct; greedy rolls out
+    one per problem whatever eval_samples is."""
+    problems = data.toy_held_out(100)[:6]
+    policy, tokenizer = model.load_policy(sft_model)
+    world = launch.World(0, 1, torch.device("cpu"))
+    cfg = train.Config(model=sft_model, eval_samples=3, **SMALL)
+    graded, real_grade = [], rewards.grade
+
+    def grade(trajs, golds, grader):  # records what train.evaluate grades
+        graded.append((golds, real_grade(trajs, golds, grader)))
+        return graded[-1][1]
+
+    monkeypatch.setattr(train.rewards, "grade", grade)
+    with sandbox.Pool(4) as pool:
+        grader = rewards.Grader()
+        evaluate = lambda t: train.evaluate(policy, policy, tokenizer, problems, cfg, pool, grader, world, t)
+        sampled = evaluate(1.0)
+        sampled_golds = [g for golds, _ in graded for g in golds]
+        sampled_correct = torch.cat([c for _, c in graded])
+        graded.clear()
+        greedy = evaluate(0.0)
+        grader.close()
+    assert sampled_golds == [p["answer"] for p in problems for _ in range(3)]
+    assert sampled == pytest.approx(float(sampled_correct.float().mean()))
+    assert [g for golds, _ in graded for g in golds] == [p["answer"] for p in problems]
+    assert greedy == pytest.approx(float(torch.cat([c for _, c in graded]).float().mean()))
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -247,6 +277,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
         (["--algo", "ppo"], r"--algo 'ppo': must be one of gtpo, grpo"),
         (["--group_size", "many"], r"argument --group_size: invalid int value: 'many'"),
         (["--no_such_flag", "1"], r"unrecognized arguments: --no_such_flag 1"),
+        (["--sft_decay_start", "1.5"], r"--sft_decay_start 1.5: must be a fraction in \[0, 1\]"),
+        (["--eval_samples", "0"], r"--eval_samples 0: must be at least 1"),
     ],
 )
 def test_bad_input_is_one_error_line_without_a_traceback(tmp_path, flags, message):
