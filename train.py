@@ -34,6 +34,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -763,7 +764,7 @@ def main(cfg):
     finally:
         pool.close()
         grader.close()
-        finish(world)
+    finish(world)  # not on an error: the other ranks may be waiting in a collective (see command)
 
 
 def run(state, cfg, derived, world, held_out, sft_rows, started):
@@ -843,12 +844,29 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
         raise RuntimeError("parameters differ between ranks after training")
 
 
-if __name__ == "__main__":
-    config = parse_args()
+def command(cfg):
+    """main(cfg) as a command. Bad input is one error line, no traceback. Under torchrun a rank
+    that fails leaves at once, without a barrier or the interpreter's teardown: the other ranks
+    may be blocked in a collective that will never complete, and torchrun stops them as soon as
+    one rank has exited with an error (a barrier here would wait for gloo's 30-minute timeout)."""
+    distributed = "RANK" in os.environ
     try:
-        main(config)
+        main(cfg)
     except (ConfigError, data.DataError, FileNotFoundError, OSError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        prefix = f"[rank {os.environ['RANK']}] " if distributed else ""
+        print(f"{prefix}train.py: error: {e}", file=sys.stderr)
+        if distributed:
+            exit_now(1)
         sys.exit(1)
-    if "RANK" in os.environ:
+    except BaseException:
+        if not distributed:
+            raise
+        print(f"[rank {os.environ['RANK']}] train.py failed:", file=sys.stderr)
+        traceback.print_exc()
+        exit_now(1)
+    if distributed:
         exit_now()
+
+
+if __name__ == "__main__":
+    command(parse_args())

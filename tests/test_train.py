@@ -351,3 +351,14 @@ def test_sft_trains_exactly_the_assistant_turns():
         ]
         assert tokenizer.decode(observed) == "".join(t.observation for t in traj.turns[:-1])
         assert "```output" in tokenizer.decode(observed)
+
+
+def test_an_error_on_one_rank_ends_the_torchrun_job_at_once(sft_model, tmp_path):
+    """Under torchrun, an exception on rank 1 in the middle of RL (injected at step 2 by
+    tests/dist_fail.py) ends the job with a non-zero status and the error in the log, instead of
+    rank 0 waiting in a collective for the other rank (gloo's timeout is 30 minutes)."""
+    done = run_script(torchrun("tests/dist_fail.py", sft_model, str(tmp_path)), timeout=240)
+    assert done.returncode != 0
+    assert "injected failure on rank 1 at RL step 2" in done.stderr, done.stderr[-3000:]
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1]
