@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import sys
 import zlib
 from dataclasses import dataclass
 
@@ -44,7 +43,7 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    ConfigError, arg, broadcast_object, exit_now, finish, gather_objects, parse_config, setup_distributed,
+    ConfigError, arg, broadcast_object, finish, gather_objects, parse_config, run_command, setup_distributed,
 )  # fmt: skip
 
 
@@ -668,15 +667,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    config = parse_config(Config, "eval.py", __doc__)
-    distributed = "RANK" in os.environ
-    try:
-        main(config)
-    except (ConfigError, data.DataError, OSError) as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank has the same error: say it once
-            print(f"eval.py: error: {e}", file=sys.stderr)
-        if distributed:
-            exit_now(1)
-        sys.exit(1)
-    if distributed:
-        exit_now()
+    # every rank raises the same input error (see on_every_rank): rank 0 says it once
+    run_command(main, parse_config(Config, "eval.py", __doc__), "eval.py", (ConfigError, data.DataError, OSError),
+                same_on_every_rank=True)  # fmt: skip

@@ -8,12 +8,14 @@ torch.distributed set up, used and ended the same way under `python` and `torchr
     world = setup_distributed(cfg.device)   # World(rank 0, size 1) without torchrun
     ...
     finish(world)                           # barrier, then destroy the process group
+    run_command(main, cfg, "train.py", INPUT_ERRORS)   # errors as one line; no hang under torchrun
 """
 
 import argparse
 import dataclasses
 import os
 import sys
+import traceback
 import typing
 from dataclasses import dataclass, field
 
@@ -146,3 +148,31 @@ def exit_now(code=0):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_command(main, cfg, prog, input_errors, same_on_every_rank=False):
+    """main(cfg) as a command. An error in input_errors (bad input) is one line on stderr, no
+    traceback; any other keeps its traceback. Under torchrun a rank that fails leaves at once,
+    without a barrier or the interpreter's teardown: the other ranks may be blocked in a
+    collective that will never complete, and torchrun stops them as soon as one rank has exited
+    with an error (a barrier would wait for gloo's 30-minute timeout). same_on_every_rank: input
+    errors are raised alike by every rank, so rank 0 alone prints them; otherwise each failing
+    rank prints its own, prefixed [rank r]."""
+    rank = os.environ.get("RANK")  # None without torchrun
+    try:
+        main(cfg)
+    except input_errors as e:
+        if rank is None or not same_on_every_rank or rank == "0":
+            prefix = f"[rank {rank}] " if rank is not None and not same_on_every_rank else ""
+            print(f"{prefix}{prog}: error: {e}", file=sys.stderr)
+        if rank is not None:
+            exit_now(1)
+        sys.exit(1)
+    except BaseException:
+        if rank is None:
+            raise
+        print(f"[rank {rank}] {prog} failed:", file=sys.stderr)
+        traceback.print_exc()
+        exit_now(1)
+    if rank is not None:
+        exit_now()

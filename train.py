@@ -32,9 +32,7 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +48,7 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    ConfigError, all_gather_rows, all_reduce, arg, barrier, exit_now, finish, parse_config, setup_distributed,
+    ConfigError, all_gather_rows, all_reduce, arg, barrier, finish, parse_config, run_command, setup_distributed,
 )  # fmt: skip
 
 
@@ -764,7 +762,7 @@ def main(cfg):
     finally:
         pool.close()
         grader.close()
-    finish(world)  # not on an error: the other ranks may be waiting in a collective (see command)
+    finish(world)  # not on an error: the other ranks may be waiting in a collective (see run_command)
 
 
 def run(state, cfg, derived, world, held_out, sft_rows, started):
@@ -844,29 +842,7 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
         raise RuntimeError("parameters differ between ranks after training")
 
 
-def command(cfg):
-    """main(cfg) as a command. Bad input is one error line, no traceback. Under torchrun a rank
-    that fails leaves at once, without a barrier or the interpreter's teardown: the other ranks
-    may be blocked in a collective that will never complete, and torchrun stops them as soon as
-    one rank has exited with an error (a barrier here would wait for gloo's 30-minute timeout)."""
-    distributed = "RANK" in os.environ
-    try:
-        main(cfg)
-    except (ConfigError, data.DataError, FileNotFoundError, OSError) as e:
-        prefix = f"[rank {os.environ['RANK']}] " if distributed else ""
-        print(f"{prefix}train.py: error: {e}", file=sys.stderr)
-        if distributed:
-            exit_now(1)
-        sys.exit(1)
-    except BaseException:
-        if not distributed:
-            raise
-        print(f"[rank {os.environ['RANK']}] train.py failed:", file=sys.stderr)
-        traceback.print_exc()
-        exit_now(1)
-    if distributed:
-        exit_now()
-
+INPUT_ERRORS = (ConfigError, data.DataError, FileNotFoundError, OSError)  # one error line, no traceback
 
 if __name__ == "__main__":
-    command(parse_args())
+    run_command(main, parse_args(), "train.py", INPUT_ERRORS)

@@ -8,6 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import launch
 import train
 from conftest import SMALL
 
@@ -23,4 +24,5 @@ def failing_rl_step(step, state, cfg, derived, world):
 if __name__ == "__main__":
     train.rl_step = failing_rl_step
     model, out_dir = sys.argv[1:3]
-    train.command(train.Config(model=model, sft_steps=0, max_steps=4, out_dir=out_dir, **SMALL))
+    cfg = train.Config(model=model, sft_steps=0, max_steps=4, out_dir=out_dir, **SMALL)
+    launch.run_command(train.main, cfg, "train.py", train.INPUT_ERRORS)
