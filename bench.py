@@ -13,6 +13,7 @@ cost) and the minimum (the cost with the least interference, as timeit recommend
 """
 
 import argparse
+import concurrent.futures
 import ctypes
 import gc
 import json
@@ -493,6 +494,18 @@ REPRO_VARIANTS = {  # name -> train.py flags (everything else: the demo's defaul
 }
 
 
+def in_parallel(args, fn, items):
+    """[fn(*item) for item in items], args.jobs at a time (threads; the work is in subprocesses)."""
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(lambda item: fn(*item), items))
+
+
+def child_env(args):
+    """The environment of train.py and eval.py runs: the cores shared out over --jobs."""
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    return dict(os.environ, OMP_NUM_THREADS=str(threads)) if args.jobs > 1 else None
+
+
 def repro_run(args, variant, seed, start):
     """One train.py RL run from an SFT start (resumed if cut; skipped once summary.json exists)."""
     out = os.path.join(args.out, variant, f"seed{seed}")
@@ -503,9 +516,8 @@ def repro_run(args, variant, seed, start):
                    *REPRO_VARIANTS[variant], *args.train_flags]  # fmt: skip
         started = time.time()
         with open(os.path.join(out, "log.txt"), "a") as log:
-            done = subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(__file__) or "."
-            )
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                  cwd=os.path.dirname(__file__) or ".", env=child_env(args))  # fmt: skip
         if done.returncode:
             sys.exit(f"bench.py repro: {variant} seed {seed} failed; see {out}/log.txt")
         print(f"{variant:<16} seed {seed}: {(time.time() - started) / 60:.1f} min", flush=True)
@@ -526,7 +538,7 @@ def repro_start(args, seed, index):
                    *args.train_flags]  # fmt: skip
         os.makedirs(start, exist_ok=True)
         with open(os.path.join(start, "log.txt"), "a") as log:
-            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(args)).returncode:
                 sys.exit(f"bench.py repro: SFT of seed {seed} failed; see {start}/log.txt")
     return start
 
@@ -600,7 +612,7 @@ def repro_family_accuracy(args, checkpoint, out):
     if not os.path.exists(out):
         command = [sys.executable, "eval.py", "--model", checkpoint, "--data", "toy", "--samples",
                    str(args.eval_samples), "--temperature", "1", "--system_prompt", "none", "--out", out]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
         if done.returncode:
             sys.exit(f"bench.py repro: evaluating {checkpoint} failed: {done.stderr[-2000:]}")
     with open(out) as f:
@@ -645,20 +657,20 @@ def repro_mean_curve(runs, path, fields):
 def repro_by_kind(args, starts):
     """({seed: start's split}, {variant: {seed: final checkpoint's split}}) of two-step and
     one-step held-out accuracy (see repro_family_accuracy)."""
-    start_split = {
-        seed: repro_family_accuracy(args, os.path.join(start, "checkpoints", "step_0"),
-                                    os.path.join(args.out, f"start_seed{seed}_eval.json"))
-        for seed, start in starts.items()
-    }  # fmt: skip
-    finals = {}
-    for variant in args.variants:
-        finals[variant] = {}
-        for seed in args.seeds:
-            run = os.path.join(args.out, variant, f"seed{seed}")
-            checkpoint = os.path.join(run, "checkpoints", f"step_{args.max_steps}")
-            finals[variant][seed] = repro_family_accuracy(
-                args, checkpoint, os.path.join(run, "eval_final.json")
-            )
+    seeds = list(starts)
+    start_split = dict(zip(seeds, in_parallel(args, repro_family_accuracy, [
+        (args, os.path.join(starts[seed], "checkpoints", "step_0"), os.path.join(args.out, f"start_seed{seed}_eval.json"))
+        for seed in seeds
+    ])))  # fmt: skip
+    pairs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    runs = [os.path.join(args.out, variant, f"seed{seed}") for variant, seed in pairs]
+    splits = in_parallel(args, repro_family_accuracy, [
+        (args, os.path.join(run, "checkpoints", f"step_{args.max_steps}"), os.path.join(run, "eval_final.json"))
+        for run in runs
+    ])  # fmt: skip
+    finals = {variant: {} for variant in args.variants}
+    for (variant, seed), split in zip(pairs, splits):
+        finals[variant][seed] = split
     return start_split, finals
 
 
@@ -669,10 +681,12 @@ def bench_repro(args):
     (the seeds' mean curves; needs matplotlib) to --out."""
     import eval as evaluation  # for its plot
 
-    starts = {seed: repro_start(args, seed, k) for k, seed in enumerate(args.seeds)}
+    starts = dict(zip(args.seeds, in_parallel(args, repro_start, [(args, seed, k) for k, seed in enumerate(args.seeds)])))
+    pairs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    finished = dict(zip(pairs, in_parallel(args, repro_run, [(args, v, seed, starts[seed]) for v, seed in pairs])))
     rows, curves = [], []
     for variant in args.variants:
-        runs = [repro_run(args, variant, seed, starts[seed]) for seed in args.seeds]
+        runs = [finished[variant, seed] for seed in args.seeds]
         rows.append(repro_row(variant, runs, args.threshold))
         curves.append(
             repro_mean_curve(runs, os.path.join(args.out, variant, "mean_metrics.jsonl"), evaluation.PLOTTED)
@@ -758,6 +772,8 @@ def main():
     rep.add_argument("--max_steps", type=int, default=40, help="RL steps per run")
     rep.add_argument("--threshold", type=float, default=0.7, help="training accuracy (5-step mean) to reach")
     rep.add_argument("--out", default="runs/repro", help="where the runs and results go")
+    rep.add_argument("--jobs", type=int, default=1,
+                     help="runs at once, the cores shared out among them (OMP_NUM_THREADS); 2 on a 2-core machine")  # fmt: skip
     rep.add_argument("--eval_samples", type=int, default=4,
                      help="samples per held-out problem in the by-kind evaluation of each run (0: skip it)")  # fmt: skip
     rep.add_argument(
@@ -766,6 +782,8 @@ def main():
     args = parser.parse_args()
     if args.bench == "repro":
         args.train_flags = [f for f in args.train_flags if f != "--"]
+        if args.jobs < 1:
+            parser.error(f"--jobs {args.jobs}: must be at least 1")
         if args.starts and len(args.starts) != len(args.seeds):
             parser.error(f"--starts: give one run directory per seed ({len(args.seeds)})")
     benches = {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout,

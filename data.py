@@ -120,11 +120,11 @@ def _toy_problem(family, rng):
         code = f"print(pow({a}, {b}, {m}))"
         return f"What is {a}^{b} mod {m}?", pow(a, b, m), [(code, code.replace("pow", "powmod"))]
     if family == "mul":
-        a, b = r(10**4, 10**6), r(10**4, 10**6)
+        a, b = r(100, 9999), r(100, 9999)
         return f"What is {a} * {b}?", a * b, [(f"print({a} * {b})", f"print({a} * b)")]
     if family == "count":
         x, a, b = r(100, 9999), r(2, 19), r(2, 19)
-        code = f"print(sum(1 for n in range(1, {x + 1}) if n % {a} == 0 or n % {b} == 0))"
+        code = f"print(sum(1 for n in range(1, {x} + 1) if n % {a} == 0 or n % {b} == 0))"  # x as written
         count = sum(1 for n in range(1, x + 1) if n % a == 0 or n % b == 0)
         return (
             f"How many n from 1 to {x} are multiples of {a} or {b}?",
@@ -172,9 +172,10 @@ def toy_problems(n, seed=0, families=TOY_FAMILIES, mistake_rate=0.25):
     return problems
 
 
-def toy_held_out(n, train_size=3000, train_mistake_rate=0.25, seed=1):
+def toy_held_out(n, train_size=3000, train_mistake_rate=0.25, seed=1, exclude=()):
     """The toy task's held-out set: n problems drawn with another seed than training's
     (toy_problems(train_size, 0, mistake_rate=train_mistake_rate)), any that also occur in
-    training removed."""
+    training or in `exclude` (problems, e.g. the held-out set when drawing a validation set) removed."""
     seen = {p["problem"] for p in toy_problems(train_size, seed=0, mistake_rate=train_mistake_rate)}
+    seen |= {p["problem"] for p in exclude}
     return [p for p in toy_problems(n, seed=seed) if p["problem"] not in seen]

@@ -54,10 +54,10 @@ def _tiny_corpus():
         "<|im_start|>user\nWhat is 19^592 mod 1133?<|im_end|>\n<|im_start|>assistant\n",
         "```python\nprint(pow(19, 592, 1133))\n```\n```output\n97\n```\n\\boxed{97}<|im_end|>\n",
         "How many n from 1 to 6319 are multiples of 8 or 5?\n",
-        "```python\nprint(sum(1 for n in range(1, 6320) if n % 8 == 0 or n % 5 == 0))\n```\n",
+        "```python\nprint(sum(1 for n in range(1, 6319 + 1) if n % 8 == 0 or n % 5 == 0))\n```\n",
         "Let x = 51^453 mod 134. What is x * 723?\nLet s be the digit sum of 31^85. What is s * 978?\n",
         "```python\nprint(sum(int(d) for d in str(31 ** 85)))\n```\n```output\n607\n```\n",
-        "```python\nprint(529501 * 807926)\n```\n",
+        "```python\nprint(5295 * 8079)\n```\n",
         'Traceback (most recent call last):\n  File "<cell 1>", line 1, in <module>\n    print(powmod(2, 3))\n',
         "           ^^^^^^\nNameError: name 'powmod' is not defined\n",
     ] * 3

@@ -73,6 +73,9 @@ class Config:
     sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks")
     sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW: 5% warmup, flat, then a cosine tail to 0)")
     sft_decay_start: float = arg(0.7, "fraction of the SFT steps after which the cosine tail starts")
+    sft_check_every: int = arg(250, "SFT steps between greedy checks on the validation problems (0: none)")
+    sft_stop_at: float = arg(0.5, "end SFT at the first check whose greedy validation accuracy reaches this (0: never)")
+    val_size: int = arg(50, "validation problems of the SFT checks (toy: a third draw; files: the first RL problems)")
     # --- RL: sampling
     max_steps: int = arg(40, "RL steps (0: SFT and evaluation only)")
     prompts_per_step: int = arg(16, "problems per RL step, over all ranks")
@@ -141,6 +144,12 @@ def check_config(cfg, world):
         raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
     if not 0 <= cfg.sft_decay_start <= 1:
         raise ConfigError(f"--sft_decay_start {cfg.sft_decay_start}: must be a fraction in [0, 1]")
+    if not 0 <= cfg.sft_stop_at <= 1:
+        raise ConfigError(f"--sft_stop_at {cfg.sft_stop_at}: must be an accuracy in [0, 1]")
+    if cfg.sft_check_every < 0 or cfg.val_size < 0:
+        raise ConfigError(f"--sft_check_every {cfg.sft_check_every}, --val_size {cfg.val_size}: must be >= 0")
+    if cfg.sft_stop_at and not (cfg.sft_check_every and cfg.val_size):
+        raise ConfigError(f"--sft_stop_at {cfg.sft_stop_at}: needs --sft_check_every and --val_size above 0")
     if cfg.temperature <= 0:
         raise ConfigError(f"--temperature {cfg.temperature}: RL samples, so it must be > 0")
     derived = {
@@ -255,7 +264,8 @@ def gradient_sync(wrapped, enabled):
 
 
 def load_data(cfg):
-    """(RL problems, held-out problems, SFT rows). The toy task is the same for every seed."""
+    """(RL problems, held-out problems, validation problems, SFT rows). The toy task is the same
+    for every seed; its validation problems are a third draw, disjoint from the other two."""
     if cfg.data == "toy":
         train = data.toy_problems(cfg.toy_size, seed=0, mistake_rate=cfg.toy_mistake_rate)
     elif cfg.data.startswith("hf:"):
@@ -267,6 +277,12 @@ def load_data(cfg):
         held_out = data.toy_held_out(cfg.eval_size, cfg.toy_size, cfg.toy_mistake_rate)
     elif cfg.eval_data not in ("auto", "", "none"):
         held_out = data.load_problems(cfg.eval_data)[: cfg.eval_size or None]
+    validation = []
+    if cfg.sft_steps and cfg.sft_check_every and cfg.val_size:
+        if cfg.data == "toy":
+            validation = data.toy_held_out(cfg.val_size, cfg.toy_size, cfg.toy_mistake_rate, seed=2, exclude=held_out)
+        else:
+            validation = train[: cfg.val_size]
     sft_rows = []
     if cfg.sft_steps:
         if cfg.sft_data == "toy":
@@ -274,7 +290,7 @@ def load_data(cfg):
             sft_rows = [dict(p, turns=p["teacher"]) for p in toy]
         else:
             sft_rows = data.load_trajectories(cfg.sft_data)
-    return train, held_out, sft_rows
+    return train, held_out, validation, sft_rows
 
 
 def system_prompt(cfg):
@@ -325,8 +341,9 @@ def sft_batches(lengths, batch_size, steps, seed, pool=8):
     return batches[:steps]
 
 
-def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
-    """Cold-start SFT: mean NLL of the assistant's tokens (loss_mask), tool outputs masked."""
+def run_sft(wrapped, tokenizer, trajs, cfg, derived, world, check=None):
+    """Cold-start SFT: mean NLL of the assistant's tokens (loss_mask), tool outputs masked. Every
+    sft_check_every steps, check(step) (the same on every rank) may end it early: the steps done."""
     params = trainable_parameters(wrapped)
     optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
     # Warmup, a long plateau, then a cosine tail: a tiny model learns to copy digits (from the
@@ -343,7 +360,7 @@ def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
     )
     batches = sft_batches([len(t.input_ids) for t in trajs], cfg.sft_batch_size, cfg.sft_steps, cfg.seed)
     bar = tqdm(batches, desc="sft", disable=not world.main, dynamic_ncols=True)
-    for picks in bar:
+    for step, picks in enumerate(bar, start=1):
         local = [
             trajs[k] for k in picks[world.rank * derived["local_sft_batch"] :][: derived["local_sft_batch"]]
         ]
@@ -358,7 +375,23 @@ def run_sft(wrapped, tokenizer, trajs, cfg, derived, world):
         schedule.step()
         nll = all_reduce([float(loss.detach())], world)[0]
         bar.set_postfix(nll=f"{nll:.3f}", gnorm=f"{float(grad_norm):.2f}")
+        if check and cfg.sft_check_every and step % cfg.sft_check_every == 0 and check(step):
+            break
     bar.close()
+    return step
+
+
+def sft_check(step, accuracy, cfg, world):
+    """Whether greedy validation accuracy `accuracy` after `step` SFT steps reaches sft_stop_at,
+    which ends SFT; the check is logged and appended to sft_checks.jsonl. The tiny model learns
+    to copy digits in a sudden, seed-dependent transition: stopping at a fixed competence rather
+    than a fixed step count gives every seed a comparable RL start."""
+    stop = cfg.sft_stop_at > 0 and accuracy >= cfg.sft_stop_at
+    if world.main:
+        tqdm.write(f"sft step {step}: validation greedy accuracy {accuracy:.3f}" + (", end of SFT" if stop else ""))
+        with open(os.path.join(cfg.out_dir, "sft_checks.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "val_greedy": accuracy, "stop": stop}) + "\n")
+    return stop
 
 
 # ---------------------------------------------------------------- one RL step
@@ -739,7 +772,7 @@ def main(cfg):
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), "derived": derived}, f, indent=1)
     started = time.time()
-    problems, held_out, sft_rows = load_data(cfg)
+    problems, held_out, validation, sft_rows = load_data(cfg)
 
     hidden, layers = map(int, cfg.demo_size.split("x"))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -758,14 +791,14 @@ def main(cfg):
     state = {"policy": policy, "tokenizer": tokenizer, "wrapped": wrapped, "problems": problems, "pool": pool,
              "grader": grader, "data_position": 0, "evaluation": {}, "optimizer": None, "scheduler": None}  # fmt: skip
     try:
-        run(state, cfg, derived, world, held_out, sft_rows, started)
+        run(state, cfg, derived, world, held_out, validation, sft_rows, started)
     finally:
         pool.close()
         grader.close()
     finish(world)  # not on an error: the other ranks may be waiting in a collective (see run_command)
 
 
-def run(state, cfg, derived, world, held_out, sft_rows, started):
+def run(state, cfg, derived, world, held_out, validation, sft_rows, started):
     """SFT and the evaluation before RL (once per out_dir: step_0 records them), then RL."""
     policy, tokenizer, wrapped = state["policy"], state["tokenizer"], state["wrapped"]
     done = checkpoint_steps(cfg.out_dir)
@@ -774,9 +807,18 @@ def run(state, cfg, derived, world, held_out, sft_rows, started):
     if not done:
         if cfg.sft_steps:
             trajs = teacher_trajectories(sft_rows, tokenizer, cfg)
+
+            def check(step):
+                accuracy = evaluate(policy, wrapped, tokenizer, validation, cfg, state["pool"], state["grader"],
+                                    world, 0.0)  # fmt: skip
+                policy.train()
+                return sft_check(step, accuracy, cfg, world)
+
             policy.train()
-            run_sft(wrapped, tokenizer, trajs, cfg, derived, world)
-        state["evaluation"] = {
+            state["evaluation"]["sft_steps_done"] = run_sft(
+                wrapped, tokenizer, trajs, cfg, derived, world, check if validation else None
+            )
+        state["evaluation"] |= {
             "before_rl_sampled": evaluate_now(cfg.temperature),
             "before_rl_greedy": evaluate_now(0.0),
         }

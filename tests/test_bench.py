@@ -9,14 +9,14 @@ from conftest import SMALL, run_script
 
 
 def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, tmp_path):
-    """`bench.py repro` runs train.py once per variant and seed from the seed's SFT start (the
-    variant's flags applied), writes a table row per variant, a by-kind table from eval.py on each
+    """`bench.py repro --jobs 2` runs train.py once per variant and seed from the seed's SFT start
+    (the variant's flags applied, two at a time), writes a table row per variant, a by-kind table from eval.py on each
     final checkpoint and the start, and results.json; run again, it trains and evaluates nothing
     and writes the same tables."""
     start = os.path.dirname(os.path.dirname(sft_model))
     small = [f"--{k}={v}" for k, v in SMALL.items()]
     args = [sys.executable, "bench.py", "repro", "--seeds", "0", "--starts", start, "--variants", "grpo",
-            "gtpo_code", "--max_steps", "2", "--eval_samples", "1", "--out", str(tmp_path), "--", *small,
+            "gtpo_code", "--max_steps", "2", "--eval_samples", "1", "--jobs", "2", "--out", str(tmp_path), "--", *small,
             "--eval_size=8"]  # fmt: skip
     first = run_script(args, timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]

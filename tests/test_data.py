@@ -83,3 +83,14 @@ def test_hf_datasets_are_mapped_by_column_and_bad_rows_are_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # an import of it now fails
     with pytest.raises(data.DataError, match="pip install datasets"):
         data.load_hf_dataset("hf:good")
+
+
+def test_toy_held_out_and_validation_sets_are_disjoint_from_training_and_each_other():
+    """The held-out set and the validation set (a third draw that excludes the held-out set)
+    share no problem with the training draw or with each other, and cover every family."""
+    train = {p["problem"] for p in data.toy_problems(3000, seed=0)}
+    held_out = data.toy_held_out(100)
+    validation = data.toy_held_out(50, seed=2, exclude=held_out)
+    held, val = {p["problem"] for p in held_out}, {p["problem"] for p in validation}
+    assert not (held & train) and not (val & train) and not (held & val)
+    assert {p["family"] for p in validation} == set(data.TOY_FAMILIES)

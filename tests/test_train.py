@@ -269,6 +269,33 @@ def test_held_out_accuracy_is_the_mean_over_eval_samples_trajectories_per_proble
     assert greedy == pytest.approx(float(torch.cat([c for _, c in graded]).float().mean()))
 
 
+@pytest.mark.parametrize("stop_at, checks, steps_done", [(0.5, [5, 10], 10), (0.0, [5, 10, 15, 20], 20)])
+def test_sft_ends_at_the_first_check_that_reaches_sft_stop_at(tmp_path, monkeypatch, stop_at, checks, steps_done):
+    """Every sft_check_every SFT steps the greedy accuracy on the validation problems is
+    checked and logged; SFT ends at the first check that reaches sft_stop_at (never when it is
+    0), and summary.json records the steps done."""
+    scripted = iter([0.1, 0.6, 0.2, 0.9])  # the accuracies the checks see, in turn
+    seen = []
+
+    def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, temperature):
+        if not problems:  # eval_size 0: no held-out problems
+            return None
+        seen.append(([p["id"] for p in problems], temperature))
+        return next(scripted)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    cfg = train.Config(out_dir=str(tmp_path), sft_steps=20, sft_check_every=5, sft_stop_at=stop_at, val_size=6,
+                       max_steps=0, **SMALL)  # fmt: skip
+    train.main(cfg)
+    records = [json.loads(line) for line in open(tmp_path / "sft_checks.jsonl")]
+    assert [r["step"] for r in records] == checks
+    assert [r["stop"] for r in records] == [False] * (len(checks) - 1) + [stop_at > 0]
+    assert [r["val_greedy"] for r in records] == [0.1, 0.6, 0.2, 0.9][: len(checks)]
+    validation = [p["id"] for p in data.toy_held_out(6, cfg.toy_size, seed=2)]
+    assert seen == [(validation, 0.0)] * len(checks), "greedy, on the validation problems"
+    assert json.load(open(tmp_path / "summary.json"))["sft_steps_done"] == steps_done
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -279,6 +306,8 @@ def test_held_out_accuracy_is_the_mean_over_eval_samples_trajectories_per_proble
         (["--no_such_flag", "1"], r"unrecognized arguments: --no_such_flag 1"),
         (["--sft_decay_start", "1.5"], r"--sft_decay_start 1.5: must be a fraction in \[0, 1\]"),
         (["--eval_samples", "0"], r"--eval_samples 0: must be at least 1"),
+        (["--sft_stop_at", "1.5"], r"--sft_stop_at 1.5: must be an accuracy in \[0, 1\]"),
+        (["--sft_stop_at", "0.5", "--sft_check_every", "0"], r"--sft_stop_at 0.5: needs --sft_check_every"),
     ],
 )
 def test_bad_input_is_one_error_line_without_a_traceback(tmp_path, flags, message):
