@@ -770,7 +770,7 @@ def main():
     rep.add_argument("--variants", nargs="+", default=list(REPRO_VARIANTS), choices=list(REPRO_VARIANTS),
                      help="which runs")  # fmt: skip
     rep.add_argument("--max_steps", type=int, default=40, help="RL steps per run")
-    rep.add_argument("--threshold", type=float, default=0.7, help="training accuracy (5-step mean) to reach")
+    rep.add_argument("--threshold", type=float, default=0.5, help="training accuracy (5-step mean) to reach")
     rep.add_argument("--out", default="runs/repro", help="where the runs and results go")
     rep.add_argument("--jobs", type=int, default=1,
                      help="runs at once, the cores shared out among them (OMP_NUM_THREADS); 2 on a 2-core machine")  # fmt: skip

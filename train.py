@@ -389,7 +389,8 @@ def sft_check(step, accuracy, cfg, world):
     stop = cfg.sft_stop_at > 0 and accuracy >= cfg.sft_stop_at
     if world.main:
         tqdm.write(f"sft step {step}: validation greedy accuracy {accuracy:.3f}" + (", end of SFT" if stop else ""))
-        with open(os.path.join(cfg.out_dir, "sft_checks.jsonl"), "a") as f:
+        mode = "w" if step == cfg.sft_check_every else "a"  # SFT restarted from scratch starts the file again
+        with open(os.path.join(cfg.out_dir, "sft_checks.jsonl"), mode) as f:
             f.write(json.dumps({"step": step, "val_greedy": accuracy, "stop": stop}) + "\n")
     return stop
 
