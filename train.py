@@ -375,7 +375,7 @@ def run_sft(wrapped, tokenizer, trajs, cfg, derived, world, check=None):
         schedule.step()
         nll = all_reduce([float(loss.detach())], world)[0]
         bar.set_postfix(nll=f"{nll:.3f}", gnorm=f"{float(grad_norm):.2f}")
-        if check and cfg.sft_check_every and step % cfg.sft_check_every == 0 and check(step):
+        if check and step % cfg.sft_check_every == 0 and check(step):  # check exists only when sft_check_every > 0
             break
     bar.close()
     return step
