@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+from transformers import GenerationConfig
 
 import gtpo
 import model
@@ -283,9 +284,10 @@ def _bench_rollout_speed(policy, tokenizer, problems, args):
                 rates.setdefault(label, []).append((tokens, seconds, turns))
             per_row = max(1, tokens // len(prompts))
             ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
-            plain = rollout.sampling_config(  # the rollout's own sampling settings, no stopping
-                cfg, max_new_tokens=per_row, min_new_tokens=per_row, pad_token_id=tokenizer.pad_token_id
-            )
+            plain = GenerationConfig(  # transformers' own sampler at the same temperature, no stopping
+                do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_k=0, max_new_tokens=per_row,
+                min_new_tokens=per_row, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
             start = time.perf_counter()
             policy.generate(input_ids=ids, attention_mask=mask, generation_config=plain)
             rates.setdefault("plain model.generate, same tokens", []).append(
@@ -396,10 +398,20 @@ def bench_rewards(args):
     print("vs rollout = shaping time per trajectory / rollout time per trajectory")
 
 
+STEP_VARIANTS = {  # label -> (train.Config overrides, always_old_logprobs)
+    "gtpo": ({}, False),  # one optimizer step: the old-log-prob pass is skipped
+    "gtpo, old pass": ({}, True),  # the same step with the separate no-grad pass
+    "gtpo, 4 mini": ({"mini_batch_size": -4}, False),  # -4: a quarter of the batch per optimizer step
+    "grpo": ({"algo": "grpo"}, False),
+}
+
+
 def bench_step(args):
     """One RL step of train.py, split into rollout, rewards (grading, shaping, advantages), old
-    log-probs and update, for GTPO and GRPO on the same rollouts from the same weights. (This
-    imports train.py's step functions, so that it times exactly the code that trains.)"""
+    log-probs and update, on the same rollouts from the same weights: GTPO with its one optimizer
+    step (no old-log-prob pass), the same with the pass forced, GTPO with 4 mini-batches (4
+    optimizer steps; the pass needed), and GRPO. (This imports train.py's step functions, so that
+    it times exactly the code that trains.)"""
     import dataclasses
 
     import data
@@ -419,7 +431,8 @@ def bench_step(args):
     prompts = [model.chat_prompt_ids(tokenizer, p["problem"], train.system_prompt(cfg)) for p in problems]
     group_index = torch.arange(args.prompts).repeat_interleave(args.group_size)
     golds = [p["answer"] for p in problems for _ in range(args.group_size)]
-    run_cfg = rollout.RolloutConfig(cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature)
+    run_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
+                                    max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature)  # fmt: skip
     with sandbox.Pool(max_workers=8, timeout=10) as pool, torch.no_grad():
         policy.eval()
         start = time.perf_counter()  # train.py starts the next step's sandboxes during the update
@@ -431,12 +444,14 @@ def bench_step(args):
         )
         t_rollout = time.perf_counter() - start
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
-    times = {algo: {"rewards": [], "old_logp": [], "update": []} for algo in ("gtpo", "grpo")}
+    times = {label: {"rewards": [], "old_logp": [], "update": []} for label in STEP_VARIANTS}
     trained_rows = {}
     grader = rewards.Grader()
     for _ in range(args.rounds):
-        for algo in ("gtpo", "grpo"):
-            run = dataclasses.replace(cfg, algo=algo)
+        for label, (overrides, always_old) in STEP_VARIANTS.items():
+            if overrides.get("mini_batch_size", 0) < 0:
+                overrides = dict(overrides, mini_batch_size=len(trajs) // -overrides["mini_batch_size"])
+            run = dataclasses.replace(cfg, **overrides)
             policy.load_state_dict(initial)
             policy.train()
             wrapped = train.wrap(policy, run, world)
@@ -446,38 +461,35 @@ def bench_step(args):
             scored = train.score(
                 trajs, golds, group_index, run, train.check_config(run, world), grader, embedder, world
             )
-            times[algo]["rewards"].append(time.perf_counter() - start)
+            times[label]["rewards"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            _, t_old = train.update(wrapped, optimizer, trajs, scored["turn_advantages"], scored["trained"], run,
-                                    world, tokenizer.pad_token_id)  # fmt: skip
-            times[algo]["old_logp"].append(t_old)
-            times[algo]["update"].append(time.perf_counter() - start - t_old)
-            trained_rows[algo] = int(scored["trained"].sum())
+            _, t_old = train.update(wrapped, optimizer, trajs, turn_advantages=scored["turn_advantages"],
+                                    trained=scored["trained"], counted=scored["counted"], cfg=run, world=world,
+                                    pad=tokenizer.pad_token_id, always_old_logprobs=always_old)  # fmt: skip
+            times[label]["old_logp"].append(t_old)
+            times[label]["update"].append(time.perf_counter() - start - t_old)
+            trained_rows[label] = int(scored["trained"].sum())
     grader.close()
     turns = sum(len(t.turns) for t in trajs) / len(trajs)
     print(f"{len(trajs)} trajectories ({args.prompts} problems x {args.group_size}), {turns:.2f} turns each; "
-          f"rollout (shared by both, sandboxes started) {t_rollout:.2f} s; starting the {len(trajs)} "
+          f"rollout (shared by all, sandboxes started) {t_rollout:.2f} s; starting the {len(trajs)} "
           f"sandboxes {t_sandboxes:.2f} s (train.py overlaps it with the update)")  # fmt: skip
-    print(
-        f"{'':10}{'rewards':>10}{'old logp':>10}{'update':>10}{'step':>10}{'trained rows':>14}   (median s, {args.rounds} rounds)"
-    )
+    print(f"{'':16}{'rewards':>10}{'old logp':>10}{'update':>10}{'step':>10}{'trained rows':>14}"
+          f"   (median s, {args.rounds} rounds)")  # fmt: skip
     step = {}
-    for algo in ("gtpo", "grpo"):
-        parts = [statistics.median(times[algo][k]) for k in ("rewards", "old_logp", "update")]
-        step[algo] = t_rollout + sum(parts)
-        print(
-            f"{algo:<10}"
-            + "".join(f"{p:>10.3f}" for p in parts)
-            + f"{step[algo]:>10.2f}{trained_rows[algo]:>14}"
-        )
+    for label in STEP_VARIANTS:
+        parts = [statistics.median(times[label][k]) for k in ("rewards", "old_logp", "update")]
+        step[label] = t_rollout + sum(parts)
+        print(f"{label:<16}" + "".join(f"{p:>10.3f}" for p in parts) + f"{step[label]:>10.2f}{trained_rows[label]:>14}")
+    learn = {label: sum(statistics.median(times[label][k]) for k in ("old_logp", "update")) for label in times}
+    print(f"old logp + update: skipping the old-log-prob pass saves {1 - learn['gtpo'] / learn['gtpo, old pass']:.1%} "
+          f"({learn['gtpo']:.3f} s against {learn['gtpo, old pass']:.3f} s); 4 mini-batches take "
+          f"{learn['gtpo, 4 mini'] / learn['gtpo']:.2f}x the one-step update")  # fmt: skip
     reward_extra = statistics.median(times["gtpo"]["rewards"]) - statistics.median(times["grpo"]["rewards"])
     print(f"GTPO/GRPO step time: {step['gtpo'] / step['grpo']:.3f}; GTPO's extra reward work "
-          f"(turn rewards, shaping, returns): {100 * reward_extra / step['grpo']:+.2f}% of GRPO's step")  # fmt: skip
-    per_row = {a: sum(statistics.median(times[a][k]) for k in ("old_logp", "update")) / max(trained_rows[a], 1)
-               for a in times}  # fmt: skip
-    print(f"old logp + update per trained row: GTPO {1e3 * per_row['gtpo']:.2f} ms, GRPO "
-          f"{1e3 * per_row['grpo']:.2f} ms. The update differs in size where the two train different rows: "
-          "groups whose advantages are all zero are skipped.")  # fmt: skip
+          f"(turn rewards, shaping, returns): {100 * reward_extra / step['grpo']:+.2f}% of GRPO's step. The "
+          "updates differ in size where the two train different rows: groups whose advantages are all "
+          "zero get no forward pass.")  # fmt: skip
 
 
 # ---------------------------------------------------------------- the paper's claims in miniature
@@ -752,7 +764,8 @@ def main():
     rew.add_argument("--group_size", type=int, default=8, help="trajectories per problem (G)")
     rew.add_argument("--rollout_n", type=int, default=64, help="trajectories in the timed rollout step")
     rew.add_argument("--hidden_size", type=int, default=256, help="width of the demo model")
-    stp = sub.add_parser("step", help="one RL step's time split, GTPO vs GRPO on the same rollouts")
+    stp = sub.add_parser("step", help="one RL step's time split: GTPO with and without the old-log-prob pass, "
+                         "with 4 mini-batches, and GRPO, on the same rollouts")  # fmt: skip
     stp.add_argument(
         "--model", default="demo", help="'demo' (SFT'd first, see --sft_steps) or a checkpoint directory"
     )
@@ -762,7 +775,7 @@ def main():
     stp.add_argument("--prompts", type=int, default=16, help="problems in the step")
     stp.add_argument("--group_size", type=int, default=8, help="trajectories per problem (G)")
     stp.add_argument("--micro_batch_size", type=int, default=16, help="trajectories per forward/backward")
-    stp.add_argument("--rounds", type=int, default=3, help="rounds alternating GTPO and GRPO")
+    stp.add_argument("--rounds", type=int, default=3, help="rounds alternating the variants")
     rep = sub.add_parser("repro", help="the paper's comparisons in miniature: GRPO, shaping, gamma")
     rep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each its own SFT start)")
     rep.add_argument("--starts", nargs="*", default=[], help="a run directory per seed to start RL from "

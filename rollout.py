@@ -7,7 +7,9 @@ back inline as an ```output block, tokenised once. Sampled token ids are kept ex
 sampled and never re-tokenised, so `loss_mask` (True exactly for sampled tokens) and
 `token_turn` (the 0-based turn of each sampled token, -1 elsewhere) are the generator's own record.
 
-All unfinished rows sample their next turn in one batch (left-padded). With kv_reuse (the
+All unfinished rows of a batch (RolloutConfig.batch_size prompts) sample their next turn in one
+generate call (left-padded); each row samples from its own seeded stream (SeededSampler), so
+the batch size changes memory and speed, not the trajectories. With kv_reuse (the
 default), a turn continues from the previous turn's KV cache: only the observation tokens are
 encoded, appended after the cached rows with masked padding between (positions follow the
 attention mask, so the gaps do not shift them); without it, each turn re-encodes every row's
@@ -22,7 +24,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TopPLogitsWarper,
+)  # fmt: skip
 
 import sandbox
 
@@ -41,6 +45,7 @@ class RolloutConfig:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling; 1.0 samples from the full distribution
     record_logprobs: bool = False  # keep the sampler's own log-probs (memory: a (B, V) per step)
+    batch_size: int = 0  # trajectories generated at once (0: all); bounds the KV cache
     kv_reuse: bool = True  # continue each turn from the previous turn's KV cache (see bench.py rollout)
 
 
@@ -141,23 +146,52 @@ def left_pad(segments, pad):
 
 
 def sampling_config(cfg, **settings):
-    """A GenerationConfig sampling with cfg's temperature and top_p and nothing else, plus `settings`.
-
-    Every other sampling setting is explicit and neutral: a None would be filled from the
-    checkpoint's generation_config (Qwen2.5: top_k=20, repetition_penalty=1.05), and the tokens
-    would come from another distribution than the one the loss assumes.
+    """A GenerationConfig that takes the argmax of the scores the logits processors leave, plus
+    `settings`. Sampling is SeededSampler's (a processor), so every other setting is explicit and
+    neutral: a None would be filled from the checkpoint's generation_config (Qwen2.5: top_k=20,
+    repetition_penalty=1.05), and the tokens would come from another distribution than the one
+    the loss assumes.
     """
-    greedy = cfg.temperature == 0
     return GenerationConfig(
-        do_sample=not greedy, temperature=1.0 if greedy else cfg.temperature,
-        top_p=1.0 if greedy else cfg.top_p, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+        do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
         eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, **settings,
     )  # fmt: skip
 
 
-def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache=None):
+def row_seed(seed, position):
+    """The seed of a row's draw at a sequence position (64-bit mix; an int for torch.Generator)."""
+    return (seed * 6364136223846793005 + position * 1442695040888963407 + 1) % (2**63)
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples each row from softmax(logits / temperature), cut to the top_p nucleus, with its own
+    random stream, by the Gumbel-max trick: argmax(scores + g), g = -log(-log(u)), u ~ U(0, 1)
+    per vocabulary entry, is a sample of softmax(scores). The u of a row at sequence position t
+    come from a generator seeded with (the row's seed, t), so a row's tokens do not depend on
+    which rows share its batch, how many there are, or how long the others run (rollouts are the
+    same whatever RolloutConfig.batch_size or the number of ranks, up to float rounding of the
+    batched forward)."""
+
+    def __init__(self, seeds, lengths, width, temperature, top_p):
+        self.seeds, self.lengths, self.width = seeds, lengths, width  # lengths: real tokens at the call
+        self.temperature, self.top_p = temperature, TopPLogitsWarper(top_p) if top_p < 1 else None
+
+    def __call__(self, input_ids, scores):
+        scores = scores.float() / self.temperature  # (B, V)
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        step = input_ids.shape[1] - self.width
+        gumbel = torch.empty_like(scores)
+        for row, (seed, length) in enumerate(zip(self.seeds, self.lengths)):
+            g = torch.Generator(scores.device).manual_seed(row_seed(seed, length + step))
+            gumbel[row] = torch.rand(scores.shape[1], generator=g, device=scores.device)
+        return scores - torch.log(-torch.log(gumbel))  # u = 0 gives -inf: never picked
+
+
+def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache=None, seeds=None):
     """Sample one turn for each row of a left-padded batch (B, W), continuing from `cache` (the
-    KV cache of all but the last of those W positions) when given.
+    KV cache of all but the last of those W positions) when given; seeds: one per row (ignored
+    when greedy).
 
     Returns (rows, state): rows[b] = (ids, stop, logps) with stop in {"fence", "eos", "length"}
     and ids exactly the sampled tokens, padding removed; state = (sequences, mask, cache) to
@@ -168,6 +202,10 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None})
     stop = CodeBlockStop(tokenizer, W, B, model.device)
     greedy = cfg.temperature == 0
+    sampler = []
+    if not greedy:
+        lengths = attention_mask.sum(dim=1).tolist()
+        sampler = [SeededSampler(seeds, lengths, W, cfg.temperature, cfg.top_p)]
     generation = sampling_config(
         cfg, max_new_tokens=max(budgets), eos_token_id=eos_ids, pad_token_id=pad,
         return_dict_in_generate=True, output_logits=cfg.record_logprobs,
@@ -178,7 +216,7 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     out = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
         past_key_values=cache, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
-        synced_gpus=False,
+        logits_processor=LogitsProcessorList(sampler), synced_gpus=False,
     )  # fmt: skip
     new = out.sequences[:, W:].tolist()  # (B, steps)
     mask = torch.cat([attention_mask, torch.ones(B, len(new[0]), dtype=torch.long)], dim=1)  # (B, W + steps)
@@ -214,13 +252,26 @@ def observation_text(turn_text, result, max_chars=4096):
     return ("" if turn_text.endswith("\n") else "\n") + f"```output\n{out}\n```\n"
 
 
-def rollout(model, tokenizer, prompts, pool, cfg):
+def rollout(model, tokenizer, prompts, pool, cfg, seeds=None):
     """Run every prompt (a list of token ids) to the end: a final answer, no answer, max_turns or
-    max_total_tokens. Each trajectory gets its own sandbox session from pool. Returns trajectories
-    in prompt order."""
+    max_total_tokens, cfg.batch_size prompts at a time (all at once when 0). Each trajectory gets
+    its own sandbox session from pool and, when sampling, its own random stream: seeds holds one
+    int per prompt (drawn from torch's global RNG when None), so the result does not depend on
+    the batch size (see SeededSampler). Returns trajectories in prompt order."""
     for k, p in enumerate(prompts):
         if len(p) >= cfg.max_total_tokens:
             raise ValueError(f"prompt {k} has {len(p)} tokens; max_total_tokens is {cfg.max_total_tokens}")
+    if seeds is None:
+        seeds = torch.randint(2**62, (len(prompts),)).tolist() if cfg.temperature > 0 else [0] * len(prompts)
+    size = cfg.batch_size or len(prompts)
+    trajs = []
+    for s in range(0, len(prompts), size):
+        trajs += rollout_batch(model, tokenizer, prompts[s : s + size], pool, cfg, seeds[s : s + size])
+    return trajs
+
+
+def rollout_batch(model, tokenizer, prompts, pool, cfg, seeds):
+    """rollout() of prompts generated together, all unfinished rows in one generate call per turn."""
     trajs = [Trajectory.start(p) for p in prompts]
     sessions = [pool.session(start=True) for _ in prompts]  # warm up while turn 1 is sampled
     pending = {}  # trajectory -> observation tokens to feed before its next turn
@@ -246,7 +297,8 @@ def rollout(model, tokenizer, prompts, pool, cfg):
                 new_ids, new_mask = left_pad([pending[i] for i in active], tokenizer.pad_token_id)
                 input_ids = torch.cat([sequences[keep], new_ids], dim=1)
                 attention_mask = torch.cat([mask[keep], new_mask], dim=1)
-            sampled, state = generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache)
+            sampled, state = generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache,
+                                           seeds=[seeds[i] for i in active])  # fmt: skip
             state, state_rows = (state, active) if cfg.kv_reuse else (None, [])
             calls = []
             for i, (ids, reason, logps) in zip(active, sampled):

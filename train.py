@@ -11,9 +11,11 @@ steps -> held-out evaluation -> summary.json. One RL step (rl_step):
     2. rollout       group_size multi-turn trajectories per problem (rollout.py, sandbox.py)
     3. rewards       grading, shaping, the turn reward matrix (rewards.py)
     4. advantages    returns and normalisation over every rank's batch (gtpo.py)
-    5. old log-probs under the policy that sampled, with no gradient
-    6. update        ppo_epochs passes over micro-batches: policy_loss with the global token
-                     count, gradients summed over micro-batches and ranks, clipped, AdamW
+    5. old log-probs under the policy that sampled, at the sampling temperature, no gradient
+                     (skipped when the batch gets a single optimizer step: the ratio is then 1)
+    6. update        ppo_epochs passes over the mini-batches, an AdamW step each: policy_loss
+                     over micro-batches with the mini-batch's global token count, gradients
+                     summed over micro-batches and ranks, clipped
 
 Under torchrun each rank owns whole problem groups; the model is wrapped in DDP (or FSDP2's
 fully_shard), gradient sync is exact (every loss is divided by the global count of trained
@@ -26,6 +28,7 @@ Shapes: N trajectories on this rank, G group size, K max turns, L tokens.
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -83,8 +86,10 @@ class Config:
     max_turns: int = arg(4, "model turns per trajectory (K)")
     max_turn_tokens: int = arg(64, "tokens sampled per turn at most")
     max_total_tokens: int = arg(320, "prompt + turns + tool outputs, per trajectory")
-    temperature: float = arg(1.0, "sampling temperature of RL rollouts")
+    temperature: float = arg(1.0, "sampling temperature of RL rollouts (every log-prob of the loss uses it too)")
     top_p: float = arg(1.0, "nucleus sampling of RL rollouts")
+    rollout_batch_size: int = arg(0, "trajectories generated at once per rank (0: all); bounds the KV cache, "
+                                  "not the result (each trajectory samples from its own seeded stream)")
     # --- RL: rewards and advantages
     algo: str = arg("gtpo", "gtpo (turn rewards, returns, shaping) or grpo (the preset baseline)")
     gamma: float = arg(0.9, "discount of turn rewards in the returns")
@@ -98,8 +103,13 @@ class Config:
     warmup_steps: int = arg(3, "RL steps of linear learning-rate warmup")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    ppo_epochs: int = arg(1, "optimizer steps per RL batch (each a pass over all micro-batches)")
-    micro_batch_size: int = arg(16, "trajectories per forward/backward (gradient accumulation)")
+    mini_batch_size: int = arg(0, "trajectories per optimizer step, over all ranks (0: the whole batch); "
+                               "divides prompts_per_step x group_size, a multiple of the ranks")
+    ppo_epochs: int = arg(1, "passes over the mini-batches per RL batch (an optimizer step per mini-batch)")
+    micro_batch_size: int = arg(16, "trajectories per forward/backward on a rank (gradient accumulation)")
+    loss_denominator: str = arg("sampled", "what token-mean divides by: 'sampled', every sampled token of the "
+                                "mini-batch (as TRL and verl); 'signal', only tokens of groups with a "
+                                "non-zero advantage (a larger step when many groups have none)")
     clip_low: float = arg(0.2, "PPO clip below 1")
     clip_high: float = arg(0.2, "PPO clip above 1")
     loss_agg: str = arg("token-mean", "token-mean, seq-mean-token-mean, or seq-mean-token-sum-norm")
@@ -124,7 +134,7 @@ def parse_args(argv=None):
 def check_config(cfg, world):
     """Derived values, computed and checked in one place."""
     choices = {"algo": ("gtpo", "grpo"), "shaping": ("code", "text", "none"), "adv_norm": gtpo.MODES,
-               "loss_agg": gtpo.AGGREGATIONS, "parallel": ("ddp", "fsdp"), "device": ("auto", "cuda", "cpu")}  # fmt: skip
+               "loss_agg": gtpo.AGGREGATIONS, "loss_denominator": ("sampled", "signal"), "parallel": ("ddp", "fsdp"), "device": ("auto", "cuda", "cpu")}  # fmt: skip
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name} {getattr(cfg, name)!r}: must be one of {', '.join(allowed)}")
@@ -152,10 +162,19 @@ def check_config(cfg, world):
         raise ConfigError(f"--sft_stop_at {cfg.sft_stop_at}: needs --sft_check_every and --val_size above 0")
     if cfg.temperature <= 0:
         raise ConfigError(f"--temperature {cfg.temperature}: RL samples, so it must be > 0")
+    if cfg.rollout_batch_size < 0:
+        raise ConfigError(f"--rollout_batch_size {cfg.rollout_batch_size}: must be >= 0 (0: all at once)")
+    batch = cfg.prompts_per_step * cfg.group_size
+    if cfg.mini_batch_size and (cfg.mini_batch_size < 0 or batch % cfg.mini_batch_size or cfg.mini_batch_size % world.size):
+        raise ConfigError(
+            f"--mini_batch_size {cfg.mini_batch_size}: must divide the batch of {batch} trajectories "
+            f"(prompts_per_step x group_size) and be a multiple of the {world.size} ranks"
+        )
     derived = {
         "world_size": world.size,
         "local_prompts": cfg.prompts_per_step // world.size,  # problems (groups) per rank per step
         "local_trajectories": cfg.prompts_per_step // world.size * cfg.group_size,  # N
+        "minibatches": batch // cfg.mini_batch_size if cfg.mini_batch_size else 1,  # optimizer steps per epoch
         "local_sft_batch": cfg.sft_batch_size // world.size,
         "shaped": cfg.algo == "gtpo" and cfg.shaping != "none" and cfg.alpha > 0,
         "system_prompt": system_prompt(cfg),  # resolved; eval.py reads it from config.json
@@ -176,9 +195,9 @@ class LogProbs(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, temperature=1.0):
         with compute_dtype(input_ids.device):
-            return policies.token_logprobs(self.policy, input_ids, attention_mask)  # (B, L)
+            return policies.token_logprobs(self.policy, input_ids, attention_mask, temperature=temperature)  # (B, L)
 
 
 def compute_dtype(device):
@@ -400,9 +419,11 @@ def sft_check(step, accuracy, cfg, world):
 
 def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
     """Rewards and advantages of this rank's trajectories: a dict of (N,) correct, outcomes,
-    infra, format_errors, trained and (N, K) turn_rewards, returns, turn_advantages.
+    infra, format_errors, trained, counted and (N, K) turn_rewards, returns, turn_advantages.
     Normalisation sees every rank's rows (so adv_norm="batch" is exact too). trained is False
-    for rows of groups whose advantages are all zero and rows with a sandbox failure."""
+    for rows of groups whose advantages are all zero and rows with a sandbox failure; counted
+    (the rows whose tokens the loss divides by) is every row but sandbox failures, or the
+    trained rows with --loss_denominator signal."""
     N, K = len(trajs), cfg.max_turns
     correct = rewards.grade(trajs, golds, grader)  # (N,)
     infra = torch.tensor(
@@ -434,10 +455,11 @@ def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
     live_group = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_put_(
         (group_index,), signal, accumulate=True
     )
-    trained = live_group[group_index] & ~infra  # (N,) rows that take part in the loss
+    trained = live_group[group_index] & ~infra  # (N,) rows that get forward passes
+    counted = trained if cfg.loss_denominator == "signal" else ~infra  # (N,) rows in the denominator
     total_reward = turn_rewards.sum(dim=1) if cfg.algo == "gtpo" else trajectory_reward  # (N,)
     return {
-        "trained": trained, "total_reward": total_reward,
+        "trained": trained, "counted": counted, "total_reward": total_reward,
         "correct": correct, "outcomes": outcomes, "infra": infra, "format_errors": format_errors,
         "turn_rewards": turn_rewards, "returns": returns, "turn_advantages": turn_advantages,
     }  # fmt: skip
@@ -458,70 +480,128 @@ def micro_batches(batch, size, trim, count):
             yield None, mb
 
 
-def old_logprobs(wrapped, batch, size, trim, count):
-    """log-probs of the sampled tokens under the current policy, no gradient: (n, L), 0 beyond
-    each micro-batch's width."""
+def old_logprobs(wrapped, batch, size, trim, count, temperature):
+    """log-probs of the sampled tokens under the current policy at the sampling temperature, no
+    gradient: (n, L), 0 beyond each micro-batch's width."""
     out = torch.zeros(batch["input_ids"].shape, device=batch["input_ids"].device)
     with torch.no_grad():
         for s, mb in micro_batches(batch, size, trim, count):
-            logp = wrapped(mb["input_ids"], mb["attention_mask"])
+            logp = wrapped(mb["input_ids"], mb["attention_mask"], temperature=temperature)
             if s is not None:
                 out[s : s + size, : logp.shape[1]] = logp
     return out
 
 
-def update(wrapped, optimizer, trajs, turn_advantages, trained, cfg, world, pad, ref=None):
-    """ppo_epochs optimizer steps on this rank's trajectories (with every rank's gradients).
+@dataclass
+class MiniBatch:
+    """The rows of one optimizer step on this rank, and the global counts its loss divides by."""
 
-    Only rows with trained True take part (groups whose advantages are all zero contribute
-    nothing: they are dropped before any forward pass and do not count in num_tokens).
-    Returns (stat sums, seconds spent on old log-probs); a non-finite gradient norm skips the
-    optimizer step with a warning, on every rank alike.
+    batch: dict  # collated trained rows, longest first, with their (n, L) token advantages
+    num_tokens: float  # the denominator: sampled tokens of its counted rows, over all ranks
+    num_seqs: float  # counted rows with a sampled token, over all ranks
+    trained_tokens: float  # sampled tokens of its trained rows, over all ranks (0: nothing to do)
+    count: int  # micro-batches, the same on every rank
+
+
+def plan_minibatches(trajs, turn_advantages, trained, counted, cfg, world, pad):
+    """This rank's rows in the step's mini-batches: row i goes to mini-batch i mod M (M = the global
+    batch / mini_batch_size). A rank holds a multiple of M rows, so global row r * N + i lands in
+    the same mini-batch as local row i: the mini-batches are the same sets of trajectories
+    whatever the number of ranks, and each sees every group. Only trained rows get forward
+    passes; counted rows (trained or not) make up the denominator."""
+    N = len(trajs)
+    M = N * world.size // cfg.mini_batch_size if cfg.mini_batch_size else 1
+    assert N % M == 0, f"{N} rows per rank do not split into {M} mini-batches"
+    sampled = [sum(t.loss_mask) for t in trajs]
+    members = [range(k, N, M) for k in range(M)]
+    rows = [sorted((i for i in m if trained[i]), key=lambda i: -len(trajs[i].input_ids)) for m in members]
+    counts = [[sum(sampled[i] for i in m if counted[i]), sum(1 for i in m if counted[i] and sampled[i]),
+               sum(sampled[i] for i in r)] for m, r in zip(members, rows)]  # fmt: skip
+    totals = all_reduce([x for c in counts for x in c], world)
+    micro = all_reduce([math.ceil(len(r) / cfg.micro_batch_size) for r in rows], world, dist.ReduceOp.MAX)
+    plan = []
+    for k, r in enumerate(rows):
+        batch = {key: v.to(world.device) for key, v in rollout.collate([trajs[i] for i in r or [0]], pad).items()}
+        advantages = turn_advantages[r] if r else torch.zeros_like(turn_advantages[:1])  # (n, K)
+        batch["advantages"] = gtpo.token_advantages(advantages.to(world.device), batch["token_turn"])  # (n, L)
+        if not r:  # a stand-in row that keeps this rank in the collectives and trains nothing
+            batch["loss_mask"][:] = False
+        num_tokens, num_seqs, trained_tokens = totals[3 * k : 3 * k + 3]
+        plan.append(MiniBatch(batch, num_tokens, num_seqs, trained_tokens, int(micro[k])))
+    return plan
+
+
+def needs_old_logprobs(cfg, minibatches):
+    """Whether a separate no-gradient pass must score the sampled tokens. With exactly one
+    optimizer step per batch the policy trained is the one that sampled: the ratio is 1 by
+    construction and the trained pass's own log-probs, detached, are the old ones."""
+    return minibatches * cfg.ppo_epochs > 1
+
+
+def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg, world, pad, ref=None,
+           always_old_logprobs=False):  # fmt: skip
+    """ppo_epochs passes over the mini-batches of this rank's trajectories, one optimizer step per
+    mini-batch (with every rank's gradients).
+
+    trained (N,): rows that get forward passes (groups whose advantages are all zero have a loss
+    of exactly 0 and are left out); counted (N,): rows whose sampled tokens make up each
+    mini-batch's denominator (by default every row but sandbox failures, as TRL and verl count).
+    Old log-probs are computed once, before the first optimizer step (skipped when there is only
+    one, see needs_old_logprobs). A mini-batch with no trained token on any rank takes no step.
+    Returns (stat sums: means over the optimizer steps taken, seconds spent on old and reference
+    log-probs); a non-finite gradient norm skips the optimizer step with a warning, on every
+    rank alike.
     """
-    keep = sorted(torch.nonzero(trained).flatten().tolist(), key=lambda i: -len(trajs[i].input_ids))
-    rows, advantages = [trajs[i] for i in keep], turn_advantages[keep]  # longest first; (n, K)
-    if not rows:  # keep this rank in the collectives: one row with nothing trained
-        rows, advantages = trajs[:1], torch.zeros_like(turn_advantages[:1])
-    batch = {k: v.to(world.device) for k, v in rollout.collate(rows, pad).items()}
-    batch["advantages"] = gtpo.token_advantages(advantages.to(world.device), batch["token_turn"])  # (n, L)
-    if not trained.any():
-        batch["loss_mask"][:] = False
-    num_tokens, num_seqs = all_reduce(
-        [float(batch["loss_mask"].sum()), float(batch["loss_mask"].any(1).sum())], world
-    )
-    count = int(all_reduce([math.ceil(len(rows) / cfg.micro_batch_size)], world, dist.ReduceOp.MAX)[0])
+    plan = [mb for mb in plan_minibatches(trajs, turn_advantages, trained, counted, cfg, world, pad)
+            if mb.trained_tokens > 0]  # fmt: skip
     # Cutting padding changes nothing but "seq-mean-token-sum-norm", which divides by the width.
-    trim = cfg.loss_agg != "seq-mean-token-sum-norm"
+    size, trim = cfg.micro_batch_size, cfg.loss_agg != "seq-mean-token-sum-norm"
     t0 = time.perf_counter()
-    batch["old_logp"] = old_logprobs(wrapped, batch, cfg.micro_batch_size, trim, count)  # (n, L)
-    if ref is not None:
-        batch["ref_logp"] = old_logprobs(ref, batch, cfg.micro_batch_size, trim, count)
+    for mb in plan:
+        if always_old_logprobs or needs_old_logprobs(cfg, len(plan)):
+            mb.batch["old_logp"] = old_logprobs(wrapped, mb.batch, size, trim, mb.count, cfg.temperature)  # (n, L)
+        if ref is not None:
+            mb.batch["ref_logp"] = old_logprobs(ref, mb.batch, size, trim, mb.count, cfg.temperature)
     t_old = time.perf_counter() - t0
-    sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "grad_norm": 0.0, "skipped": 0.0}
+    steps = cfg.ppo_epochs * len(plan)
+    sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "kl_ref": 0.0, "grad_norm": 0.0,
+            "skipped": 0.0, "optimizer_steps": steps}  # fmt: skip
     params = [p for group in optimizer.param_groups for p in group["params"]]  # see trainable_parameters
     for _ in range(cfg.ppo_epochs):
-        for k, (_, mb) in enumerate(micro_batches(batch, cfg.micro_batch_size, trim, count)):
-            with gradient_sync(wrapped, enabled=k == count - 1):
-                logp = wrapped(mb["input_ids"], mb["attention_mask"])  # (m, L)
-                loss, stats = gtpo.policy_loss(
-                    logp, mb["old_logp"], mb["advantages"], mb["loss_mask"], cfg.clip_low, cfg.clip_high,
-                    cfg.loss_agg, num_tokens, mb.get("ref_logp"), cfg.kl_coef, num_seqs,
-                )  # fmt: skip
-                (loss * world.size).backward()  # DDP/FSDP average over ranks; this makes it a sum
-            weight = float(mb["loss_mask"].sum()) / max(num_tokens, 1) / cfg.ppo_epochs
-            sums["loss"] += float(loss.detach()) * world.size / cfg.ppo_epochs
-            for k in ("clip_frac", "approx_kl", "kl_ref"):
-                sums[k] += float(stats.get(k, 0.0)) * weight
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        if math.isfinite(grad_norm):  # identical on every rank: the gradients are synced
-            optimizer.step()
-        else:
-            sums["skipped"] += 1
-            if world.main:
-                tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); optimizer step skipped")
-        optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] += grad_norm / cfg.ppo_epochs
+        for mb in plan:
+            for k, (_, micro) in enumerate(micro_batches(mb.batch, size, trim, mb.count)):
+                with gradient_sync(wrapped, enabled=k == mb.count - 1):
+                    logp = wrapped(micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature)  # (m, L)
+                    loss, stats = gtpo.policy_loss(
+                        logp, micro.get("old_logp", logp.detach()), micro["advantages"], micro["loss_mask"],
+                        clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg,
+                        num_tokens=mb.num_tokens, num_seqs=mb.num_seqs,
+                        ref_logp=micro.get("ref_logp"), kl_coef=cfg.kl_coef,
+                    )  # fmt: skip
+                    (loss * world.size).backward()  # DDP/FSDP average over ranks; this makes it a sum
+                weight = float(micro["loss_mask"].sum()) / mb.trained_tokens / steps  # token share, per step
+                sums["loss"] += float(loss.detach()) * world.size / steps
+                for key, stat in (("clip_frac", "clip_frac"), ("approx_kl", "approx_kl"), ("ratio", "ratio_mean"),
+                                  ("kl_ref", "kl_ref")):  # fmt: skip
+                    sums[key] += float(stats.get(stat, 0.0)) * weight
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if math.isfinite(grad_norm):  # identical on every rank: the gradients are synced
+                optimizer.step()
+            else:
+                sums["skipped"] += 1
+                if world.main:
+                    tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); optimizer step skipped")
+            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"] += grad_norm / steps
     return sums, t_old
+
+
+def rollout_seeds(seed, step, first, count):
+    """The sampling seeds of the trajectories at global positions [first, first + count) of the
+    data stream in RL step `step`: a trajectory's tokens depend on (seed, step, position), not on
+    the rank or the generation batch it lands in."""
+    digest = lambda i: hashlib.blake2b(f"{seed}/{step}/{i}".encode(), digest_size=8).digest()  # noqa: E731
+    return [int.from_bytes(digest(i), "little") >> 1 for i in range(first, first + count)]
 
 
 def rl_step(step, state, cfg, derived, world):
@@ -536,12 +616,14 @@ def rl_step(step, state, cfg, derived, world):
 
     t0 = time.perf_counter()
     rollout_cfg = rollout.RolloutConfig(
-        cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature, cfg.top_p
-    )
+        max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.rollout_batch_size,
+    )  # fmt: skip
+    seeds = rollout_seeds(cfg.seed, step, first=position * G, count=n_local * G)
     with torch.no_grad(), full_parameters(wrapped), compute_dtype(world.device):
         policy.eval()
         trajs = rollout.rollout(
-            policy, tokenizer, [p for p in prompts for _ in range(G)], state["pool"], rollout_cfg
+            policy, tokenizer, [p for p in prompts for _ in range(G)], state["pool"], rollout_cfg, seeds=seeds
         )
     state["pool"].prewarm(len(trajs))  # the next step's sandboxes start while this one trains
     t1 = time.perf_counter()
@@ -551,8 +633,9 @@ def rl_step(step, state, cfg, derived, world):
     scored = score(trajs, golds, group_index, cfg, derived, state["grader"], state["embedder"], world)
     t2 = time.perf_counter()
     policy.train()
-    sums, t_old = update(wrapped, state["optimizer"], trajs, scored["turn_advantages"], scored["trained"], cfg,
-                         world, tokenizer.pad_token_id, state.get("ref"))  # fmt: skip
+    sums, t_old = update(wrapped, state["optimizer"], trajs, turn_advantages=scored["turn_advantages"],
+                         trained=scored["trained"], counted=scored["counted"], cfg=cfg, world=world,
+                         pad=tokenizer.pad_token_id, ref=state.get("ref"))  # fmt: skip
     state["scheduler"].step()
     t3 = time.perf_counter()
     adv_zero = (scored["turn_advantages"] == 0).all(dim=1).view(n_local, G).all(dim=1)  # (groups,)
@@ -588,6 +671,7 @@ def reduce_metrics(step, metric_sums, lr, world):
         "shaped": total["shaped"] / max(total["failed"], 1), "length": total["length"] / n,
         "zero_adv_groups": total["zero_adv_groups"] / total["groups"],
         "loss": total["loss"] / ranks, "clip_frac": total["clip_frac"], "approx_kl": total["approx_kl"],
+        "ratio": total["ratio"], "optimizer_steps": total["optimizer_steps"] / ranks,
         "kl": total["kl_ref"], "grad_norm": total["grad_norm"] / ranks, "skipped": total["skipped"] / ranks, "lr": lr,
         **{k: total[k] / ranks for k in ("t_rollout", "t_reward", "t_old_logp", "t_update")},
     }  # fmt: skip

@@ -1,7 +1,7 @@
 """One RL update on fixed trajectories, for tests/test_train.py: run under `python` (one process)
 or `torchrun --nproc_per_node 2` (each rank takes its contiguous share of the groups), it scores
 and updates the tiny policy and saves the resulting parameters, so the test can compare world
-sizes. Usage: python tests/dist_update.py OUT.pt [ddp|fsdp] [group|turn|batch]
+sizes. Usage: python tests/dist_update.py OUT.pt [ddp|fsdp] [group|turn|batch] [MINI_BATCH_SIZE]
 """
 
 import os
@@ -39,9 +39,9 @@ def trajectories(tokenizer):
     return trajs, golds
 
 
-def main(out, parallel, adv_norm):
+def main(out, parallel, adv_norm, mini_batch_size):
     cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=2, ppo_epochs=2,
-                       parallel=parallel, lr=0.5, adv_norm=adv_norm)  # fmt: skip
+                       parallel=parallel, lr=0.5, adv_norm=adv_norm, mini_batch_size=mini_batch_size)  # fmt: skip
     world = launch.setup_distributed("cpu")
     derived = train.check_config(cfg, world)
     tokenizer = model.tiny_tokenizer()
@@ -59,18 +59,19 @@ def main(out, parallel, adv_norm):
     scored = train.score(trajs[mine], golds[mine], group_index, cfg, derived, grader, embedder, world)
     grader.close()
     policy.train()
-    train.update(wrapped, optimizer, trajs[mine], scored["turn_advantages"], scored["trained"], cfg, world,
-                 tokenizer.pad_token_id)  # fmt: skip
+    sums, _ = train.update(wrapped, optimizer, trajs[mine], turn_advantages=scored["turn_advantages"], trained=scored["trained"],
+                 counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     in_sync = train.check_in_sync(wrapped, world)
     if world.main:
-        torch.save({"weights": weights, "in_sync": in_sync, "world_size": world.size}, out)
+        torch.save({"weights": weights, "in_sync": in_sync, "world_size": world.size,
+                    "optimizer_steps": sums["optimizer_steps"]}, out)  # fmt: skip
     launch.finish(world)
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    main(args[0], args[1] if len(args) > 1 else "ddp", args[2] if len(args) > 2 else "group")
+    args = sys.argv[1:] + ["ddp", "group", "0"][len(sys.argv) - 2 :]  # the defaults of what is not given
+    main(args[0], args[1], args[2], int(args[3]))
     launch.exit_now()

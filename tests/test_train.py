@@ -96,8 +96,8 @@ def test_grpo_is_gtpo_reduced_on_single_turn_data():
         policy = model.tiny_model(tokenizer, seed=0).train()
         wrapped = train.wrap(policy, cfg, world)
         optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr)
-        train.update(wrapped, optimizer, trajs, scored["turn_advantages"], scored["trained"], cfg, world,
-                     tokenizer.pad_token_id)  # fmt: skip
+        train.update(wrapped, optimizer, trajs, turn_advantages=scored["turn_advantages"], trained=scored["trained"],
+                     counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
         results.append((scored["turn_advantages"], policy.state_dict()))
     (adv_grpo, grpo), *gtpos = results
     assert adv_grpo.abs().sum() > 0, "the data must have reward variance"
@@ -121,14 +121,17 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(capsys):
     advantages = torch.zeros(8, cfg.max_turns)
     advantages[:, 0] = torch.tensor([1.0, -1.0] * 4)
     advantages[3, 0] = float("nan")
+    everyone = torch.ones(8, dtype=torch.bool)
     sums, _ = train.update(
-        wrapped, optimizer, trajs, advantages, torch.ones(8, dtype=torch.bool), cfg, world, 0
+        wrapped, optimizer, trajs, turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg,
+        world=world, pad=0,
     )
     assert sums["skipped"] == 1 and "non-finite" in capsys.readouterr().out
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
     advantages[3, 0] = 1.0
     sums, _ = train.update(
-        wrapped, optimizer, trajs, advantages, torch.ones(8, dtype=torch.bool), cfg, world, 0
+        wrapped, optimizer, trajs, turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg,
+        world=world, pad=0,
     )
     assert sums["skipped"] == 0 and not all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
@@ -149,32 +152,175 @@ def test_groups_with_all_zero_advantages_and_sandbox_failures_are_not_trained():
     assert (scored["turn_advantages"][1] == 0).all()
 
 
+def random_rollouts(tokenizer, policy, temperature, n=8):
+    """n sampled single-problem rollouts of a tiny policy, with the sampler's own log-probs."""
+    cfg = rollout.RolloutConfig(max_turns=2, max_turn_tokens=24, max_total_tokens=200, temperature=temperature,
+                                record_logprobs=True)  # fmt: skip
+    prompts = [model.chat_prompt_ids(tokenizer, f"What is {k} times 7?", system=None) for k in range(n)]
+    with sandbox.Pool(max_workers=4, timeout=5) as pool:
+        return rollout.rollout(policy, tokenizer, prompts, pool, cfg, seeds=list(range(n)))
+
+
+def spy_on_old_logprobs(monkeypatch):
+    """Record the batches and outputs of every train.old_logprobs call."""
+    calls, original = [], train.old_logprobs
+
+    def spy(wrapped, batch, *args):
+        out = original(wrapped, batch, *args)
+        calls.append((batch, out))
+        return out
+
+    monkeypatch.setattr(train, "old_logprobs", spy)
+    return calls
+
+
+def test_old_logprobs_are_the_samplers_own_at_the_sampling_temperature(monkeypatch):
+    """At temperature 0.7 the update's old log-probs (computed before its first optimizer step)
+    equal the sampler's own to 1e-4, and differ from the same tokens scored at temperature 1."""
+    tokenizer = model.tiny_tokenizer()
+    policy = model.tiny_model(tokenizer, seed=0)
+    trajs = random_rollouts(tokenizer, policy, temperature=0.7)
+    world = launch.World(0, 1, torch.device("cpu"))
+    cfg = train.Config(prompts_per_step=2, group_size=4, mini_batch_size=4, temperature=0.7, micro_batch_size=3)
+    calls = spy_on_old_logprobs(monkeypatch)
+    wrapped = train.wrap(policy.train(), cfg, world)
+    everyone = torch.ones(8, dtype=torch.bool)
+    advantages = torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, cfg.max_turns)
+    train.update(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), trajs, turn_advantages=advantages,
+                 trained=everyone, counted=everyone, cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    assert len(calls) == 2, "one pass per mini-batch, both before the first optimizer step"
+    for batch, old in calls:
+        mask = batch["loss_mask"]
+        sampler = torch.tensor([t.sample_logp + [0.0] * (mask.shape[1] - len(t.sample_logp))
+                                for t in rows_of(batch, trajs)])  # fmt: skip
+        torch.testing.assert_close(old[mask], sampler[mask], atol=1e-4, rtol=0)
+        with torch.no_grad():
+            at_one = model.token_logprobs(policy, batch["input_ids"], batch["attention_mask"])
+        assert (at_one[mask] - old[mask]).abs().max() > 1e-2
+
+
+def rows_of(batch, trajs):
+    """The trajectory of each row of a collated batch, matched by its tokens."""
+    by_ids = {tuple(t.input_ids): t for t in trajs}
+    widths = batch["attention_mask"].sum(1).tolist()
+    return [by_ids[tuple(batch["input_ids"][k, :w].tolist())] for k, w in enumerate(widths)]
+
+
+def test_one_optimizer_step_skips_the_old_logprob_pass_and_changes_nothing(monkeypatch):
+    """With one mini-batch and one epoch the update runs no separate old-log-prob pass (the ratio
+    is 1 by construction) and ends at the same parameters, to 1e-6, as with the pass."""
+    tokenizer = model.tiny_tokenizer()
+    trajs = random_rollouts(tokenizer, model.tiny_model(tokenizer, seed=0), temperature=1.0)
+    world = launch.World(0, 1, torch.device("cpu"))
+    cfg = train.Config(prompts_per_step=2, group_size=4, micro_batch_size=3)
+    everyone = torch.ones(8, dtype=torch.bool)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)[:, None].expand(8, cfg.max_turns)
+    calls = spy_on_old_logprobs(monkeypatch)
+    results = []
+    for always in (False, True):
+        policy = model.tiny_model(tokenizer, seed=0).train()
+        wrapped = train.wrap(policy, cfg, world)
+        sums, _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=1e-2), trajs,
+                               turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg, world=world,
+                               pad=tokenizer.pad_token_id, always_old_logprobs=always)  # fmt: skip
+        assert len(calls) == int(always) and sums["optimizer_steps"] == 1 and sums["ratio"] == pytest.approx(1.0)
+        results.append(policy.state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], atol=1e-6, rtol=0)
+
+
+def test_the_denominator_counts_every_sampled_token_and_zero_advantage_rows_get_no_forward():
+    """Mini-batch k holds rows i with i mod M = k; its denominator is the sampled tokens of all
+    its rows but sandbox failures (zero-advantage groups included), or of its trained rows only
+    with --loss_denominator signal; only trained rows are in its batch."""
+    tokenizer = model.tiny_tokenizer()
+    with sandbox.Session() as session:
+        trajs, golds = single_turn_group(tokenizer, session)
+    golds[4:] = ["999"] * 4  # the second group is all wrong: no signal
+    trajs[1].turns[0].result = sandbox.Result(False, "", "sandbox failure\n", infra_error=True)
+    world = launch.World(0, 1, torch.device("cpu"))
+    sampled = [sum(t.loss_mask) for t in trajs]
+    for denominator in ("sampled", "signal"):
+        cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, mini_batch_size=4,
+                           loss_denominator=denominator)  # fmt: skip
+        scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
+                             rewards.Grader(), None, world)  # fmt: skip
+        plan = train.plan_minibatches(trajs, scored["turn_advantages"], scored["trained"], scored["counted"], cfg,
+                                      world, tokenizer.pad_token_id)  # fmt: skip
+        assert len(plan) == 2
+        for k, mb in enumerate(plan):
+            members = range(k, 8, 2)
+            counted = [i for i in members if i != 1 and (denominator == "sampled" or i < 4)]
+            assert mb.num_tokens == sum(sampled[i] for i in counted)
+            assert mb.num_seqs == len(counted)
+            forwarded = sorted(t.input_ids for t in rows_of(mb.batch, trajs))
+            assert forwarded == sorted(trajs[i].input_ids for i in members if i < 4 and i != 1)
+            assert mb.trained_tokens == sum(sampled[i] for i in members if i < 4 and i != 1)
+
+
+def test_several_minibatches_move_the_ratio_and_clip():
+    """Four mini-batches of one batch: the later ones see a policy already moved by the earlier
+    steps, so the logged ratio departs from 1, approx_kl is positive and clipping acts; the
+    statistics are means over the four optimizer steps."""
+    tokenizer = model.tiny_tokenizer()
+    trajs = random_rollouts(tokenizer, model.tiny_model(tokenizer, seed=0), temperature=1.0)
+    world = launch.World(0, 1, torch.device("cpu"))
+    everyone = torch.ones(8, dtype=torch.bool)
+    advantages = torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, 4)
+    stats = {}
+    for mini in (0, 2):
+        cfg = train.Config(prompts_per_step=2, group_size=4, mini_batch_size=mini, micro_batch_size=4)
+        policy = model.tiny_model(tokenizer, seed=0).train()
+        wrapped = train.wrap(policy, cfg, world)
+        stats[mini], _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=3e-2), trajs,
+                                      turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg,
+                                      world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    assert stats[0]["optimizer_steps"] == 1 and stats[0]["clip_frac"] == 0 and stats[0]["approx_kl"] == 0
+    assert stats[2]["optimizer_steps"] == 4
+    assert stats[2]["clip_frac"] > 0 and stats[2]["approx_kl"] > 0 and stats[2]["ratio"] != pytest.approx(1.0)
+
+
+def test_rollout_seeds_depend_on_the_position_in_the_stream_only():
+    """A trajectory's seed is a function of (seed, step, global position): the seeds of a step
+    cut into two ranks' shares are the seeds of the whole step, and they are distinct."""
+    whole = train.rollout_seeds(3, step=5, first=80, count=16)
+    assert train.rollout_seeds(3, step=5, first=80, count=8) + train.rollout_seeds(3, step=5, first=88, count=8) == whole
+    assert len(set(whole)) == 16 and all(0 <= s < 2**63 for s in whole)
+    assert train.rollout_seeds(4, step=5, first=80, count=16) != whole
+
+
 @pytest.fixture(scope="module")
 def one_process_update(tmp_path_factory):
     """The 1-process result of tests/dist_update.py, per normalisation mode (computed once)."""
     results = {}
 
-    def get(adv_norm):
-        if adv_norm not in results:
+    def get(adv_norm, mini_batch_size):
+        if (adv_norm, mini_batch_size) not in results:
             out = tmp_path_factory.mktemp("update") / "one.pt"
-            done = run_script([sys.executable, "tests/dist_update.py", str(out), "ddp", adv_norm])
+            done = run_script([sys.executable, "tests/dist_update.py", str(out), "ddp", adv_norm, str(mini_batch_size)])
             assert done.returncode == 0, done.stderr[-3000:]
-            results[adv_norm] = torch.load(out)
-        return results[adv_norm]
+            results[adv_norm, mini_batch_size] = torch.load(out)
+        return results[adv_norm, mini_batch_size]
 
     return get
 
 
-@pytest.mark.parametrize("parallel, adv_norm", [("ddp", "group"), ("fsdp", "group"), ("ddp", "batch")])
-def test_two_process_update_equals_one_process_update(one_process_update, tmp_path, parallel, adv_norm):
+@pytest.mark.parametrize(
+    "parallel, adv_norm, mini_batch_size", [("ddp", "group", 0), ("fsdp", "group", 0), ("ddp", "batch", 0),
+                                            ("ddp", "group", 4), ("fsdp", "group", 4)]
+)  # fmt: skip
+def test_two_process_update_equals_one_process_update(one_process_update, tmp_path, parallel, adv_norm,
+                                                      mini_batch_size):  # fmt: skip
     """Fed the same trajectories (each rank its share of the groups, the second rank fewer trained
     rows in fewer micro-batches), the 2-process update (DDP, or FSDP2 fully_shard) gives the
     1-process parameters to 1e-5, and DDP's ranks end identical: gradient sync, gradient
-    clipping, the global token count and batch-wide normalisation are exact."""
+    clipping, the global token count of each mini-batch (one, or three of 4 trajectories, two
+    epochs over them: six optimizer steps) and batch-wide normalisation are exact."""
     out = tmp_path / "two.pt"
-    done = run_script(torchrun("tests/dist_update.py", str(out), parallel, adv_norm))
+    done = run_script(torchrun("tests/dist_update.py", str(out), parallel, adv_norm, str(mini_batch_size)))
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = one_process_update(adv_norm), torch.load(out)
+    one, two = one_process_update(adv_norm, mini_batch_size), torch.load(out)
+    assert one["optimizer_steps"] == two["optimizer_steps"] == 2 * (12 // (mini_batch_size or 12))
     assert two["world_size"] == 2 and two["in_sync"] is (True if parallel == "ddp" else None)
     initial = model.tiny_model(model.tiny_tokenizer(), seed=0).state_dict()
     for name, value in one["weights"].items():
@@ -308,6 +454,9 @@ def test_sft_ends_at_the_first_check_that_reaches_sft_stop_at(tmp_path, monkeypa
         (["--eval_samples", "0"], r"--eval_samples 0: must be at least 1"),
         (["--sft_stop_at", "1.5"], r"--sft_stop_at 1.5: must be an accuracy in \[0, 1\]"),
         (["--sft_stop_at", "0.5", "--sft_check_every", "0"], r"--sft_stop_at 0.5: needs --sft_check_every"),
+        (["--mini_batch_size", "48"], r"--mini_batch_size 48: must divide the batch of 128 trajectories"),
+        (["--rollout_batch_size", "-1"], r"--rollout_batch_size -1: must be >= 0"),
+        (["--loss_denominator", "all"], r"--loss_denominator 'all': must be one of sampled, signal"),
     ],
 )
 def test_bad_input_is_one_error_line_without_a_traceback(tmp_path, flags, message):
