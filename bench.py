@@ -17,6 +17,7 @@ import concurrent.futures
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -615,6 +616,32 @@ def repro_table(rows, threshold):
     return "\n".join(lines)
 
 
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, df 1..10
+
+
+def repro_paired(finished, variants, seeds, baseline="grpo", kind="sampled", effect=0.03):
+    """Each variant against the baseline, seed by seed (both trained from the same SFT start):
+    the mean difference of held-out accuracy after RL, its 95% t-interval over seeds, and the
+    seeds a difference of `effect` would need to be found at that spread (a paired test at 5%
+    with 80% power: n = ((1.96 + 0.84) sd / effect)^2, normal approximation)."""
+    lines = [f"| {kind} accuracy after RL, minus {baseline} | seeds | mean | 95% interval | per seed | "
+             f"seeds for {100 * effect:.0f} points |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = []
+    for variant in variants:
+        if variant == baseline:
+            continue
+        diffs = [finished[variant, s][0][f"after_rl_{kind}"] - finished[baseline, s][0][f"after_rl_{kind}"] for s in seeds]
+        mean, se = mean_se(diffs)
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        half = T_975[len(diffs) - 2] * se if 2 <= len(diffs) <= len(T_975) + 1 else float("nan")
+        need = math.ceil(((1.96 + 0.84) * sd / effect) ** 2) if sd == sd else None
+        rows.append({"variant": variant, "diffs": diffs, "mean": mean, "interval": [mean - half, mean + half],
+                     "seeds_for_effect": need})  # fmt: skip
+        lines.append(f"| {variant} | {len(diffs)} | {100 * mean:+.1f} | [{100 * (mean - half):+.1f}, "
+                     f"{100 * (mean + half):+.1f}] | {', '.join(f'{100 * d:+.0f}' for d in diffs)} | {need} |")  # fmt: skip
+    return "\n".join(lines), rows
+
+
 def repro_family_accuracy(args, checkpoint, out):
     """Held-out accuracy on the toy task's two-step and one-step problems: eval.py on the same 100
     held-out problems as train.py, --eval_samples per problem at T = 1 (the training
@@ -710,6 +737,9 @@ def bench_repro(args):
         "train_flags": args.train_flags,
         "rows": rows,
     }
+    if "grpo" in args.variants and len(args.seeds) > 1:
+        paired, results["paired_with_grpo"] = repro_paired(finished, args.variants, args.seeds)
+        table += "\n\n" + paired
     if args.eval_samples:
         results["by_kind_start"], results["by_kind_final"] = repro_by_kind(args, starts)
         table += "\n\n" + repro_family_table(results["by_kind_start"], results["by_kind_final"])

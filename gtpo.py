@@ -34,14 +34,20 @@ Choices the paper leaves open, and deviations from it:
        than trusting floating point to cancel (mean(0.1, 0.1, 0.1) != 0.1 in floating point).
     3. Turns masked out (beyond T_i, or whole trajectories left out, e.g. after a sandbox
        infrastructure failure) take no part in any statistic and get advantage 0. Their tokens
-       must also be False in policy_loss's loss_mask, so they do not count in num_tokens.
+       must also be False in policy_loss's loss_mask; train.py leaves sandbox failures out of
+       num_tokens too.
     4. Within a turn every sampled token gets the turn's advantage; there is no discount
        between tokens, and tool-output tokens are never trained.
     5. Loss aggregation: "token-mean" (sum over trained tokens / their global count) is the
        default; "seq-mean-token-mean" and "seq-mean-token-sum-norm" are offered. For exact
        gradient accumulation and data parallelism the caller passes the global counts
        (num_tokens, num_seqs); "seq-mean-token-sum-norm" divides by L, the padded width, so
-       micro-batches must share it (they do when they are row slices of one batch).
+       micro-batches must share it (they do when they are row slices of one batch). The count
+       is every sampled token of the (mini-)batch, groups whose advantages are all zero
+       included (as TRL and verl count; those rows add exactly 0 to the sum, so train.py gives
+       them no forward pass). Counting only the tokens of groups with signal, train.py's
+       --loss_denominator signal, scales each step by 1 / (1 - their share): a larger step the
+       more groups stagnate, which differs between GTPO and GRPO.
     6. Clipping may be asymmetric (clip_low, clip_high); both default to the paper-era PPO
        value 0.2.
     7. The KL to a reference is optional (kl_coef = 0 by default), uses the k3 estimator

@@ -722,8 +722,9 @@ def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, tem
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))
     run_cfg = rollout.RolloutConfig(
-        cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, temperature, cfg.top_p
-    )
+        max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens, max_total_tokens=cfg.max_total_tokens,
+        temperature=temperature, top_p=cfg.top_p,
+    )  # fmt: skip
     correct = 0.0
     with torch.no_grad(), full_parameters(wrapped), compute_dtype(world.device):
         policy.eval()

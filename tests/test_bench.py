@@ -5,6 +5,9 @@ import json
 import os
 import sys
 
+import pytest
+
+import bench
 from conftest import SMALL, run_script
 
 
@@ -40,3 +43,19 @@ def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, t
     again = run_script(args, timeout=200)
     assert again.returncode == 0 and "seed 0:" not in again.stdout
     assert (tmp_path / "results.md").read_text() == table
+
+
+def test_paired_differences_are_per_seed_with_a_t_interval():
+    """repro_paired subtracts GRPO's accuracy seed by seed: the mean of the differences, a 95%
+    interval of mean +- t(0.975, n-1) * SE, and the seeds a 3-point difference needs at that
+    spread, ((1.96 + 0.84) sd / 0.03)^2."""
+    after = {"grpo": [0.40, 0.50, 0.45], "gtpo_code": [0.45, 0.52, 0.44]}
+    finished = {(v, s): ({"after_rl_sampled": a[s]}, []) for v, a in after.items() for s in range(3)}
+    table, rows = bench.repro_paired(finished, ["grpo", "gtpo_code"], [0, 1, 2])
+    (row,) = rows
+    assert row["diffs"] == pytest.approx([0.05, 0.02, -0.01])
+    assert row["mean"] == pytest.approx(0.02)
+    half = 4.303 * 0.03 / 3**0.5  # sd of (5, 2, -1) points is 3
+    assert row["interval"] == pytest.approx([0.02 - half, 0.02 + half])
+    assert row["seeds_for_effect"] == 8  # (2.8 * 0.03 / 0.03)^2 = 7.84
+    assert "| gtpo_code | 3 | +2.0 |" in table

@@ -136,14 +136,20 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(capsys):
     assert sums["skipped"] == 0 and not all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
+def without_signal_and_a_sandbox_failure(tokenizer):
+    """single_turn_group with the second group all wrong (no signal) and row 1's sandbox failed."""
+    with sandbox.Session() as session:
+        trajs, golds = single_turn_group(tokenizer, session)
+    golds[4:] = ["999"] * 4
+    trajs[1].turns[0].result = sandbox.Result(False, "", "sandbox failure\n", infra_error=True)
+    return trajs, golds
+
+
 def test_groups_with_all_zero_advantages_and_sandbox_failures_are_not_trained():
     """A group whose trajectories all score the same, and a trajectory whose sandbox failed,
     have trained=False; every other row of a group with signal is trained."""
     tokenizer = model.tiny_tokenizer()
-    with sandbox.Session() as session:
-        trajs, golds = single_turn_group(tokenizer, session)
-    golds[4:] = ["999"] * 4  # the second group is all wrong: no signal
-    trajs[1].turns[0].result = sandbox.Result(False, "", "sandbox failure\n", infra_error=True)
+    trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
     world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4)
     scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
@@ -234,10 +240,7 @@ def test_the_denominator_counts_every_sampled_token_and_zero_advantage_rows_get_
     its rows but sandbox failures (zero-advantage groups included), or of its trained rows only
     with --loss_denominator signal; only trained rows are in its batch."""
     tokenizer = model.tiny_tokenizer()
-    with sandbox.Session() as session:
-        trajs, golds = single_turn_group(tokenizer, session)
-    golds[4:] = ["999"] * 4  # the second group is all wrong: no signal
-    trajs[1].turns[0].result = sandbox.Result(False, "", "sandbox failure\n", infra_error=True)
+    trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
     world = launch.World(0, 1, torch.device("cpu"))
     sampled = [sum(t.loss_mask) for t in trajs]
     for denominator in ("sampled", "signal"):
