@@ -285,9 +285,10 @@ def _bench_rollout_speed(policy, tokenizer, problems, args):
                 rates.setdefault(label, []).append((tokens, seconds, turns))
             per_row = max(1, tokens // len(prompts))
             ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
-            plain = GenerationConfig(  # transformers' own sampler at the same temperature, no stopping
-                do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, top_k=0, max_new_tokens=per_row,
-                min_new_tokens=per_row, pad_token_id=tokenizer.pad_token_id,
+            plain = GenerationConfig(  # transformers' own sampler at the same temperature, nothing else, no stopping
+                do_sample=cfg.temperature > 0, num_beams=1, temperature=cfg.temperature or 1.0, top_p=1.0, top_k=0,
+                min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+                no_repeat_ngram_size=0, max_new_tokens=per_row, min_new_tokens=per_row, pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
             start = time.perf_counter()
             policy.generate(input_ids=ids, attention_mask=mask, generation_config=plain)
@@ -402,7 +403,7 @@ def bench_rewards(args):
 STEP_VARIANTS = {  # label -> (train.Config overrides, always_old_logprobs)
     "gtpo": ({}, False),  # one optimizer step: the old-log-prob pass is skipped
     "gtpo, old pass": ({}, True),  # the same step with the separate no-grad pass
-    "gtpo, 4 mini": ({"mini_batch_size": -4}, False),  # -4: a quarter of the batch per optimizer step
+    "gtpo, 4 mini": ({"minibatches": 4}, False),  # a quarter of the batch per optimizer step
     "grpo": ({"algo": "grpo"}, False),
 }
 
@@ -450,8 +451,8 @@ def bench_step(args):
     grader = rewards.Grader()
     for _ in range(args.rounds):
         for label, (overrides, always_old) in STEP_VARIANTS.items():
-            if overrides.get("mini_batch_size", 0) < 0:
-                overrides = dict(overrides, mini_batch_size=len(trajs) // -overrides["mini_batch_size"])
+            if "minibatches" in overrides:
+                overrides = {"mini_batch_size": len(trajs) // overrides["minibatches"]}
             run = dataclasses.replace(cfg, **overrides)
             policy.load_state_dict(initial)
             policy.train()

@@ -153,13 +153,15 @@ def sampling_config(cfg, **settings):
     the loss assumes.
     """
     return GenerationConfig(
-        do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
-        eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, **settings,
+        do_sample=False, num_beams=1, temperature=1.0, top_p=1.0, top_k=None, min_p=None, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, **settings,
     )  # fmt: skip
 
 
 def row_seed(seed, position):
-    """The seed of a row's draw at a sequence position (64-bit mix; an int for torch.Generator)."""
+    """The seed of a row's draw at a sequence position: a linear mix, below 2**63. (The CPU
+    generator keeps its low 32 bits, so two draws of a step share their noise with probability
+    about 2**-32: harmless for sampling, not a cryptographic stream.)"""
     return (seed * 6364136223846793005 + position * 1442695040888963407 + 1) % (2**63)
 
 
@@ -172,17 +174,18 @@ class SeededSampler(LogitsProcessor):
     same whatever RolloutConfig.batch_size or the number of ranks, up to float rounding of the
     batched forward)."""
 
-    def __init__(self, seeds, lengths, width, temperature, top_p):
-        self.seeds, self.lengths, self.width = seeds, lengths, width  # lengths: real tokens at the call
+    def __init__(self, seeds, *, real_lengths, prompt_width, temperature, top_p):
+        assert len(seeds) == len(real_lengths), f"{len(seeds)} seeds for {len(real_lengths)} rows"
+        self.seeds, self.real_lengths, self.prompt_width = seeds, real_lengths, prompt_width
         self.temperature, self.top_p = temperature, TopPLogitsWarper(top_p) if top_p < 1 else None
 
     def __call__(self, input_ids, scores):
         scores = scores.float() / self.temperature  # (B, V)
         if self.top_p is not None:
             scores = self.top_p(input_ids, scores)
-        step = input_ids.shape[1] - self.width
+        step = input_ids.shape[1] - self.prompt_width
         gumbel = torch.empty_like(scores)
-        for row, (seed, length) in enumerate(zip(self.seeds, self.lengths)):
+        for row, (seed, length) in enumerate(zip(self.seeds, self.real_lengths, strict=True)):
             g = torch.Generator(scores.device).manual_seed(row_seed(seed, length + step))
             gumbel[row] = torch.rand(scores.shape[1], generator=g, device=scores.device)
         return scores - torch.log(-torch.log(gumbel))  # u = 0 gives -inf: never picked
@@ -204,8 +207,8 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     greedy = cfg.temperature == 0
     sampler = []
     if not greedy:
-        lengths = attention_mask.sum(dim=1).tolist()
-        sampler = [SeededSampler(seeds, lengths, W, cfg.temperature, cfg.top_p)]
+        sampler = [SeededSampler(seeds, real_lengths=attention_mask.sum(dim=1).tolist(), prompt_width=W,
+                                 temperature=cfg.temperature, top_p=cfg.top_p)]  # fmt: skip
     generation = sampling_config(
         cfg, max_new_tokens=max(budgets), eos_token_id=eos_ids, pad_token_id=pad,
         return_dict_in_generate=True, output_logits=cfg.record_logprobs,
@@ -263,14 +266,16 @@ def rollout(model, tokenizer, prompts, pool, cfg, seeds=None):
             raise ValueError(f"prompt {k} has {len(p)} tokens; max_total_tokens is {cfg.max_total_tokens}")
     if seeds is None:
         seeds = torch.randint(2**62, (len(prompts),)).tolist() if cfg.temperature > 0 else [0] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     size = cfg.batch_size or len(prompts)
     trajs = []
     for s in range(0, len(prompts), size):
-        trajs += rollout_batch(model, tokenizer, prompts[s : s + size], pool, cfg, seeds[s : s + size])
+        trajs += rollout_batch(model, tokenizer, prompts[s : s + size], pool=pool, cfg=cfg, seeds=seeds[s : s + size])
     return trajs
 
 
-def rollout_batch(model, tokenizer, prompts, pool, cfg, seeds):
+def rollout_batch(model, tokenizer, prompts, *, pool, cfg, seeds):
     """rollout() of prompts generated together, all unfinished rows in one generate call per turn."""
     trajs = [Trajectory.start(p) for p in prompts]
     sessions = [pool.session(start=True) for _ in prompts]  # warm up while turn 1 is sampled

@@ -165,16 +165,15 @@ def check_config(cfg, world):
     if cfg.rollout_batch_size < 0:
         raise ConfigError(f"--rollout_batch_size {cfg.rollout_batch_size}: must be >= 0 (0: all at once)")
     batch = cfg.prompts_per_step * cfg.group_size
-    if cfg.mini_batch_size and (cfg.mini_batch_size < 0 or batch % cfg.mini_batch_size or cfg.mini_batch_size % world.size):
+    if cfg.mini_batch_size < 0 or cfg.mini_batch_size and (batch % cfg.mini_batch_size or cfg.mini_batch_size % world.size):
         raise ConfigError(
-            f"--mini_batch_size {cfg.mini_batch_size}: must divide the batch of {batch} trajectories "
-            f"(prompts_per_step x group_size) and be a multiple of the {world.size} ranks"
+            f"--mini_batch_size {cfg.mini_batch_size}: must be 0 (the whole batch) or divide the batch of {batch} "
+            f"trajectories (prompts_per_step x group_size) and be a multiple of the {world.size} ranks"
         )
     derived = {
         "world_size": world.size,
         "local_prompts": cfg.prompts_per_step // world.size,  # problems (groups) per rank per step
         "local_trajectories": cfg.prompts_per_step // world.size * cfg.group_size,  # N
-        "minibatches": batch // cfg.mini_batch_size if cfg.mini_batch_size else 1,  # optimizer steps per epoch
         "local_sft_batch": cfg.sft_batch_size // world.size,
         "shaped": cfg.algo == "gtpo" and cfg.shaping != "none" and cfg.alpha > 0,
         "system_prompt": system_prompt(cfg),  # resolved; eval.py reads it from config.json
@@ -465,28 +464,30 @@ def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
     }  # fmt: skip
 
 
-def micro_batches(batch, size, trim, count):
+def micro_batches(batch, *, size, trim, count):
     """`count` row slices of a right-padded batch, each cut to its own longest row when trim (rows
     are sorted by length, so little padding is computed). Every rank runs the same count (FSDP2
-    gathers parameters in each forward): past the last row come copies of row 0 that train nothing."""
+    gathers parameters in each forward): past the last row come copies of the shortest row that
+    train nothing."""
     for k in range(count):
         s = k * size
         if s < len(batch["input_ids"]):
             width = int(batch["attention_mask"][s : s + size].sum(1).max()) if trim else None
             yield s, {key: v[s : s + size, :width] for key, v in batch.items()}
         else:
-            mb = {key: v[:1].clone() for key, v in batch.items()}
-            mb["loss_mask"][:] = False
-            yield None, mb
+            width = int(batch["attention_mask"][-1].sum()) if trim else None
+            micro = {key: v[-1:, :width].clone() for key, v in batch.items()}
+            micro["loss_mask"][:] = False
+            yield None, micro
 
 
-def old_logprobs(wrapped, batch, size, trim, count, temperature):
+def old_logprobs(wrapped, batch, *, size, trim, count, temperature):
     """log-probs of the sampled tokens under the current policy at the sampling temperature, no
     gradient: (n, L), 0 beyond each micro-batch's width."""
     out = torch.zeros(batch["input_ids"].shape, device=batch["input_ids"].device)
     with torch.no_grad():
-        for s, mb in micro_batches(batch, size, trim, count):
-            logp = wrapped(mb["input_ids"], mb["attention_mask"], temperature=temperature)
+        for s, micro in micro_batches(batch, size=size, trim=trim, count=count):
+            logp = wrapped(micro["input_ids"], micro["attention_mask"], temperature=temperature)
             if s is not None:
                 out[s : s + size, : logp.shape[1]] = logp
     return out
@@ -496,46 +497,50 @@ def old_logprobs(wrapped, batch, size, trim, count, temperature):
 class MiniBatch:
     """The rows of one optimizer step on this rank, and the global counts its loss divides by."""
 
-    batch: dict  # collated trained rows, longest first, with their (n, L) token advantages
+    batch: dict  # collated forwarded rows, longest first, with their (n, L) token advantages
     num_tokens: float  # the denominator: sampled tokens of its counted rows, over all ranks
     num_seqs: float  # counted rows with a sampled token, over all ranks
-    trained_tokens: float  # sampled tokens of its trained rows, over all ranks (0: nothing to do)
-    count: int  # micro-batches, the same on every rank
+    forwarded_tokens: float  # sampled tokens of its forwarded rows, over all ranks (0: nothing to do)
+    micro_batches: int  # the same on every rank
 
 
-def plan_minibatches(trajs, turn_advantages, trained, counted, cfg, world, pad):
+def plan_minibatches(trajs, *, turn_advantages, forwarded, counted, cfg, world, pad):
     """This rank's rows in the step's mini-batches: row i goes to mini-batch i mod M (M = the global
     batch / mini_batch_size). A rank holds a multiple of M rows, so global row r * N + i lands in
     the same mini-batch as local row i: the mini-batches are the same sets of trajectories
-    whatever the number of ranks, and each sees every group. Only trained rows get forward
-    passes; counted rows (trained or not) make up the denominator."""
+    whatever the number of ranks, and a group's G rows spread over min(G, M) of them. Forwarded
+    rows get forward passes; counted rows (forwarded or not) make up the denominator."""
     N = len(trajs)
     M = N * world.size // cfg.mini_batch_size if cfg.mini_batch_size else 1
     assert N % M == 0, f"{N} rows per rank do not split into {M} mini-batches"
     sampled = [sum(t.loss_mask) for t in trajs]
     members = [range(k, N, M) for k in range(M)]
-    rows = [sorted((i for i in m if trained[i]), key=lambda i: -len(trajs[i].input_ids)) for m in members]
-    counts = [[sum(sampled[i] for i in m if counted[i]), sum(1 for i in m if counted[i] and sampled[i]),
-               sum(sampled[i] for i in r)] for m, r in zip(members, rows)]  # fmt: skip
-    totals = all_reduce([x for c in counts for x in c], world)
-    micro = all_reduce([math.ceil(len(r) / cfg.micro_batch_size) for r in rows], world, dist.ReduceOp.MAX)
+    rows = [sorted((i for i in m if forwarded[i]), key=lambda i: -len(trajs[i].input_ids)) for m in members]
+    local_counts = []  # per mini-batch: denominator tokens, denominator rows, forwarded tokens
+    for m, r in zip(members, rows):
+        local_counts += [sum(sampled[i] for i in m if counted[i]), sum(1 for i in m if counted[i] and sampled[i]),
+                         sum(sampled[i] for i in r)]  # fmt: skip
+    counts = all_reduce(local_counts, world)
+    micro_counts = all_reduce([math.ceil(len(r) / cfg.micro_batch_size) for r in rows], world, dist.ReduceOp.MAX)
+    shortest = min(range(N), key=lambda i: len(trajs[i].input_ids))
     plan = []
     for k, r in enumerate(rows):
-        batch = {key: v.to(world.device) for key, v in rollout.collate([trajs[i] for i in r or [0]], pad).items()}
+        batch = {key: v.to(world.device) for key, v in rollout.collate([trajs[i] for i in r or [shortest]], pad).items()}
         advantages = turn_advantages[r] if r else torch.zeros_like(turn_advantages[:1])  # (n, K)
         batch["advantages"] = gtpo.token_advantages(advantages.to(world.device), batch["token_turn"])  # (n, L)
         if not r:  # a stand-in row that keeps this rank in the collectives and trains nothing
             batch["loss_mask"][:] = False
-        num_tokens, num_seqs, trained_tokens = totals[3 * k : 3 * k + 3]
-        plan.append(MiniBatch(batch, num_tokens, num_seqs, trained_tokens, int(micro[k])))
+        num_tokens, num_seqs, forwarded_tokens = counts[3 * k : 3 * k + 3]
+        plan.append(MiniBatch(batch=batch, num_tokens=num_tokens, num_seqs=num_seqs,
+                              forwarded_tokens=forwarded_tokens, micro_batches=int(micro_counts[k])))  # fmt: skip
     return plan
 
 
-def needs_old_logprobs(cfg, minibatches):
+def needs_old_logprobs(cfg, num_minibatches):
     """Whether a separate no-gradient pass must score the sampled tokens. With exactly one
     optimizer step per batch the policy trained is the one that sampled: the ratio is 1 by
     construction and the trained pass's own log-probs, detached, are the old ones."""
-    return minibatches * cfg.ppo_epochs > 1
+    return num_minibatches * cfg.ppo_epochs > 1
 
 
 def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg, world, pad, ref=None,
@@ -543,25 +548,30 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
     """ppo_epochs passes over the mini-batches of this rank's trajectories, one optimizer step per
     mini-batch (with every rank's gradients).
 
-    trained (N,): rows that get forward passes (groups whose advantages are all zero have a loss
-    of exactly 0 and are left out); counted (N,): rows whose sampled tokens make up each
-    mini-batch's denominator (by default every row but sandbox failures, as TRL and verl count).
+    trained (N,): rows with a policy-gradient signal (groups whose advantages are all zero have a
+    surrogate of exactly 0 and get no forward pass, unless kl_coef > 0, whose KL term every
+    counted row has); counted (N,): rows whose sampled tokens make up each mini-batch's
+    denominator (by default every row but sandbox failures, as TRL and verl count).
     Old log-probs are computed once, before the first optimizer step (skipped when there is only
-    one, see needs_old_logprobs). A mini-batch with no trained token on any rank takes no step.
+    one, see needs_old_logprobs). A mini-batch with no forwarded token on any rank takes no step.
     Returns (stat sums: means over the optimizer steps taken, seconds spent on old and reference
     log-probs); a non-finite gradient norm skips the optimizer step with a warning, on every
     rank alike.
     """
-    plan = [mb for mb in plan_minibatches(trajs, turn_advantages, trained, counted, cfg, world, pad)
-            if mb.trained_tokens > 0]  # fmt: skip
+    forwarded = counted if cfg.kl_coef > 0 else trained
+    plan = plan_minibatches(trajs, turn_advantages=turn_advantages, forwarded=forwarded, counted=counted, cfg=cfg,
+                            world=world, pad=pad)  # fmt: skip
+    plan = [mb for mb in plan if mb.forwarded_tokens > 0]
     # Cutting padding changes nothing but "seq-mean-token-sum-norm", which divides by the width.
     size, trim = cfg.micro_batch_size, cfg.loss_agg != "seq-mean-token-sum-norm"
     t0 = time.perf_counter()
     for mb in plan:
         if always_old_logprobs or needs_old_logprobs(cfg, len(plan)):
-            mb.batch["old_logp"] = old_logprobs(wrapped, mb.batch, size, trim, mb.count, cfg.temperature)  # (n, L)
+            mb.batch["old_logp"] = old_logprobs(wrapped, mb.batch, size=size, trim=trim, count=mb.micro_batches,
+                                                temperature=cfg.temperature)  # (n, L) fmt: skip
         if ref is not None:
-            mb.batch["ref_logp"] = old_logprobs(ref, mb.batch, size, trim, mb.count, cfg.temperature)
+            mb.batch["ref_logp"] = old_logprobs(ref, mb.batch, size=size, trim=trim, count=mb.micro_batches,
+                                                temperature=cfg.temperature)  # fmt: skip
     t_old = time.perf_counter() - t0
     steps = cfg.ppo_epochs * len(plan)
     sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio": 0.0, "kl_ref": 0.0, "grad_norm": 0.0,
@@ -569,8 +579,8 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
     params = [p for group in optimizer.param_groups for p in group["params"]]  # see trainable_parameters
     for _ in range(cfg.ppo_epochs):
         for mb in plan:
-            for k, (_, micro) in enumerate(micro_batches(mb.batch, size, trim, mb.count)):
-                with gradient_sync(wrapped, enabled=k == mb.count - 1):
+            for k, (_, micro) in enumerate(micro_batches(mb.batch, size=size, trim=trim, count=mb.micro_batches)):
+                with gradient_sync(wrapped, enabled=k == mb.micro_batches - 1):
                     logp = wrapped(micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature)  # (m, L)
                     loss, stats = gtpo.policy_loss(
                         logp, micro.get("old_logp", logp.detach()), micro["advantages"], micro["loss_mask"],
@@ -579,7 +589,7 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
                         ref_logp=micro.get("ref_logp"), kl_coef=cfg.kl_coef,
                     )  # fmt: skip
                     (loss * world.size).backward()  # DDP/FSDP average over ranks; this makes it a sum
-                weight = float(micro["loss_mask"].sum()) / mb.trained_tokens / steps  # token share, per step
+                weight = float(micro["loss_mask"].sum()) / mb.forwarded_tokens / steps  # token share, per step
                 sums["loss"] += float(loss.detach()) * world.size / steps
                 for key, stat in (("clip_frac", "clip_frac"), ("approx_kl", "approx_kl"), ("ratio", "ratio_mean"),
                                   ("kl_ref", "kl_ref")):  # fmt: skip
@@ -600,7 +610,9 @@ def rollout_seeds(seed, step, first, count):
     """The sampling seeds of the trajectories at global positions [first, first + count) of the
     data stream in RL step `step`: a trajectory's tokens depend on (seed, step, position), not on
     the rank or the generation batch it lands in."""
-    digest = lambda i: hashlib.blake2b(f"{seed}/{step}/{i}".encode(), digest_size=8).digest()  # noqa: E731
+    def digest(i):
+        return hashlib.blake2b(f"{seed}/{step}/{i}".encode(), digest_size=8).digest()
+
     return [int.from_bytes(digest(i), "little") >> 1 for i in range(first, first + count)]
 
 

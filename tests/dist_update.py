@@ -40,8 +40,10 @@ def trajectories(tokenizer):
 
 
 def main(out, parallel, adv_norm, mini_batch_size):
-    cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=2, ppo_epochs=2,
-                       parallel=parallel, lr=0.5, adv_norm=adv_norm, mini_batch_size=mini_batch_size)  # fmt: skip
+    # With mini-batches, one row per micro-batch: ranks then run different numbers of micro-batches,
+    # and with mini-batches of 2 the second rank's last mini-batches hold only stand-in rows.
+    cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=1 if mini_batch_size else 2,
+                       ppo_epochs=2, parallel=parallel, lr=0.5, adv_norm=adv_norm, mini_batch_size=mini_batch_size)  # fmt: skip
     world = launch.setup_distributed("cpu")
     derived = train.check_config(cfg, world)
     tokenizer = model.tiny_tokenizer()
@@ -59,8 +61,9 @@ def main(out, parallel, adv_norm, mini_batch_size):
     scored = train.score(trajs[mine], golds[mine], group_index, cfg, derived, grader, embedder, world)
     grader.close()
     policy.train()
-    sums, _ = train.update(wrapped, optimizer, trajs[mine], turn_advantages=scored["turn_advantages"], trained=scored["trained"],
-                 counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    sums, _ = train.update(wrapped, optimizer, trajs[mine], turn_advantages=scored["turn_advantages"],
+                           trained=scored["trained"], counted=scored["counted"], cfg=cfg, world=world,
+                           pad=tokenizer.pad_token_id)  # fmt: skip
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

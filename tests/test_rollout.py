@@ -320,8 +320,9 @@ def test_sampling_applies_temperature_and_nothing_else(tokenizer, temperature):
     row's Gumbel noise (seeded by its seed and position; none when greedy): no top-k,
     repetition penalty or other setting leaks in from the model's generation_config."""
     policy = model.tiny_model(tokenizer)
-    policy.generation_config.top_k = 20  # as Qwen2.5-Instruct checkpoints ship
-    policy.generation_config.repetition_penalty = 1.05
+    settings = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    for name, value in settings.items():  # as Qwen2.5-Instruct checkpoints ship
+        setattr(policy.generation_config, name, value)
     original, seen = policy.generate, []
 
     def generate(*args, **kwargs):
@@ -354,7 +355,8 @@ def test_seeded_sampling_draws_from_the_tempered_nucleus_distribution(temperatur
     token (the standard error is at most 0.0025), and tokens outside the nucleus never come."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
     rows = 40_000
-    sampler = rollout.SeededSampler(list(range(rows)), [7] * rows, 3, temperature, top_p)
+    sampler = rollout.SeededSampler(list(range(rows)), real_lengths=[7] * rows, prompt_width=3,
+                                    temperature=temperature, top_p=top_p)  # fmt: skip
     picks = sampler(torch.zeros(rows, 3, dtype=torch.long), logits.expand(rows, -1)).argmax(dim=1)
     probs = (logits[0] / temperature).softmax(-1)
     ordered, order = probs.sort(descending=True)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import data
 import eval as evaluation
+import gtpo
 import launch
 import model
 import rewards
@@ -171,8 +172,8 @@ def spy_on_old_logprobs(monkeypatch):
     """Record the batches and outputs of every train.old_logprobs call."""
     calls, original = [], train.old_logprobs
 
-    def spy(wrapped, batch, *args):
-        out = original(wrapped, batch, *args)
+    def spy(wrapped, batch, **settings):
+        out = original(wrapped, batch, **settings)
         calls.append((batch, out))
         return out
 
@@ -189,6 +190,9 @@ def test_old_logprobs_are_the_samplers_own_at_the_sampling_temperature(monkeypat
     world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(prompts_per_step=2, group_size=4, mini_batch_size=4, temperature=0.7, micro_batch_size=3)
     calls = spy_on_old_logprobs(monkeypatch)
+    everything = rollout.collate(trajs, tokenizer.pad_token_id)
+    with torch.no_grad():  # the same tokens scored at temperature 1, before the update
+        at_one = model.token_logprobs(policy, everything["input_ids"], everything["attention_mask"])
     wrapped = train.wrap(policy.train(), cfg, world)
     everyone = torch.ones(8, dtype=torch.bool)
     advantages = torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, cfg.max_turns)
@@ -200,9 +204,9 @@ def test_old_logprobs_are_the_samplers_own_at_the_sampling_temperature(monkeypat
         sampler = torch.tensor([t.sample_logp + [0.0] * (mask.shape[1] - len(t.sample_logp))
                                 for t in rows_of(batch, trajs)])  # fmt: skip
         torch.testing.assert_close(old[mask], sampler[mask], atol=1e-4, rtol=0)
-        with torch.no_grad():
-            at_one = model.token_logprobs(policy, batch["input_ids"], batch["attention_mask"])
-        assert (at_one[mask] - old[mask]).abs().max() > 1e-2
+    mask = everything["loss_mask"]
+    sampler = torch.tensor([t.sample_logp + [0.0] * (mask.shape[1] - len(t.sample_logp)) for t in trajs])
+    assert (at_one[mask] - sampler[mask]).abs().max() > 1e-2, "temperature 1 scores differ from the sampler's"
 
 
 def rows_of(batch, trajs):
@@ -248,8 +252,8 @@ def test_the_denominator_counts_every_sampled_token_and_zero_advantage_rows_get_
                            loss_denominator=denominator)  # fmt: skip
         scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
                              rewards.Grader(), None, world)  # fmt: skip
-        plan = train.plan_minibatches(trajs, scored["turn_advantages"], scored["trained"], scored["counted"], cfg,
-                                      world, tokenizer.pad_token_id)  # fmt: skip
+        plan = train.plan_minibatches(trajs, turn_advantages=scored["turn_advantages"], forwarded=scored["trained"],
+                                      counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
         assert len(plan) == 2
         for k, mb in enumerate(plan):
             members = range(k, 8, 2)
@@ -258,7 +262,7 @@ def test_the_denominator_counts_every_sampled_token_and_zero_advantage_rows_get_
             assert mb.num_seqs == len(counted)
             forwarded = sorted(t.input_ids for t in rows_of(mb.batch, trajs))
             assert forwarded == sorted(trajs[i].input_ids for i in members if i < 4 and i != 1)
-            assert mb.trained_tokens == sum(sampled[i] for i in members if i < 4 and i != 1)
+            assert mb.forwarded_tokens == sum(sampled[i] for i in members if i < 4 and i != 1)
 
 
 def test_several_minibatches_move_the_ratio_and_clip():
@@ -281,6 +285,63 @@ def test_several_minibatches_move_the_ratio_and_clip():
     assert stats[0]["optimizer_steps"] == 1 and stats[0]["clip_frac"] == 0 and stats[0]["approx_kl"] == 0
     assert stats[2]["optimizer_steps"] == 4
     assert stats[2]["clip_frac"] > 0 and stats[2]["approx_kl"] > 0 and stats[2]["ratio"] != pytest.approx(1.0)
+
+
+def test_with_a_kl_penalty_zero_advantage_rows_are_forwarded_and_the_loss_is_the_full_batch_loss():
+    """With kl_coef > 0 every counted row has a loss (its KL term), so the update's loss equals
+    policy_loss over all counted rows at once, zero-advantage group included, with their token
+    count as the denominator."""
+    tokenizer = model.tiny_tokenizer()
+    trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
+    world = launch.World(0, 1, torch.device("cpu"))
+    cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, kl_coef=0.5, micro_batch_size=3)
+    scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
+                         rewards.Grader(), None, world)  # fmt: skip
+    policy, reference = model.tiny_model(tokenizer, seed=0).train(), model.tiny_model(tokenizer, seed=1)
+    ref = train.LogProbs(reference.eval().requires_grad_(False))
+    counted = [i for i in range(8) if scored["counted"][i]]
+    batch = rollout.collate([trajs[i] for i in counted], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = model.token_logprobs(policy, batch["input_ids"], batch["attention_mask"])
+        ref_logp = model.token_logprobs(reference, batch["input_ids"], batch["attention_mask"])
+    advantages = gtpo.token_advantages(scored["turn_advantages"][counted], batch["token_turn"])
+    expected, _ = gtpo.policy_loss(logp, logp, advantages, batch["loss_mask"], ref_logp=ref_logp, kl_coef=0.5)
+    wrapped = train.wrap(policy, cfg, world)
+    sums, _ = train.update(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), trajs,
+                           turn_advantages=scored["turn_advantages"], trained=scored["trained"],
+                           counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id, ref=ref)  # fmt: skip
+    assert sums["loss"] == pytest.approx(float(expected), abs=1e-6) and sums["kl_ref"] > 0
+
+
+def test_logged_statistics_are_means_over_the_optimizer_steps(monkeypatch):
+    """clip_frac, approx_kl and ratio are, per optimizer step, token-weighted over its trained
+    tokens, then averaged over the steps (two mini-batches, two epochs: four steps)."""
+    tokenizer = model.tiny_tokenizer()
+    trajs = random_rollouts(tokenizer, model.tiny_model(tokenizer, seed=0), temperature=1.0)
+    world = launch.World(0, 1, torch.device("cpu"))
+    everyone = torch.ones(8, dtype=torch.bool)
+    cfg = train.Config(prompts_per_step=2, group_size=4, mini_batch_size=4, ppo_epochs=2, micro_batch_size=3)
+    seen, original = [], gtpo.policy_loss
+
+    def spy(logp, old_logp, advantages, loss_mask, **settings):
+        loss, stats = original(logp, old_logp, advantages, loss_mask, **settings)
+        seen.append((int(loss_mask.sum()), stats))
+        return loss, stats
+
+    monkeypatch.setattr(gtpo, "policy_loss", spy)
+    wrapped = train.wrap(model.tiny_model(tokenizer, seed=0).train(), cfg, world)
+    sums, _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=3e-2), trajs,
+                           turn_advantages=torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, 4), trained=everyone,
+                           counted=everyone, cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    assert sums["optimizer_steps"] == 4 and len(seen) == 8, "two micro-batches per mini-batch"
+    for name, key in (("clip_frac", "clip_frac"), ("approx_kl", "approx_kl"), ("ratio", "ratio_mean")):
+        per_step = []
+        for step in range(4):
+            micro = seen[2 * step : 2 * step + 2]
+            tokens = sum(n for n, _ in micro)
+            per_step.append(sum(n * float(stats[key]) for n, stats in micro) / tokens)
+        assert sums[name] == pytest.approx(sum(per_step) / 4, abs=1e-6)
+    assert sums["clip_frac"] > 0
 
 
 def test_rollout_seeds_depend_on_the_position_in_the_stream_only():
@@ -310,15 +371,17 @@ def one_process_update(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "parallel, adv_norm, mini_batch_size", [("ddp", "group", 0), ("fsdp", "group", 0), ("ddp", "batch", 0),
-                                            ("ddp", "group", 4), ("fsdp", "group", 4)]
+                                            ("ddp", "group", 4), ("fsdp", "group", 4), ("ddp", "group", 2),
+                                            ("fsdp", "group", 2)]
 )  # fmt: skip
 def test_two_process_update_equals_one_process_update(one_process_update, tmp_path, parallel, adv_norm,
                                                       mini_batch_size):  # fmt: skip
     """Fed the same trajectories (each rank its share of the groups, the second rank fewer trained
     rows in fewer micro-batches), the 2-process update (DDP, or FSDP2 fully_shard) gives the
     1-process parameters to 1e-5, and DDP's ranks end identical: gradient sync, gradient
-    clipping, the global token count of each mini-batch (one, or three of 4 trajectories, two
-    epochs over them: six optimizer steps) and batch-wide normalisation are exact."""
+    clipping, the global token count of each mini-batch (one; three of 4 trajectories; or six
+    of 2, where the second rank has nothing to train in three and joins with a stand-in row;
+    two epochs over them) and batch-wide normalisation are exact."""
     out = tmp_path / "two.pt"
     done = run_script(torchrun("tests/dist_update.py", str(out), parallel, adv_norm, str(mini_batch_size)))
     assert done.returncode == 0, done.stderr[-3000:]
