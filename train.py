@@ -89,7 +89,8 @@ class Config:
     temperature: float = arg(1.0, "sampling temperature of RL rollouts (every log-prob of the loss uses it too)")
     top_p: float = arg(1.0, "nucleus sampling of RL rollouts")
     rollout_batch_size: int = arg(0, "trajectories generated at once per rank (0: all); bounds the KV cache, "
-                                  "not the result (each trajectory samples from its own seeded stream)")
+                                  "not the result (each trajectory samples from its own seeded stream; up to "
+                                  "float rounding, which differs with the batch's padding, notably in bf16)")
     # --- RL: rewards and advantages
     algo: str = arg("gtpo", "gtpo (turn rewards, returns, shaping) or grpo (the preset baseline)")
     gamma: float = arg(0.9, "discount of turn rewards in the returns")
