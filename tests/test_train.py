@@ -520,7 +520,7 @@ def test_sft_ends_at_the_first_check_that_reaches_sft_stop_at(tmp_path, monkeypa
         (["--eval_samples", "0"], r"--eval_samples 0: must be at least 1"),
         (["--sft_stop_at", "1.5"], r"--sft_stop_at 1.5: must be an accuracy in \[0, 1\]"),
         (["--sft_stop_at", "0.5", "--sft_check_every", "0"], r"--sft_stop_at 0.5: needs --sft_check_every"),
-        (["--mini_batch_size", "48"], r"--mini_batch_size 48: must divide the batch of 128 trajectories"),
+        (["--mini_batch_size", "48"], r"--mini_batch_size 48: must be 0 \(the whole batch\) or divide the batch of 128"),
         (["--rollout_batch_size", "-1"], r"--rollout_batch_size -1: must be >= 0"),
         (["--loss_denominator", "all"], r"--loss_denominator 'all': must be one of sampled, signal"),
     ],
