@@ -739,8 +739,9 @@ def bench_repro(args):
         "rows": rows,
     }
     if "grpo" in args.variants and len(args.seeds) > 1:
-        paired, results["paired_with_grpo"] = repro_paired(finished, args.variants, args.seeds)
-        table += "\n\n" + paired
+        for kind in ("sampled", "greedy"):
+            paired, results[f"paired_with_grpo_{kind}"] = repro_paired(finished, args.variants, args.seeds, kind=kind)
+            table += "\n\n" + paired
     if args.eval_samples:
         results["by_kind_start"], results["by_kind_final"] = repro_by_kind(args, starts)
         table += "\n\n" + repro_family_table(results["by_kind_start"], results["by_kind_final"])
