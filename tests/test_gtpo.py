@@ -20,7 +20,10 @@ ATOL = 1e-6
 reward_values = st.one_of(
     st.sampled_from([0.0, 1.0, -0.1, 0.45, 0.9]), st.integers(-40, 40).map(lambda k: k / 8)
 )
-gammas = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.floats(0.0, 1.0))
+# 0 exactly, or at least 1e-6: a gamma within rounding of 0 (2e-16, or a subnormal 2e-313) makes
+# returns that differ only in their last bits or underflow, where scaling rounds them equal and a
+# reference's std divides by 0: float rounding of the inputs, not a property of the code.
+gammas = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.floats(1e-6, 1.0))
 modes = st.sampled_from(gtpo.MODES)
 
 
