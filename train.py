@@ -455,7 +455,7 @@ def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
     live_group = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_put_(
         (group_index,), signal, accumulate=True
     )
-    trained = live_group[group_index] & ~infra  # (N,) rows that get forward passes
+    trained = live_group[group_index] & ~infra  # (N,) rows with a policy-gradient signal
     counted = trained if cfg.loss_denominator == "signal" else ~infra  # (N,) rows in the denominator
     total_reward = turn_rewards.sum(dim=1) if cfg.algo == "gtpo" else trajectory_reward  # (N,)
     return {
