@@ -1,101 +1,327 @@
-"""Problem sets: JSONL files of math problems with their answers, and the built-in toy task.
+"""Problem sets: every data file or hub set goes through load(); and the built-in task sets.
 
-    problems = load_problems("dapo17k.jsonl")       # [{"problem": ..., "answer": ..., ...}, ...]
-    rows = load_trajectories("sft.jsonl")           # SFT: {"problem", "answer", "turns": [...]}
-    problems = load_hf_dataset("hf:org/name:train") # needs the optional `datasets` package
-    problems = toy_problems(1000, seed=0)           # the toy task, each with its teacher's turns
+    rows, summary = load("gsm8k.jsonl")                        # rows: [{"problem", "answer", "id", ...}]
+    rows, summary = load("hf:openai/gsm8k:main:test")          # needs the optional `datasets` package
+    rows, summary = load("dapo.parquet", answer_key="reward_model.ground_truth")  # needs `pyarrow`
+    rows, summary = load("sft.jsonl", trajectories=True)       # SFT rows: each also has "turns"
+    problems = toy_problems(1000, seed=0)                       # the toy task, each with its teacher's turns
+    rows = word_problems(150, seed=0)                           # GSM8K-format word problems
 
-One JSON object per line with "problem" (or "question") and "answer"; other keys are kept; blank
-lines are skipped. Any bad line is an error that names the file, the line number and what is
-wrong, and nothing is half-loaded.
+summary is one line for the log, e.g. "gsm8k.jsonl: 150 rows, 148 answers (148 from '#### N'),
+2 refused (2 no answer: first gsm8k.jsonl:7)". ("toy" is not a file: the callers draw it themselves.)
+
+Formats, by suffix: .jsonl (one JSON object per line; blank lines skipped), .json (an array of
+objects, or an object with exactly one list-valued key, as {"data": [...]}), .parquet, and
+hf:NAME[:CONFIG][:SPLIT] (split "train" by default). In hf:NAME:X, X is the split if it is one of
+train, test, validation, dev or holds "[" (a slice: "train[:100]"), and else the config.
+
+Each row becomes {"problem": str, "answer": str (the gold final answer), "id", every other column
+as it was}: a reward function gets the whole row. The column the problem came from ("question",
+say) is replaced by "problem"; a worked solution that "answer" held is kept as "solution". "id" is
+the row's own or "<set name>-<row index>". problem_key and answer_key name a column or a dotted
+path into nested columns ("reward_model.ground_truth"); "auto" takes the first present (not null)
+of PROBLEM_KEYS and of ANSWER_KEYS, short final answers before worked solutions.
+
+A problem given as chat messages [{"role", "content"}, ...] is the content of the LAST "user"
+message only (a system message or earlier turns are not used); the list is kept as "messages".
+The gold answer is what follows the last "####" (GSM8K; "1,234" -> "1234"), else the content of
+the last \\boxed{...} or \\fbox{...} (MATH; braces nest), else the value itself (a number, or a
+text of one line and at most 100 characters). A longer text with neither is no final answer.
+
+A row with no problem, no answer, no final answer or (trajectories=True) no "turns" (a non-empty
+list of non-empty texts) is skipped and counted by reason, and the summary names the first of
+each reason, as file:line (JSONL) or "file row k" (k from 0). What makes the file unusable as a
+whole (missing, empty, not JSON, a row that is not an object) is a DataError naming the file and
+line, and nothing is half-loaded; so is a set whose every row is refused (listing the first row's
+keys, so a wrong problem_key shows).
 """
 
 import json
 import os
 import random
+import re
+from collections import Counter
+
+PROBLEM_KEYS = ("problem", "question", "prompt", "Problem", "Question", "input")
+ANSWER_KEYS = ("answer", "final_answer", "ground_truth", "reward_model.ground_truth", "Answer",
+               "solution", "Solution", "output")  # fmt: skip
+HF_SPLITS = ("train", "test", "validation", "dev")
+FORMATS = ".jsonl, .json, .parquet or hf:NAME[:CONFIG][:SPLIT]"
+SHORT_ANSWER = 100  # characters: a longer answer value without '####' or \boxed is a worked solution
+FROM_HASHES, FROM_BOXED, AS_GIVEN = "from '#### N'", "from \\boxed{}", "as given"  # how an answer was found
+THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+BOXED = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+([^\s${}]+))")  # \boxed{...}, or \boxed 5
 
 
 class DataError(ValueError):
-    """A problem file that cannot be used, with the file and line in the message."""
+    """A data set that cannot be used, with the file and line (or row) in the message."""
 
 
-def parse_problem(obj, where):
-    """One problem dict from a decoded JSON value; `where` ("file:line") prefixes any error."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    problem = obj.get("problem", obj.get("question"))
-    if not isinstance(problem, str) or not problem.strip():
-        raise DataError(f"{where}: needs a non-empty string 'problem' (or 'question'); keys: {sorted(obj)}")
-    if "answer" not in obj or obj["answer"] is None or str(obj["answer"]).strip() == "":
-        raise DataError(f"{where}: needs a non-empty 'answer'")
-    out = {k: v for k, v in obj.items() if k != "question"}
-    out["problem"], out["answer"] = problem, str(obj["answer"])
-    return out
+def load(spec, problem_key="auto", answer_key="auto", trajectories=False):
+    """(rows, summary) of a data set (see the module docstring): every usable row adapted to
+    {"problem", "answer", "id", ...}, and one line saying how many were loaded and refused, and why."""
+    name, records = read_records(spec)
+    if not records:
+        raise DataError(f"{spec}: no rows in it")
+    rows, sources, refused = [], Counter(), {}  # refused: reason -> [count, where the first was]
+    for index, (where, obj) in enumerate(records):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        row, outcome = adapt_row(obj, f"{name}-{index}", problem_key, answer_key, trajectories)
+        if row is None:
+            refused.setdefault(outcome, [0, where])[0] += 1
+        else:
+            rows.append(row)
+            sources[outcome] += 1
+    reasons = "; ".join(f"{n} {reason}: first {where}" for reason, (n, where) in refused.items())
+    if not rows:
+        keys = ", ".join(keys_of(records[0][1]))
+        raise DataError(f"{spec}: every row was refused ({reasons}); the first row's keys: {keys} "
+                        "(name the columns with problem_key / answer_key)")  # fmt: skip
+    how = ", ".join(f"{n} {source}" for source, n in sources.items())
+    summary = f"{spec}: {len(records)} rows, {len(rows)} answers ({how}), {len(records) - len(rows)} refused"
+    return rows, summary + (f" ({reasons})" if refused else "")
 
 
-def parse_trajectory(obj, where):
-    """An SFT row: a problem (see parse_problem) plus "turns", the assistant's turn texts."""
-    row = parse_problem(obj, where)
-    turns = row.get("turns")
-    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
-        raise DataError(f"{where}: needs 'turns', a non-empty list of the assistant's turn texts")
-    return row
+def load_problems(path):
+    """The rows of load(path), for callers that do not print its summary."""
+    return load(path)[0]
+
+
+def load_trajectories(path):
+    """The SFT rows of load(path, trajectories=True): {"problem", "answer", "turns": [...], ...}.
+    Tool calls in the turns are run by the sandbox when the trajectory is built, so the tool
+    outputs the model is trained after are real (and masked, as in RL)."""
+    return load(path, trajectories=True)[0]
+
+
+def load_hf_dataset(spec):
+    """The rows of load("hf:NAME[:CONFIG][:SPLIT]"); needs the optional `datasets` package."""
+    return load(spec)[0]
+
+
+# ---------------------------------------------------------------- adapting one row
+
+
+def adapt_row(obj, made_id, problem_key, answer_key, trajectories):
+    """(row, how its answer was found) if the row is usable, else (None, why it is refused)."""
+    problem_from, problem = pick(obj, problem_key, PROBLEM_KEYS)
+    if problem_from is None:
+        return None, "no problem"
+    text = problem_text(problem)
+    if text is None:
+        return None, "empty problem"
+    answer_from, answer = pick(obj, answer_key, ANSWER_KEYS)
+    if answer_from is None:
+        return None, "no answer"
+    final, how = final_answer(answer)
+    if final is None:
+        return None, how
+    if trajectories and not has_turns(obj):
+        return None, "no turns"
+    row = dict(obj)
+    if problem_from in obj and problem_from != "problem":
+        del row[problem_from]  # the same value is now "problem" (or "messages")
+    if isinstance(problem, list):
+        row["messages"] = problem
+    if answer_from == "answer" and how != AS_GIVEN:
+        row.setdefault("solution", answer)
+    row["problem"], row["answer"] = text, final
+    if row.get("id") is None:
+        row["id"] = made_id
+    return row, how
+
+
+def has_turns(obj):
+    """Whether the row has "turns", a non-empty list of the assistant's (non-empty) turn texts."""
+    turns = obj.get("turns")
+    return isinstance(turns, list) and bool(turns) and all(t and isinstance(t, str) for t in turns)
+
+
+def lookup(obj, key):
+    """obj[key] if the row has that column, else the value at the dotted path key ("a.b" is
+    obj["a"]["b"]); None if there is none."""
+    if key in obj:
+        return obj[key]
+    value = obj
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def pick(obj, key, auto_keys):
+    """(key, value) of `key`, or with "auto" of the first of auto_keys present (not null);
+    (None, None) if there is none."""
+    for k in auto_keys if key == "auto" else (key,):
+        value = lookup(obj, k)
+        if value is not None:
+            return k, value
+    return None, None
+
+
+def problem_text(value):
+    """The problem text: a string as it is, or the content of the last "user" message of a list
+    of chat messages; None if that is not a non-blank string."""
+    if isinstance(value, list):
+        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        value = users[-1] if users else None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def final_answer(value):
+    """(gold final answer, how it was found: FROM_HASHES, FROM_BOXED or AS_GIVEN) of an answer
+    value, or (None, why there is none: "no answer" or "no final answer")."""
+    if isinstance(value, (list, tuple, dict)):
+        return None, "no final answer"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 204.0 (a float column) is the answer 204
+    text = str(value).strip()
+    if not text:
+        return None, "no answer"
+    if "####" in text:  # GSM8K: the worked solution, then "#### N"
+        tail = text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
+        tail = tail.replace(",", "") if THOUSANDS.fullmatch(tail) else tail
+        return (tail, FROM_HASHES) if tail else (None, "no final answer")
+    if BOXED.search(text):
+        boxed = boxed_answer(text)
+        return (boxed, FROM_BOXED) if boxed else (None, "no final answer")
+    if "\n" in text or len(text) > SHORT_ANSWER:
+        return None, "no final answer"
+    return text, AS_GIVEN
+
+
+def boxed_answer(text):
+    """The content of the last \\boxed{...} (or \\fbox{...}, or \\boxed 5) in text, braces nested;
+    None if that brace is never closed."""
+    last = list(BOXED.finditer(text))[-1]
+    if last.group(1) is not None:
+        return last.group(1)
+    depth = 1
+    for k in range(last.end(), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[last.end() : k].strip()
+    return None
+
+
+def keys_of(obj):
+    """The row's keys, each dict-valued one followed by its own keys as dotted paths (as
+    problem_key and answer_key take them)."""
+    keys = []
+    for k, v in obj.items():
+        keys.append(k)
+        keys += [f"{k}.{sub}" for sub in v] if isinstance(v, dict) else []
+    return keys
+
+
+# ---------------------------------------------------------------- reading each format
+
+
+def read_records(spec):
+    """(set name, [(where, record)]) of a data set in any accepted format; where is "file:line"
+    or "file row k". A file that cannot be read is a DataError naming it."""
+    if spec.startswith("hf:"):
+        return read_hf(spec)
+    readers = {".jsonl": jsonl_records, ".json": read_json, ".parquet": read_parquet}
+    suffix = os.path.splitext(spec)[1].lower()
+    if suffix not in readers:
+        raise DataError(f"{spec}: unknown format {suffix or '(no suffix)'!r}; accepted: {FORMATS}")
+    if not os.path.isfile(spec):
+        raise DataError(f"{spec}: no such file")
+    try:
+        return os.path.splitext(os.path.basename(spec))[0], readers[suffix](spec)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{spec}: not UTF-8 text (byte {e.start})") from None
+
+
+def jsonl_records(path):
+    """[(file:line, decoded value)] of every non-blank line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                where = f"{path}:{number}"
+                try:
+                    records.append((where, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return records
 
 
 def read_jsonl(path, parse, what):
-    """Every line of a JSONL file through parse(obj, "file:line"); blank lines skipped; a missing
-    or empty file or a bad line is a DataError naming the file and line."""
+    """Every line of any JSONL file (train.py's metrics, say) through parse(value, "file:line");
+    a missing or empty file or a line that is not JSON is a DataError naming the file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(parse(obj, where))
+    rows = [parse(obj, where) for where, obj in jsonl_records(path)]
     if not rows:
         raise DataError(f"{path}: no {what} in the file")
     return rows
 
 
-def load_problems(path):
-    """All problems of a JSONL file, in file order."""
-    return read_jsonl(path, parse_problem, "problems")
+def read_json(path):
+    """[(file row k, value)] of a JSON array, or of the one list in a JSON object ({"data": [...]})."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        value = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(value, dict):
+        lists = [k for k, v in value.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: a JSON object must hold exactly one list of rows, as "
+                            f'{{"data": [...]}}; this one has {len(lists)}: {lists}')  # fmt: skip
+        value = value[lists[0]]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(value).__name__}")
+    return [(f"{path} row {k}", obj) for k, obj in enumerate(value)]
 
 
-def load_trajectories(path):
-    """All SFT trajectories of a JSONL file ({"problem", "answer", "turns": [...]}), in file order.
-    Tool calls in the turns are run by the sandbox when the trajectory is built, so the tool
-    outputs the model is trained after are real (and masked, as in RL)."""
-    return read_jsonl(path, parse_trajectory, "trajectories")
+def read_parquet(path):
+    """[(file row k, row dict)] of a parquet file; needs the optional `pyarrow` package."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs the optional `pyarrow` package "
+                        "(pip install pyarrow)") from None  # fmt: skip
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError and ArrowInvalid
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    return [(f"{path} row {k}", obj) for k, obj in enumerate(table.to_pylist())]
 
 
-def load_hf_dataset(spec):
-    """Problems from the Hugging Face hub or cache, "hf:NAME[:SPLIT]" (default split "train"),
-    mapping problem/question/prompt and answer/solution columns. Needs the `datasets` package,
-    which is optional."""
+def parse_hf_spec(spec):
+    """(name, config or None, split) of "hf:NAME[:CONFIG][:SPLIT]" (the rule for hf:NAME:X is in
+    the module docstring); colons inside a slice ("train[:100]") do not split."""
+    parts = re.split(r":(?![^\[]*\])", spec.removeprefix("hf:"))
+    if not parts[0] or len(parts) > 3:
+        raise DataError(f"{spec}: expected hf:NAME[:CONFIG][:SPLIT]")
+    if len(parts) == 2 and (parts[1] in HF_SPLITS or "[" in parts[1]):
+        parts.insert(1, None)
+    name, config, split = parts + [None] * (3 - len(parts))
+    return name, config or None, split or "train"
+
+
+def read_hf(spec):
+    """(name, [(spec row k, row)]) of a Hugging Face hub (or cached) set; needs the optional
+    `datasets` package."""
     try:
         import datasets
     except ImportError:
-        raise DataError(
-            f"{spec}: the optional `datasets` package is not installed (pip install datasets)"
-        ) from None
-    name, _, split = spec[3:].partition(":")
-    table = datasets.load_dataset(name, split=split or "train")
-    problems = []
-    for k, row in enumerate(table):
-        obj = {
-            "problem": row.get("problem") or row.get("question") or row.get("prompt"),
-            "answer": row.get("answer", row.get("solution")),
-            "id": row.get("id", f"{name}-{k}"),
-        }
-        problems.append(parse_problem(obj, f"{spec} row {k}"))
-    return problems
+        raise DataError(f"{spec}: the optional `datasets` package is not installed "
+                        "(pip install datasets)") from None  # fmt: skip
+    name, config, split = parse_hf_spec(spec)
+    args = (name, config) if config else (name,)
+    try:
+        table = datasets.load_dataset(*args, split=split)
+    except Exception as e:  # the hub, the cache and a bad config or split each raise their own kind
+        call = f"datasets.load_dataset({', '.join(map(repr, args))}, split={split!r})"
+        raise DataError(f"{spec}: {call} failed: {type(e).__name__}: {e}") from None
+    return name, [(f"{spec} row {k}", row) for k, row in enumerate(table)]
 
 
 # ---------------------------------------------------------------- the built-in toy task
@@ -179,3 +405,112 @@ def toy_held_out(n, train_size=3000, train_mistake_rate=0.25, seed=1, exclude=()
     seen = {p["problem"] for p in toy_problems(train_size, seed=0, mistake_rate=train_mistake_rate)}
     seen |= {p["problem"] for p in exclude}
     return [p for p in toy_problems(n, seed=seed) if p["problem"] not in seen]
+
+
+# ---------------------------------------------------------------- grade-school word problems
+#
+# A GSM8K-style set written here, for runs on real models (the README's Qwen2.5 run): multi-step
+# word problems with whole-number answers, each row in GSM8K's own format (a "question", and an
+# "answer" that is a worked solution ending in "#### N"), so loading it exercises the GSM8K adapter.
+
+NAMES = ("Maria", "Tom", "Aisha", "Ben", "Lena", "Omar", "Grace", "Ravi", "Sofia", "Jack", "Mei", "Noah")
+ITEMS = (("notebook", "notebooks"), ("pen", "pens"), ("apple", "apples"), ("ticket", "tickets"),
+         ("book", "books"), ("sandwich", "sandwiches"))  # fmt: skip
+
+
+def _word_problem(kind, rng):
+    """(question, worked solution, answer) of one template, numbers drawn from rng."""
+    r, who = rng.randint, rng.choice(NAMES)
+    if kind == "change":
+        (_, a_name), (_, b_name) = rng.sample(ITEMS, 2)
+        a, p, b, q = r(2, 9), r(2, 15), r(2, 9), r(1, 9)
+        cost = a * p + b * q
+        bill = next(x for x in (20, 50, 100, 200) if x > cost)
+        return (f"{who} buys {a} {a_name} at ${p} each and {b} {b_name} at ${q} each. {who} pays with a "
+                f"${bill} bill. How much change, in dollars, does {who} get back?",
+                f"{a}*{p} + {b}*{q} = {cost}. {bill} - {cost} = {bill - cost}.", bill - cost)  # fmt: skip
+    if kind == "trip":
+        v, t, w, u = r(30, 70), r(2, 6), r(20, 60), r(1, 5)
+        return (f"A bus drives at {v} miles per hour for {t} hours, then at {w} miles per hour for {u} "
+                "hours. How many miles does it drive in total?",
+                f"{v}*{t} = {v * t}. {w}*{u} = {w * u}. {v * t} + {w * u} = {v * t + w * u}.", v * t + w * u)  # fmt: skip
+    if kind == "discount":
+        d, p = rng.choice((10, 20, 25, 30, 40, 50)), 20 * r(2, 30)
+        sale = p - p * d // 100
+        return (f"A jacket costs ${p}. It is on sale for {d}% off. What is the sale price in dollars?",
+                f"{d}% of {p} is {p * d // 100}. {p} - {p * d // 100} = {sale}.", sale)  # fmt: skip
+    if kind == "wages":
+        h, hours, days, weeks = r(9, 30), r(3, 8), r(2, 6), r(2, 8)
+        total = h * hours * days * weeks
+        return (f"{who} earns ${h} an hour and works {hours} hours a day, {days} days a week. How many "
+                f"dollars does {who} earn in {weeks} weeks?",
+                f"{h}*{hours}*{days}*{weeks} = {total}.", total)  # fmt: skip
+    if kind == "percent":
+        n = rng.choice((20, 25, 40, 50))
+        k = r(1, n - 1)
+        while 100 * k % n:
+            k = r(1, n - 1)
+        return (f"A class has {n} students and {k} of them walk to school. What percent of the students "
+                "walk to school?", f"{k}/{n} = {k / n}, which is {100 * k // n}%.", 100 * k // n)  # fmt: skip
+    if kind == "legs":
+        c, h, s = r(3, 40), r(5, 60), r(1, 20)
+        legs = 4 * c + 2 * h + 4 * s
+        return (f"A farm has {c} cows, {h} chickens and {s} sheep. How many legs do the animals have "
+                "altogether?", f"4*{c} + 2*{h} + 4*{s} = {legs}.", legs)  # fmt: skip
+    if kind == "savings":
+        s, price, has = r(5, 40), r(100, 900), r(0, 90)
+        weeks = -(-(price - has) // s)
+        return (f"{who} wants a bike that costs ${price}, has ${has} saved, and saves ${s} more every "
+                f"week. After how many weeks can {who} first afford the bike?",
+                f"{price} - {has} = {price - has}. {price - has}/{s} rounded up is {weeks}.", weeks)  # fmt: skip
+    if kind == "average":
+        m, a, b, c = r(70, 90), r(60, 100), r(60, 100), r(60, 100)
+        need = 4 * m - a - b - c
+        while not 0 <= need <= 100:
+            m, a, b, c = r(70, 90), r(60, 100), r(60, 100), r(60, 100)
+            need = 4 * m - a - b - c
+        return (f"{who} scored {a}, {b} and {c} on three tests. What score does {who} need on the fourth "
+                f"test to average exactly {m} over all four?",
+                f"4*{m} = {4 * m}. {4 * m} - {a} - {b} - {c} = {need}.", need)  # fmt: skip
+    if kind == "fence":
+        length, width, c = r(5, 60), r(5, 40), r(2, 15)
+        perimeter = 2 * (length + width)
+        return (f"A rectangular garden is {length} feet long and {width} feet wide. Fencing costs ${c} per "
+                "foot. How many dollars does it cost to fence the whole garden?",
+                f"2*({length} + {width}) = {perimeter}. {perimeter}*{c} = {perimeter * c}.", perimeter * c)  # fmt: skip
+    if kind == "boxes":
+        (item, items), per, boxes, sold = rng.choice(ITEMS), r(6, 24), r(5, 40), r(10, 90)
+        total = per * boxes
+        sold = min(sold, total)
+        return (f"A shop gets {boxes} boxes with {per} {items} in each box and sells {sold} {items}. "
+                f"How many {items} are left?", f"{boxes}*{per} = {total}. {total} - {sold} = {total - sold}.",
+                total - sold)  # fmt: skip
+    raise ValueError(f"unknown word problem kind {kind!r}; known: {WORD_KINDS}")
+
+
+WORD_KINDS = ("change", "trip", "discount", "wages", "percent", "legs", "savings", "average", "fence", "boxes")
+
+
+def word_problems(n, seed=0, exclude=()):
+    """n GSM8K-format rows {"id", "question", "answer": "<worked solution> #### N"}, kinds in turn,
+    no question repeated or in `exclude` (questions). The same arguments give the same rows."""
+    rng, seen, rows = random.Random(seed), set(exclude), []
+    while len(rows) < n:
+        question, work, answer = _word_problem(WORD_KINDS[len(rows) % len(WORD_KINDS)], rng)
+        if question not in seen:
+            seen.add(question)
+            rows.append({"id": f"words-{seed}-{len(rows)}", "question": question, "answer": f"{work}\n#### {answer}"})
+    return rows
+
+
+if __name__ == "__main__":  # python data.py OUT_DIR: the README's train.jsonl (150) and test.jsonl (50)
+    import sys
+
+    out_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/words"
+    os.makedirs(out_dir, exist_ok=True)
+    train = word_problems(150, seed=0)
+    test = word_problems(50, seed=1, exclude={row["question"] for row in train})
+    for name, rows in (("train", train), ("test", test)):
+        with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        print(f"{out_dir}/{name}.jsonl: {len(rows)} problems")
