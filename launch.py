@@ -9,10 +9,14 @@ torch.distributed set up, used and ended the same way under `python` and `torchr
     ...
     finish(world)                           # barrier, then destroy the process group
     run_command(main, cfg, "train.py", INPUT_ERRORS)   # errors as one line; no hang under torchrun
+    tracker = open_tracker("tensorboard", out_dir, config)   # or "wandb", or "none" (a no-op)
+    tracker.log(record, step); tracker.close()
 """
 
 import argparse
 import dataclasses
+import json
+import numbers
 import os
 import sys
 import traceback
@@ -23,11 +27,21 @@ import torch
 import torch.distributed as dist
 
 
-def arg(default, meaning):
-    """A config field with its one-line meaning (the flag's --help text)."""
+def arg(default, meaning, **per_model):
+    """A config field with its one-line meaning (the flag's --help text). per_model (demo=...,
+    model=...): a default that depends on the model; the field defaults to None ("auto") and
+    the entry script fills in the value for its --model (see train.model_defaults)."""
+    metadata = {"help": meaning, **per_model}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": meaning})
-    return field(default=default, metadata={"help": meaning})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_text(f, default):
+    """How --help shows a field's default: its value, or its value per model."""
+    if "demo" in f.metadata:
+        return f"demo: {f.metadata['demo']}; other models: {f.metadata['model']}"
+    return str(default)
 
 
 class ConfigError(ValueError):
@@ -54,7 +68,7 @@ def parse_config(config_cls, prog, description, argv=None):
         extra = {}
         if kind is bool:  # --flag alone means true; --flag false also works
             kind, nargs, extra = _flag_bool, "?", {"const": True}
-        meaning = f"{f.metadata['help']} ({default})".replace("%", "%%")
+        meaning = f"{f.metadata['help']} ({default_text(f, default)})".replace("%", "%%")
         parser.add_argument(f"--{f.name}", type=kind, nargs=nargs, default=default, help=meaning, **extra)
 
     def one_line_error(message):
@@ -176,3 +190,112 @@ def run_command(main, cfg, prog, input_errors, same_on_every_rank=False):
         exit_now(1)
     if rank is not None:
         exit_now()
+
+
+# ---------------------------------------------------------------- experiment tracking (optional)
+
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def numeric_fields(record):
+    """The fields of a metrics record that a tracker logs: ints and floats (numpy's too; not
+    bools, strings, lists or dicts), as floats, under their metrics.jsonl names. "step" is the
+    x-axis of every series, not a series of its own."""
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)
+    }
+
+
+class NoTracker:
+    """kind "none": logs nothing, writes nothing."""
+
+    def log(self, record, step):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TensorBoardTracker(NoTracker):
+    """Scalars into OUT/tensorboard (torch.utils.tensorboard), one tag per metrics.jsonl field;
+    the config as a text summary. `tensorboard --logdir OUT/tensorboard` shows them."""
+
+    def __init__(self, out_dir, config, run_name=None, start_step=0):
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError(f"tracker 'tensorboard' needs the package: pip install tensorboard ({e})")
+        # purge_step: a resumed run redoes the steps after its checkpoint; events of an earlier
+        # attempt at those steps are hidden, as train.py drops their metrics.jsonl records.
+        purge = start_step + 1 if start_step else None
+        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=purge)
+        text = json.dumps({"run_name": run_name, **config}, indent=1, default=str)
+        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), start_step)  # indented: as code
+        self.writer.flush()
+
+    def log(self, record, step):
+        for name, value in numeric_fields(record).items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # one write per step: a live tensorboard, nothing lost if the run dies
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbTracker(NoTracker):
+    """A Weights & Biases run: project from WANDB_PROJECT (else "gtpo"), name run_name, the config
+    as its config, its files under OUT/wandb. WANDB_MODE=offline logs to those files only (`wandb
+    sync` uploads them later); other WANDB_* variables apply as wandb documents them."""
+
+    def __init__(self, out_dir, config, run_name=None, start_step=0):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError(f"tracker 'wandb' needs the wandb package: pip install wandb ({e})")
+        os.makedirs(out_dir, exist_ok=True)
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or "gtpo", name=run_name, config=config, dir=out_dir
+            )
+        except wandb.errors.Error as e:  # no API key, no connection, a bad setting
+            offline = f"WANDB_MODE=offline logs to {os.path.join(out_dir, 'wandb')} without an account"
+            raise ConfigError(f"tracker 'wandb': {e} ({offline})") from e
+
+    def log(self, record, step):
+        self.run.log(numeric_fields(record), step=step)
+
+    def close(self):
+        """Finish the run, then wait until wandb's service process has written it: finish() alone
+        can return first (wandb 0.31, WANDB_MODE=offline, a loaded machine: the run file held its
+        header only, the history came seconds later). teardown() ends wandb in this process; a
+        later wandb.init starts it again."""
+        import wandb
+
+        self.run.finish()
+        wandb.teardown()
+
+
+def open_tracker(kind, out_dir, config, run_name=None, start_step=0):
+    """An experiment tracker with .log(record, step) and .close() (also a context manager):
+    kind "none" (a no-op), "tensorboard" (OUT/tensorboard; needs `pip install tensorboard`) or
+    "wandb" (needs `pip install wandb`; see WandbTracker). The package is imported only when its
+    kind is asked for; a missing one is a ConfigError naming the pip command. Each log writes the
+    record's numeric fields (numeric_fields) at step. start_step: the step a run resumes from
+    (tensorboard hides the events an earlier attempt wrote after it). Open it on the main rank only.
+    """
+    if kind == "none":
+        return NoTracker()
+    if kind == "tensorboard":
+        return TensorBoardTracker(out_dir, config, run_name, start_step)
+    if kind == "wandb":
+        return WandbTracker(out_dir, config, run_name, start_step)
+    raise ConfigError(f"tracker {kind!r}: expected one of {', '.join(TRACKERS)}")

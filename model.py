@@ -5,18 +5,23 @@ and a tiny Qwen2 model and tokenizer built in code for tests and the demo.
     model, tokenizer = load_policy("/ckpt/qwen2.5-coder-0.5b")     # a local directory
     model, tokenizer = load_policy("demo")                         # tiny, built in code
     logp = token_logprobs(model, input_ids, attention_mask)        # (B, L), chunked over L
+    export("runs/x/checkpoints/step_200", "qwen-gtpo-bf16")         # a plain HF directory, bf16
+
+    python model.py export SRC OUT [--dtype bfloat16|float16|float32]
 
 Shapes: B sequences, L tokens, H hidden size, V vocabulary size.
 """
 
+import argparse
 import json
 import os
 import shutil
+import sys
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -230,3 +235,102 @@ def sft_loss(model, input_ids, attention_mask, loss_mask):
     """Mean negative log-likelihood of the trained tokens (loss_mask True), as in cold-start SFT."""
     logp = token_logprobs(model, input_ids, attention_mask)  # (B, L)
     return -(logp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- export
+
+
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _check_checkpoint_dir(src):
+    """A ValueError naming src unless it holds a Hugging Face model (config.json, safetensors
+    weights) and its tokenizer."""
+    if not os.path.isdir(src):
+        raise ValueError(f"no checkpoint at {src!r}: not a directory")
+    names = os.listdir(src)
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        hint = ""
+        root = os.path.join(src, "checkpoints")
+        if os.path.isdir(root):  # a run directory: name its checkpoints
+            steps = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit())
+            hint = f"; it is a run directory: export one of its checkpoints, {root}/step_N"
+            hint += f" (N in {', '.join(map(str, steps))})" if steps else " (it has none yet)"
+        raise ValueError(f"no model in {src!r}: expected config.json and *.safetensors weights{hint}")
+    if "tokenizer_config.json" not in names and "tokenizer.json" not in names:
+        raise ValueError(f"no tokenizer in {src!r}: expected tokenizer_config.json or tokenizer.json")
+
+
+def export(src, out, dtype="bfloat16"):
+    """Write the policy of the checkpoint directory src (a save_policy directory or a training
+    checkpoint RUN/checkpoints/step_N) to out as a plain Hugging Face directory: safetensors
+    weights in dtype, config.json, the tokenizer files (with the chat template) and a neutral
+    generation_config.json. Nothing of the trainer is carried over (trainer.pt, rng_rank*.pt):
+    only what save_pretrained writes. Tied embeddings stay tied (config.tie_word_embeddings; the
+    shared matrix is stored once). Returns out.
+
+    A ValueError naming the path when dtype is unknown, out exists and is not an empty
+    directory, or src holds no model or no tokenizer. out is written to out.tmp-PID, then renamed.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    src, out = os.path.expanduser(src), os.path.expanduser(out).rstrip("/") or "/"
+    _check_checkpoint_dir(src)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise ValueError(f"{out!r} exists and is not an empty directory: give a new path")
+    model, tokenizer = load_policy(src, "cpu", EXPORT_DTYPES[dtype])
+    # Only the token ids, no sampling settings. generate() fills every setting a call leaves
+    # unset from the model's generation_config, so a checkpoint that started from Qwen2.5-Instruct
+    # would carry temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05 silently into a
+    # user's generate: not the distribution the policy was trained to sample from (rollout.py
+    # samples from softmax(logits / T) with every other setting neutral). Without them a call gets
+    # transformers' documented defaults (greedy; top_k=50 when do_sample=True), and the README
+    # example gives every setting explicitly.
+    source = model.generation_config
+    eos = source.eos_token_id if source.eos_token_id is not None else model.config.eos_token_id
+    pad = source.pad_token_id if source.pad_token_id is not None else tokenizer.pad_token_id
+    bos = source.bos_token_id if source.bos_token_id is not None else model.config.bos_token_id
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    save_policy(model, tokenizer, out)
+    return out
+
+
+def main(argv=None):
+    """The command line: `python model.py export SRC OUT [--dtype ...]`."""
+    parser = argparse.ArgumentParser(
+        prog="model.py", description="export: a checkpoint as a plain Hugging Face directory (export --help)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ex = commands.add_parser(
+        "export",
+        help="write a checkpoint's policy as a plain Hugging Face directory",
+        description="Write the policy of a checkpoint directory as a plain Hugging Face directory "
+        "(safetensors weights in --dtype, config, tokenizer with its chat template, a generation_config "
+        "holding only token ids), without the trainer's files (trainer.pt, rng_rank*.pt). Load it with "
+        "AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).",
+    )
+    ex.add_argument("src", metavar="SRC", help="checkpoint directory, e.g. RUN/checkpoints/step_200 "
+                    "(config.json, *.safetensors and the tokenizer)")  # fmt: skip
+    ex.add_argument("out", metavar="OUT", help="directory to write; must not exist or be empty")
+    ex.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="bfloat16",
+                    help="dtype of the written weights (default: bfloat16)")  # fmt: skip
+
+    def one_line_error(prog):
+        def error(message):
+            print(f"{prog}: error: {message} (see --help)", file=sys.stderr)
+            sys.exit(2)
+
+        return error
+
+    parser.error, ex.error = one_line_error("model.py"), one_line_error("model.py export")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.src, args.out, args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"model.py export: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {args.src} -> {out} ({args.dtype})")
+
+
+if __name__ == "__main__":
+    main()
