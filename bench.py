@@ -461,7 +461,8 @@ def bench_step(args):
             embedder = rewards.make_embedder(run.embedder, tokenizer)
             start = time.perf_counter()
             scored = train.score(
-                trajs, golds, group_index, run, train.check_config(run, world), grader, embedder, world
+                trajs, [p for p in problems for _ in range(args.group_size)], group_index, run,
+                train.check_config(run, world), grader, embedder, world,
             )
             times[label]["rewards"].append(time.perf_counter() - start)
             start = time.perf_counter()

@@ -51,10 +51,17 @@ from launch import (
 class Config:
     # --- evaluate
     model: str = arg("", "checkpoint directory, hub id, or 'demo' (an untrained tiny Qwen2)")
-    data: list[str] = arg([], "problem sets: JSONL files, 'toy' (the demo's held-out set), 'hf:NAME[:SPLIT]'")
+    data: list[str] = arg([], "problem sets: .jsonl, .json, .parquet, 'hf:NAME[:CONFIG][:SPLIT]', or 'toy' "
+                          "(the demo's held-out set)")
+    problem_key: str = arg("auto", "column of the problem text (dotted path; see train.py --help)")
+    answer_key: str = arg("auto", "column of the gold answer (dotted path; '#### N' and \\boxed{} solutions "
+                          "give their final answer)")
+    reward_fn: str = arg("auto", "'file.py:function' or 'module:function' grading instead of the built-in "
+                         "grader (see train.py --help); auto: training's, else the built-in grader")
     out: str = arg("report.json", "the JSON report (its partial records go to OUT.partial.jsonl)")
     samples: int = arg(1, "trajectories per problem (k of pass@k)")
-    temperature: float = arg(0.0, "sampling temperature; 0 is greedy")
+    temperature: float = arg(None, "sampling temperature; 0 is greedy (default: 0 with --samples 1, else "
+                             "training's temperature, else 1.0)")
     top_p: float = arg(1.0, "nucleus sampling")
     max_turns: int = arg(None, "model turns per trajectory (default: training's, else 4)")
     max_turn_tokens: int = arg(None, "tokens sampled per turn (default: training's, else 512)")
@@ -79,10 +86,12 @@ class Config:
     plot_out: str = arg("", "the PNG (default: metrics.png next to the first metrics file)")
 
 
+INPUT_ERRORS = (ConfigError, data.DataError, rewards.RewardFnError, OSError)  # one error line, no traceback
+
 # Settings that change what the evaluation produces: a resumed run must match them exactly.
-RESULT_SETTINGS = ("model", "data", "samples", "temperature", "top_p", "max_turns", "max_turn_tokens",
-                   "max_total_tokens", "system_prompt", "seed", "batch_size", "limit", "demo_size",
-                   "sandbox_timeout")  # fmt: skip
+RESULT_SETTINGS = ("model", "data", "problem_key", "answer_key", "reward_fn", "samples", "temperature", "top_p",
+                   "max_turns", "max_turn_tokens", "max_total_tokens", "system_prompt", "seed", "batch_size",
+                   "limit", "demo_size", "sandbox_timeout")  # fmt: skip
 
 
 # ---------------------------------------------------------------- settings
@@ -125,13 +134,20 @@ def resolve(cfg):
         raise ConfigError(f"--limit {cfg.limit}: must be 0 (all) or more")
     if not re.fullmatch(r"\d+x\d+", cfg.demo_size):
         raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
-    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+    trained = training_config(cfg)
+    temperature_from = "--temperature"
+    if cfg.temperature is None:
+        sampled = cfg.samples > 1 and trained
+        temperature_from = "training's" if sampled else "the default for --samples 1" if cfg.samples == 1 else "the default"
+        cfg.temperature = 0.0 if cfg.samples == 1 else trained["temperature"] if sampled else 1.0
+    if not cfg.temperature >= 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"--temperature {cfg.temperature} --top_p {cfg.top_p}: need T >= 0, 0 < top_p <= 1")
     if cfg.samples > 1 and cfg.temperature == 0:
         raise ConfigError(
             f"--samples {cfg.samples} with --temperature 0: every sample would be the same greedy one"
         )
-    trained = training_config(cfg)
+    if cfg.reward_fn == "auto":
+        cfg.reward_fn = trained.get("reward_fn", "") if trained else ""
     for name, default in (("max_turns", 4), ("max_turn_tokens", 512), ("max_total_tokens", 2048)):
         if getattr(cfg, name) is None:
             setattr(cfg, name, trained[name] if trained else default)
@@ -145,6 +161,8 @@ def resolve(cfg):
         raise ConfigError(f"--data {' '.join(cfg.data)}: two sets have the same name ({', '.join(names)})")
     settings = {k: getattr(cfg, k) for k in RESULT_SETTINGS}
     settings["training_config"] = bool(trained)
+    settings["temperature_from"] = temperature_from
+    settings["first_turn_tool_call"] = trained.get("first_turn_tool_call", True) if trained else True
     return settings
 
 
@@ -154,16 +172,17 @@ def set_name(spec):
     return os.path.splitext(os.path.basename(spec))[0]
 
 
-def load_sets(cfg):
-    """{set name: problems}, each cut to --limit; a set left empty is an error."""
+def load_sets(cfg, world=None):
+    """{set name: problems}, each cut to --limit; a set left empty is an error. Rank 0 prints
+    each file's load summary."""
     sets = {}
     for spec in cfg.data:
         if spec == "toy":
             problems = data.toy_held_out(100)
-        elif spec.startswith("hf:"):
-            problems = data.load_hf_dataset(spec)
         else:
-            problems = data.load_problems(spec)
+            problems, summary = data.load(spec, problem_key=cfg.problem_key, answer_key=cfg.answer_key)
+            if world is None or world.main:
+                print(f"data: {summary}")
         sets[set_name(spec)] = problems[: cfg.limit or None]
         if not sets[set_name(spec)]:
             raise data.DataError(f"{spec}: no problems to evaluate")
@@ -188,7 +207,7 @@ def batch_seed(seed, name, b):
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 1009 + b) % 2**63
 
 
-def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items):
+def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items, *, reward_fn=None, first_call=True):
     """The problem records of one batch: every problem's samples, graded."""
     k = cfg.samples
     prompts = []
@@ -204,15 +223,16 @@ def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items):
     )
     with torch.no_grad():
         trajs = rollout.rollout(policy, tokenizer, prompts, pool, run_cfg)
-    correct = rewards.grade(trajs, [p["answer"] for _, p in items for _ in range(k)], grader)  # (N,)
+    scores = rewards.outcome_scores(trajs, [p for _, p in items for _ in range(k)], grader, reward_fn)  # (N,)
     records = []
     for n, (index, p) in enumerate(items):
         samples = []
-        for traj, ok in zip(trajs[n * k : (n + 1) * k], correct[n * k : (n + 1) * k]):
-            format_error = any(v != 0 for v in rewards.turn_format_penalties(traj.turns))
+        for traj, value in zip(trajs[n * k : (n + 1) * k], scores[n * k : (n + 1) * k].tolist()):
+            format_error = any(rewards.turn_format_penalties(traj.turns, first_call=first_call))
             answer = rewards.extract_answer(traj.final_text)
             record = rollout.trajectory_record(traj)
-            samples.append({**record, "answer": answer, "correct": bool(ok), "format_error": format_error})
+            samples.append({**record, "answer": answer, "correct": value >= 1, "score": value,
+                            "format_error": format_error})  # fmt: skip
         records.append({"key": f"{name}/{index}", "set": name, "index": index, "id": p.get("id"),
                         "problem": p["problem"], "answer": p["answer"],
                         "num_correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
@@ -290,7 +310,7 @@ def on_every_rank(fn, world):
     if world.main:
         try:
             result = fn()
-        except (ConfigError, data.DataError, OSError) as e:
+        except INPUT_ERRORS as e:
             error = e
     result, error = broadcast_object((result, error), world)
     if error is not None:
@@ -298,14 +318,14 @@ def on_every_rank(fn, world):
     return result
 
 
-def evaluate_round(todo, policy, tokenizer, pool, grader, cfg, world):
+def evaluate_round(todo, policy, tokenizer, pool, grader, cfg, world, **grading):
     """Each rank evaluates its batch of the round (the rank-th of todo, if any); every rank gets
     all records, in batch order. An error on any rank is raised on every rank."""
     records, error = [], None
     if world.rank < len(todo):
         try:
-            records = evaluate_batch(policy, tokenizer, pool, grader, cfg, *todo[world.rank])
-        except (ConfigError, data.DataError, OSError) as e:
+            records = evaluate_batch(policy, tokenizer, pool, grader, cfg, *todo[world.rank], **grading)
+        except INPUT_ERRORS as e:
             error = e
     parts = gather_objects((records, error), world)
     for _, e in parts:
@@ -317,7 +337,9 @@ def evaluate_round(todo, policy, tokenizer, pool, grader, cfg, world):
 def run_evaluation(cfg, settings, world):
     """Evaluate every set, resuming from what an earlier run left; rank 0 appends each round's
     records to OUT.partial.jsonl, then writes OUT and returns the report."""
-    sets = load_sets(cfg)
+    sets = load_sets(cfg, world)
+    grading = {"reward_fn": rewards.load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None,
+               "first_call": settings["first_turn_tool_call"]}  # fmt: skip
     done = {}  # key -> record, on rank 0
 
     def keys_so_far():
@@ -339,7 +361,7 @@ def run_evaluation(cfg, settings, world):
     try:
         for r in range(0, len(todo), world.size):
             round_todo = todo[r : r + world.size]
-            records = evaluate_round(round_todo, policy, tokenizer, pool, grader, cfg, world)
+            records = evaluate_round(round_todo, policy, tokenizer, pool, grader, cfg, world, **grading)
             if world.main:
                 with open(cfg.out + ".partial.jsonl", "a", encoding="utf-8") as f:
                     f.writelines(json.dumps(rec) + "\n" for rec in records)
@@ -668,5 +690,4 @@ def main(cfg):
 
 if __name__ == "__main__":
     # every rank raises the same input error (see on_every_rank): rank 0 says it once
-    run_command(main, parse_config(Config, "eval.py", __doc__), "eval.py", (ConfigError, data.DataError, OSError),
-                same_on_every_rank=True)  # fmt: skip
+    run_command(main, parse_config(Config, "eval.py", __doc__), "eval.py", INPUT_ERRORS, same_on_every_rank=True)

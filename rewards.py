@@ -3,13 +3,18 @@ trajectory reward, and the code-similarity shaping of GTPO (with pluggable embed
 
 Grading, in order (each step only when the previous did not already decide "equal"):
     1. extract_answer: the last \\boxed{...} (or \\fbox{...}) with nested braces; when there is
-       none, the fallback is a final "answer is X" / "Answer: X" line; else None (no credit).
-    2. normalise both strings: spaces, $, \\left/\\right, \\!, \\text{...} units, ^\\circ, a
-       trailing period, "x =" prefixes, \\dfrac/\\tfrac -> \\frac, thousands separators.
-    3. numbers: integers, decimals, fractions (a/b, \\frac{a}{b}), percentages (50\\% = 0.5 =
-       1/2), \\sqrt, \\pi: equal when exactly equal as rationals, or within 1e-9 relative as
-       floats. A documented choice: a rounded decimal is NOT equal to the exact value
-       (0.3333 != 1/3), since the model could have computed it exactly.
+       none, the fallback is a final "answer is X" / "Answer: X" / "#### X" line; else None.
+    2. normalise both strings: spaces, $ and \\$, \\left/\\right, \\!, \\text{...}, ^\\circ and
+       degrees, a trailing period, "x =" prefixes, \\dfrac/\\tfrac -> \\frac, thousands separators,
+       "50 percent" -> 50%, "3 1/2" -> 3\\frac{1}{2}, and units: a plain number followed only by
+       words is the number (5 apples = 5 cm^2 = 5), unless a word changes the value (5 million,
+       2 dozen, 5 squared). Units are dropped, never converted: 50 cents != 0.5.
+    3. numbers: integers, decimals, fractions (a/b, \\frac{a}{b}), mixed numbers, percentages,
+       \\sqrt, \\pi: equal when exactly equal as rationals, or within 1e-9 relative as floats.
+       A percentage x% has two readings, x/100 and x: a percentage and a number are equal when
+       either reading equals the number (50% = 0.5 = 50, as GSM8K's gold drops the sign); two
+       percentages compare as written (50% != 0.5%). A documented choice: a rounded decimal is
+       NOT equal to the exact value (0.3333 != 1/3), since the model could have computed it exactly.
     4. symbols: sympy decides a - b == 0, run in a sandbox session (sympify evaluates its input,
        which here is model-written) under a time limit, so no expression can stall a rollout.
     Tuples and intervals are compared element by element, brackets included.
@@ -17,12 +22,17 @@ Grading, in order (each step only when the previous did not already decide "equa
 Shapes: N trajectories, K max turns.
 """
 
+import importlib
+import importlib.util
 import math
+import numbers
+import os
 import re
 from fractions import Fraction
 
 import torch
 
+import rollout
 import sandbox
 
 FORMAT_PENALTY = -0.1
@@ -43,7 +53,8 @@ def _closing_braces(text):
 
 def extract_answer(text):
     """The final answer in text: the last balanced \\boxed{...} or \\fbox{...}; else a final
-    "answer is X" / "Answer: X"; else None. Chat special tokens (<|im_end|>) are ignored."""
+    "answer is X" / "Answer: X" / GSM8K's "#### X" line (markdown bold ignored); else None. Chat
+    special tokens (<|im_end|>) are ignored."""
     if text is None:
         return None
     text = re.sub(r"<\|[a-z_]+\|>", "", text)
@@ -57,7 +68,8 @@ def extract_answer(text):
         return match.group(1).strip()
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if lines:
-        match = re.search(r"(?:answer is|answer:)\s*(.+?)\.?\s*$", lines[-1], re.IGNORECASE)
+        last = lines[-1].replace("**", "")  # markdown bold: "**Answer:** 42", "is **42**"
+        match = re.search(r"(?:answer is:?|answer:|^\s*####)\s*(.+?)\.?\s*$", last, re.IGNORECASE)
         if match:
             return match.group(1).strip().strip("$").strip()
     return None
@@ -67,23 +79,42 @@ UNIT_WORDS = (
     r"(?:units?|cm|m|km|kg|g|mg|s|sec|seconds?|minutes?|hours?|days?|degrees?|dollars?|cents?"
     r"|meters?|inches?|feet|ft|mph|sq|square)"
 )
+UNIT_POWER = r"(?:\^\{?[23]\}?)?"  # cm^2, m^{3}: the power belongs to the unit, not to the number
+# Words that change the value of the number before them: "5 million" is not 5, "5 apples" is.
+VALUE_WORDS = (
+    r"(?:hundred|thousand|million|billion|trillion|dozen|half|halve|third|quarter|squared|cubed|pi|sqrt)s?"
+)
+PLAIN_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:\s+\d+/\d+|/\d+)?"  # 12, 1,250.5, 3/4, 3 1/2
+
+
+def _drop_trailing_words(s):
+    """"5 apples" -> "5": a plain number followed only by words keeps the number (the words name
+    a unit or the things counted), unless a word changes its value (VALUE_WORDS)."""
+    m = re.fullmatch(f"({PLAIN_NUMBER})\\s+([a-zA-Z]{{2,}}(?:\\s+[a-zA-Z]+)*)", s)
+    if m and not any(re.fullmatch(VALUE_WORDS, w, re.IGNORECASE) for w in m[2].split()):
+        return m[1]
+    return s
 
 
 def normalize_answer(s):
     """A canonical string for comparison (see the module docstring, step 2)."""
     s = str(s).strip().replace("\u2212", "-")  # the unicode minus
-    s = re.sub(r"\\text\{\s*" + UNIT_WORDS + r"\s*\}", "", s)
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:text|textrm|mathrm|mbox)\{\s*" + UNIT_WORDS + r"\s*\}" + UNIT_POWER, "", s)
+    s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
     s = (
         s.replace("\\dfrac", "\\frac")
         .replace("\\tfrac", "\\frac")
         .replace("^\\circ", "")
         .replace("^{\\circ}", "")
+        .replace("\\degree", "")
     )
     s = s.replace("°", "").replace("\\$", "").replace("$", "").replace("\\displaystyle", "")
-    s = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", s)  # "x = 5"
-    s = re.sub(r"\s+" + UNIT_WORDS + r"\s*$", "", s)  # "5 cm"
+    s = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", s).strip().rstrip(".").strip()  # "x = 5", "5 cm."
+    s = re.sub(r"(?<=\d)\s*percent$", "%", s, flags=re.IGNORECASE)  # "50 percent" is 50%
+    s = _drop_trailing_words(s)  # "5 apples"
+    s = re.sub(r"\s+" + UNIT_WORDS + UNIT_POWER + r"\s*$", "", s)  # "2\\sqrt{3} cm", "5 cm^2"
+    s = re.sub(r"^([-+]?\d+)\s+(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # a mixed number: "3 1/2"
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s) if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
     s = s.replace(" ", "").rstrip(".")
     return s
@@ -145,6 +176,19 @@ def _numbers_equal(a, b):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
     except OverflowError:  # a Fraction beyond float range against an irrational: not equal
         return False
+
+
+def _readings(s, value):
+    """The values a normalised answer can mean (module docstring, step 3): x% is x/100 or x."""
+    return (value, value * 100) if s.endswith("%") else (value,)
+
+
+def _numbers_match(p, g, a, b):
+    """a = _number(p) and b = _number(g) agree (step 3). Two percentages compare as written,
+    since their readings would cross: 50% would equal 0.5% via 0.5."""
+    if p.endswith("%") and g.endswith("%"):
+        return _numbers_equal(a, b)
+    return any(_numbers_equal(x, y) for x in _readings(p, a) for y in _readings(g, b))
 
 
 def latex_to_python(s):
@@ -222,7 +266,7 @@ class Grader:
             )
         np_, ng = _number(p), _number(g)
         if np_ is not None and ng is not None:
-            return _numbers_equal(np_, ng)
+            return _numbers_match(p, g, np_, ng)
         return self.symbolic_equal(p, g)
 
     def close(self):
@@ -245,16 +289,16 @@ def is_equivalent(pred, gold):
 # ---------------------------------------------------------------- format and turn rewards
 
 
-def turn_format_penalties(turns, penalty=FORMAT_PENALTY, runtime_errors=False):
+def turn_format_penalties(turns, penalty=FORMAT_PENALTY, runtime_errors=False, first_call=True):
     """Per turn: `penalty` for an invalid tool call (unterminated fence, empty code, code that does
-    not parse), and on turn 1 also for making no tool call at all. A call whose code raises when
-    run is feedback, not a format error, unless runtime_errors=True."""
+    not parse), and with first_call (the paper's rule) on turn 1 also for making no tool call at
+    all. A call whose code raises when run is feedback, not a format error, unless runtime_errors."""
     penalties = []
     for j, turn in enumerate(turns):
         invalid = turn.valid_call is False
         if runtime_errors and turn.result is not None and not turn.result.ok:
             invalid = True
-        no_call_first = j == 0 and turn.code is None
+        no_call_first = first_call and j == 0 and turn.code is None
         penalties.append(penalty if invalid or no_call_first else 0.0)
     return penalties
 
@@ -265,7 +309,7 @@ def grade(trajs, golds, grader=None):
     return torch.tensor([equal(extract_answer(t.final_text), gold) for t, gold in zip(trajs, golds)])
 
 
-def turn_reward_matrix(trajs, outcomes, max_turns, penalty=FORMAT_PENALTY, runtime_errors=False):
+def turn_reward_matrix(trajs, outcomes, max_turns, penalty=FORMAT_PENALTY, runtime_errors=False, first_call=True):
     """GTPO's turn rewards r_ij = r_acc_ij + r_fmt_ij: (rewards (N, K), turn_mask (N, K)).
 
     outcomes (N,) float: r_acc of each trajectory's last turn (1 if correct, the shaped partial
@@ -278,15 +322,67 @@ def turn_reward_matrix(trajs, outcomes, max_turns, penalty=FORMAT_PENALTY, runti
         T = len(traj.turns)
         assert 1 <= T <= max_turns, f"trajectory {i} has {T} turns, max_turns is {max_turns}"
         turn_mask[i, :T] = True
-        rewards[i, :T] = torch.tensor(turn_format_penalties(traj.turns, penalty, runtime_errors))
+        rewards[i, :T] = torch.tensor(turn_format_penalties(traj.turns, penalty, runtime_errors, first_call))
         rewards[i, T - 1] += float(outcomes[i])
     return rewards, turn_mask
 
 
-def grpo_rewards(trajs, correct, runtime_errors=False):
-    """GRPO's trajectory reward: 1 iff correct and no turn has a format error, else 0. (N,)"""
-    clean = [not any(turn_format_penalties(t.turns, -1.0, runtime_errors)) for t in trajs]
-    return (correct & torch.tensor(clean)).float()
+def grpo_rewards(trajs, scores, runtime_errors=False, first_call=True):
+    """GRPO's trajectory reward: the outcome score (1 iff correct with the built-in grader) when no
+    turn has a format error, else 0. (N,)"""
+    clean = [not any(turn_format_penalties(t.turns, -1.0, runtime_errors, first_call)) for t in trajs]
+    return scores.float() * torch.tensor(clean)
+
+
+# ---------------------------------------------------------------- a reward of your own
+
+
+class RewardFnError(ValueError):
+    """A --reward_fn that cannot be loaded, or that returned something other than a score."""
+
+
+def load_reward_fn(spec):
+    """The function named by "path/to/file.py:function" or "package.module:function"."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise RewardFnError(f"--reward_fn {spec!r}: expected 'file.py:function' or 'module:function'")
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise RewardFnError(f"--reward_fn {spec!r}: no such file {where}")
+            loader = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(where))[0], where)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except RewardFnError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import: say which and why
+        raise RewardFnError(f"--reward_fn {spec!r}: importing {where} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardFnError(f"--reward_fn {spec!r}: {where} has no function {name!r}")
+    return fn
+
+
+def outcome_scores(trajs, rows, grader=None, reward_fn=None):
+    """(N,) float in [0, 1]: 1 or 0 from the built-in grader against row["answer"], or
+    reward_fn(record, row) with record = rollout.trajectory_record(traj) plus its "answer" (what
+    extract_answer finds) and "final_text"; True/False count as 1/0."""
+    if reward_fn is None:
+        return grade(trajs, [row["answer"] for row in rows], grader).float()
+    scores = []
+    for traj, row in zip(trajs, rows, strict=True):
+        record = {**rollout.trajectory_record(traj), "answer": extract_answer(traj.final_text),
+                  "final_text": traj.final_text}  # fmt: skip
+        value = reward_fn(record, row)
+        if isinstance(value, numbers.Real) and 0 <= value <= 1:  # bool is a Real; NaN fails the test
+            scores.append(float(value))
+        else:
+            name = getattr(reward_fn, "__name__", reward_fn)
+            raise RewardFnError(f"--reward_fn {name} returned {value!r} for problem {row.get('id', row['problem'][:40])!r}: "
+                                "expected True/False or a number in [0, 1]")  # fmt: skip
+    return torch.tensor(scores)
 
 
 # ---------------------------------------------------------------- shaping

@@ -218,7 +218,7 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     # parameters gathered for the whole rollout, see train.full_parameters.)
     out = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-        past_key_values=cache, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
+        cache=cache, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
         logits_processor=LogitsProcessorList(sampler), synced_gpus=False,
     )  # fmt: skip
     new = out.sequences[:, W:].tolist()  # (B, steps)
@@ -244,7 +244,7 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
                 float((out.logits[k][row].float() / temperature).log_softmax(-1)[ids[k]]) for k in range(cut)
             ]
         rows.append((ids[:cut], reason, logps))
-    return rows, (out.sequences.cpu(), mask, out.past_key_values)
+    return rows, (out.sequences.cpu(), mask, out.cache)
 
 
 def observation_text(turn_text, result, max_chars=4096):

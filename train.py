@@ -36,6 +36,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,18 +52,26 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    ConfigError, all_gather_rows, all_reduce, arg, barrier, finish, parse_config, run_command, setup_distributed,
+    TRACKERS, ConfigError, all_gather_rows, all_reduce, arg, barrier, finish, open_tracker, parse_config,
+    run_command, setup_distributed,
 )  # fmt: skip
 
 
 @dataclass
 class Config:
     # --- what to train, on what, where
-    model: str = arg("demo", "hub id, local Hugging Face directory, or 'demo' (tiny Qwen2 built in code)")
-    data: str = arg("toy", "RL problems: a JSONL file, 'toy' (built-in task), or 'hf:NAME[:SPLIT]'")
-    eval_data: str = arg("auto", "held-out problems (JSONL); 'auto': toy's held-out set, none for files")
-    sft_data: str = arg("toy", "SFT trajectories: a JSONL of {problem, answer, turns} or 'toy' (teacher)")
-    out_dir: str = arg("runs/demo", "run directory: config, metrics, samples, checkpoints, summary")
+    model: str = arg("demo", "hub id, local Hugging Face directory, or 'demo' (tiny Qwen2 built in code); "
+                     "defaults marked 'demo: ...; other models: ...' follow it")
+    data: str = arg("toy", "RL problems: .jsonl, .json, .parquet, 'hf:NAME[:CONFIG][:SPLIT]', or 'toy' (built-in task)")
+    eval_data: str = arg("auto", "held-out problems, same formats; 'auto': toy's held-out set, none otherwise")
+    sft_data: str = arg(None, "SFT trajectories {problem, answer, turns}, same formats, 'toy' (teacher), or 'none'",
+                        demo="toy", model="none")
+    problem_key: str = arg("auto", "column of the problem text (dotted path into nested rows; a chat message "
+                           "list uses its last user message); auto: problem, question, prompt, ...")
+    answer_key: str = arg("auto", "column of the gold answer (dotted path, e.g. reward_model.ground_truth); "
+                          "'#### N' and \\boxed{} solutions give their final answer; auto: answer, ...")
+    out_dir: str = arg(None, "run directory: config, metrics, samples, checkpoints, summary; an existing run "
+                       "resumes only with the same settings", demo="runs/demo", model="runs/<model>-<data>")
     seed: int = arg(0, "seed of the model init (demo), data order and sampling")
     # --- the demo model and the toy task
     demo_size: str = arg("128x3", "hidden size x layers of the demo model")
@@ -72,20 +81,24 @@ class Config:
     eval_samples: int = arg(1, "sampled trajectories per held-out problem (greedy takes one)")
     system_prompt: str = arg("auto", "'auto' (none for toy, model.SYSTEM_PROMPT otherwise), 'none', or text")
     # --- cold-start SFT
-    sft_steps: int = arg(5000, "SFT optimizer steps before RL (0 skips SFT)")
+    sft_steps: int = arg(None, "SFT optimizer steps before RL (0 skips SFT)", demo=5000,
+                         model="one pass over --sft_data, 0 without it")
     sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks")
-    sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW: 5% warmup, flat, then a cosine tail to 0)")
+    sft_lr: float = arg(None, "SFT peak learning rate (AdamW: 5% warmup, flat, then a cosine tail to 0)",
+                        demo=3e-3, model=1e-5)
     sft_decay_start: float = arg(0.7, "fraction of the SFT steps after which the cosine tail starts")
-    sft_check_every: int = arg(250, "SFT steps between greedy checks on the validation problems (0: none)")
-    sft_stop_at: float = arg(0.5, "end SFT at the first check whose greedy validation accuracy reaches this (0: never)")
+    sft_check_every: int = arg(None, "SFT steps between greedy checks on the validation problems (0: none)",
+                               demo=250, model=0)
+    sft_stop_at: float = arg(None, "end SFT at the first check whose greedy validation accuracy reaches this "
+                             "(0: never)", demo=0.5, model=0.0)
     val_size: int = arg(50, "validation problems of the SFT checks (toy: a third draw; files: the first RL problems)")
     # --- RL: sampling
     max_steps: int = arg(40, "RL steps (0: SFT and evaluation only)")
     prompts_per_step: int = arg(16, "problems per RL step, over all ranks")
     group_size: int = arg(8, "trajectories per problem (G)")
     max_turns: int = arg(4, "model turns per trajectory (K)")
-    max_turn_tokens: int = arg(64, "tokens sampled per turn at most")
-    max_total_tokens: int = arg(320, "prompt + turns + tool outputs, per trajectory")
+    max_turn_tokens: int = arg(None, "tokens sampled per turn at most", demo=64, model=1024)
+    max_total_tokens: int = arg(None, "prompt + turns + tool outputs, per trajectory", demo=320, model=4096)
     temperature: float = arg(1.0, "sampling temperature of RL rollouts (every log-prob of the loss uses it too)")
     top_p: float = arg(1.0, "nucleus sampling of RL rollouts")
     rollout_batch_size: int = arg(0, "trajectories generated at once per rank (0: all); bounds the KV cache, "
@@ -99,15 +112,22 @@ class Config:
     embedder: str = arg("tokens", "shaping embedder: tokens, policy, or hf:<dir>")
     adv_norm: str = arg("group", "normalisation set of advantages: group, turn, or batch")
     format_penalty: float = arg(rewards.FORMAT_PENALTY, "reward of a turn with a bad tool call")
+    first_turn_tool_call: bool = arg(True, "the paper's rule: a first turn without a tool call is a format "
+                                     "error (GTPO: the penalty; GRPO: reward 0); false where the tool is "
+                                     "optional or with --max_turns 1")
+    reward_fn: str = arg("", "your reward instead of the built-in grader: 'file.py:function' or "
+                         "'package.module:function', called as fn(trajectory record, problem row) -> bool "
+                         "or a score in [0, 1]; format penalties, shaping and normalisation apply around it")
     # --- RL: the update
-    lr: float = arg(3e-4, "RL peak learning rate (AdamW, linear warmup then constant)")
+    lr: float = arg(None, "RL peak learning rate (AdamW, linear warmup then constant)", demo=3e-4, model=1e-6)
     warmup_steps: int = arg(3, "RL steps of linear learning-rate warmup")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     mini_batch_size: int = arg(0, "trajectories per optimizer step, over all ranks (0: the whole batch); "
                                "divides prompts_per_step x group_size, a multiple of the ranks")
     ppo_epochs: int = arg(1, "passes over the mini-batches per RL batch (an optimizer step per mini-batch)")
-    micro_batch_size: int = arg(16, "trajectories per forward/backward on a rank (gradient accumulation)")
+    micro_batch_size: int = arg(None, "trajectories per forward/backward on a rank (gradient accumulation)",
+                                demo=16, model=4)
     loss_denominator: str = arg("sampled", "what token-mean divides by: 'sampled', every sampled token of the "
                                 "mini-batch (as TRL and verl); 'signal', only tokens of groups with a "
                                 "non-zero advantage (a larger step when many groups have none)")
@@ -125,6 +145,25 @@ class Config:
     save_every: int = arg(10, "checkpoint every N RL steps (and at the end)")
     keep_checkpoints: int = arg(2, "RL checkpoints kept besides step_0 (the RL start)")
     sample_every: int = arg(10, "write sample trajectories every N RL steps")
+    report_to: str = arg("none", "also log each step's metrics to: none, tensorboard, or wandb (optional packages)")
+
+    def __post_init__(self):
+        """Fill the defaults that depend on --model: the demo's tuning (a 0.5M-parameter model
+        learning a toy task in minutes: lr 3e-4, 5,000 SFT steps at 3e-3, 64-token turns) would
+        damage a real checkpoint and cut real reasoning off. Fields in order, so sft_data is
+        known when sft_steps is filled."""
+        for f in dataclasses.fields(self):
+            if "demo" in f.metadata and getattr(self, f.name) is None:
+                setattr(self, f.name, f.metadata["demo"] if self.model == "demo" else self.model_default(f))
+
+    def model_default(self, f):
+        """A field's default for a model other than the demo."""
+        if f.name == "out_dir":
+            name = lambda spec: re.sub(r"\.(jsonl|json|parquet)$", "", os.path.basename(spec.rstrip("/")))
+            return os.path.join("runs", f"{name(self.model)}-{name(self.data.replace(':', '-'))}")
+        if f.name == "sft_steps":  # None: one pass, set by main once the rows are loaded
+            return None if self.sft_data not in ("", "none") else 0
+        return f.metadata["model"]
 
 
 def parse_args(argv=None):
@@ -139,6 +178,10 @@ def check_config(cfg, world):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name} {getattr(cfg, name)!r}: must be one of {', '.join(allowed)}")
+    if cfg.sft_steps and cfg.sft_data in ("", "none"):
+        raise ConfigError(f"--sft_steps {cfg.sft_steps}: SFT needs --sft_data (trajectories {{problem, answer, turns}})")
+    if cfg.report_to not in TRACKERS:
+        raise ConfigError(f"--report_to {cfg.report_to!r}: must be one of {', '.join(TRACKERS)}")
     for name in ("group_size", "max_turns", "max_turn_tokens", "micro_batch_size", "ppo_epochs",
                  "sft_batch_size", "eval_samples", "save_every", "sample_every", "keep_checkpoints"):  # fmt: skip
         if getattr(cfg, name) < 1:
@@ -282,33 +325,35 @@ def gradient_sync(wrapped, enabled):
 # ---------------------------------------------------------------- data
 
 
-def load_data(cfg):
+def load_data(cfg, world):
     """(RL problems, held-out problems, validation problems, SFT rows). The toy task is the same
-    for every seed; its validation problems are a third draw, disjoint from the other two."""
-    if cfg.data == "toy":
-        train = data.toy_problems(cfg.toy_size, seed=0, mistake_rate=cfg.toy_mistake_rate)
-    elif cfg.data.startswith("hf:"):
-        train = data.load_hf_dataset(cfg.data)
-    else:
-        train = data.load_problems(cfg.data)
+    for every seed; its validation problems are a third draw, disjoint from the other two. Files
+    and hf: sets go through data.load, whose one-line summary rank 0 prints."""
+    def load(spec, trajectories=False):
+        rows, summary = data.load(spec, problem_key=cfg.problem_key, answer_key=cfg.answer_key,
+                                  trajectories=trajectories)  # fmt: skip
+        if world.main:
+            print(f"data: {summary}")
+        return rows
+
+    train = data.toy_problems(cfg.toy_size, seed=0, mistake_rate=cfg.toy_mistake_rate) if cfg.data == "toy" else load(cfg.data)
     held_out = []
     if cfg.eval_data == "auto" and cfg.data == "toy" and cfg.eval_size:
         held_out = data.toy_held_out(cfg.eval_size, cfg.toy_size, cfg.toy_mistake_rate)
-    elif cfg.eval_data not in ("auto", "", "none"):
-        held_out = data.load_problems(cfg.eval_data)[: cfg.eval_size or None]
+    elif cfg.eval_data not in ("auto", "", "none") and cfg.eval_size:
+        held_out = load(cfg.eval_data)[: cfg.eval_size]
+    sft_rows = []
+    if cfg.sft_steps != 0 and cfg.sft_data == "toy":
+        toy = train if cfg.data == "toy" else data.toy_problems(cfg.toy_size, seed=0)
+        sft_rows = [dict(p, turns=p["teacher"]) for p in toy]
+    elif cfg.sft_steps != 0:
+        sft_rows = load(cfg.sft_data, trajectories=True)
     validation = []
-    if cfg.sft_steps and cfg.sft_check_every and cfg.val_size:
+    if cfg.sft_steps != 0 and cfg.sft_check_every and cfg.val_size:
         if cfg.data == "toy":
             validation = data.toy_held_out(cfg.val_size, cfg.toy_size, cfg.toy_mistake_rate, seed=2, exclude=held_out)
         else:
             validation = train[: cfg.val_size]
-    sft_rows = []
-    if cfg.sft_steps:
-        if cfg.sft_data == "toy":
-            toy = train if cfg.data == "toy" else data.toy_problems(cfg.toy_size, seed=0)
-            sft_rows = [dict(p, turns=p["teacher"]) for p in toy]
-        else:
-            sft_rows = data.load_trajectories(cfg.sft_data)
     return train, held_out, validation, sft_rows
 
 
@@ -417,40 +462,47 @@ def sft_check(step, accuracy, cfg, world):
 # ---------------------------------------------------------------- one RL step
 
 
-def score(trajs, golds, group_index, cfg, derived, grader, embedder, world):
-    """Rewards and advantages of this rank's trajectories: a dict of (N,) correct, outcomes,
+def score(trajs, rows, group_index, cfg, derived, grader, embedder, world, reward_fn=None):
+    """Rewards and advantages of this rank's trajectories (rows: each one's problem row, graded by
+    the built-in grader against its answer or by reward_fn): a dict of (N,) correct, outcomes,
     infra, format_errors, trained, counted and (N, K) turn_rewards, returns, turn_advantages.
     Normalisation sees every rank's rows (so adv_norm="batch" is exact too). trained is False
     for rows of groups whose advantages are all zero and rows with a sandbox failure; counted
     (the rows whose tokens the loss divides by) is every row but sandbox failures, or the
     trained rows with --loss_denominator signal."""
     N, K = len(trajs), cfg.max_turns
-    correct = rewards.grade(trajs, golds, grader)  # (N,)
+    scores = rewards.outcome_scores(trajs, rows, grader, reward_fn)  # (N,) in [0, 1]
+    correct = scores >= 1  # (N,)
     infra = torch.tensor(
         [any(t.result is not None and t.result.infra_error for t in tr.turns) for tr in trajs]
     )
-    outcomes = correct.float()  # (N,)
+    outcomes = scores  # (N,)
     if derived["shaped"]:
         texts = [
             rewards.trajectory_code(t) if cfg.shaping == "code" else "".join(u.text for u in t.turns)
             for t in trajs
         ]
-        outcomes = rewards.shape_outcomes(correct, embedder(texts), group_index, cfg.alpha)
-    turn_rewards, turn_mask = rewards.turn_reward_matrix(trajs, outcomes, K, cfg.format_penalty)  # (N, K)
+        shaped = rewards.shape_outcomes(correct, embedder(texts), group_index, cfg.alpha)
+        outcomes = torch.maximum(scores, shaped)  # a partial score from reward_fn is kept if higher
+    turn_rewards, turn_mask = rewards.turn_reward_matrix(
+        trajs, outcomes, K, cfg.format_penalty, first_call=cfg.first_turn_tool_call
+    )  # (N, K)
     if cfg.algo == "gtpo":
         returns = gtpo.discounted_returns(turn_rewards, turn_mask, cfg.gamma)  # (N, K)
         take_part = turn_mask & ~infra[:, None]  # sandbox failures stay out of the statistics
         everyone = [all_gather_rows(t, world) for t in (returns, take_part, group_index)]
         turn_advantages = gtpo.normalize(*everyone, mode=cfg.adv_norm)[world.rank * N : (world.rank + 1) * N]
     else:
-        trajectory_reward = rewards.grpo_rewards(trajs, correct)  # (N,)
+        trajectory_reward = rewards.grpo_rewards(trajs, scores, first_call=cfg.first_turn_tool_call)  # (N,)
         returns = trajectory_reward[:, None] * turn_mask  # (N, K) one reward, on every turn (for display)
         everyone = [all_gather_rows(t, world) for t in (trajectory_reward, ~infra, group_index)]
         advantage = gtpo.grpo_advantages(everyone[0], everyone[2], mask=everyone[1])[
             world.rank * N : (world.rank + 1) * N
         ]
         turn_advantages = advantage[:, None] * turn_mask  # (N, K)
-    format_errors = torch.tensor([any(p != 0 for p in rewards.turn_format_penalties(t.turns)) for t in trajs])
+    format_errors = torch.tensor(
+        [any(rewards.turn_format_penalties(t.turns, first_call=cfg.first_turn_tool_call)) for t in trajs]
+    )
     signal = (turn_advantages != 0).any(dim=1)  # (N,)
     live_group = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_put_(
         (group_index,), signal, accumulate=True
@@ -642,14 +694,17 @@ def rl_step(step, state, cfg, derived, world):
     t1 = time.perf_counter()
     if hasattr(state["embedder"], "new_step"):
         state["embedder"].new_step()
-    golds = [p["answer"] for p in problems for _ in range(G)]
-    scored = score(trajs, golds, group_index, cfg, derived, state["grader"], state["embedder"], world)
+    rows = [p for p in problems for _ in range(G)]
+    scored = score(trajs, rows, group_index, cfg, derived, state["grader"], state["embedder"], world,
+                   reward_fn=state["reward_fn"])  # fmt: skip
     t2 = time.perf_counter()
     policy.train()
     sums, t_old = update(wrapped, state["optimizer"], trajs, turn_advantages=scored["turn_advantages"],
                          trained=scored["trained"], counted=scored["counted"], cfg=cfg, world=world,
                          pad=tokenizer.pad_token_id, ref=state.get("ref"))  # fmt: skip
-    state["scheduler"].step()
+    with warnings.catch_warnings():  # the schedule counts RL steps, also those without an optimizer step
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        state["scheduler"].step()
     t3 = time.perf_counter()
     adv_zero = (scored["turn_advantages"] == 0).all(dim=1).view(n_local, G).all(dim=1)  # (groups,)
     calls = [t for tr in trajs for t in tr.turns if t.result is not None]  # tool calls that ran
@@ -662,6 +717,7 @@ def rl_step(step, state, cfg, derived, world):
         "failed": float((~scored["correct"]).sum()),
         "shaped": float(((~scored["correct"]) & (scored["outcomes"] > 0)).sum()),
         "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
+        "truncated": sum(t.stop_reason == "max_length" for t in trajs),
         **sums, "t_rollout": t1 - t0, "t_reward": t2 - t1, "t_old_logp": t_old, "t_update": t3 - t2 - t_old,
     }  # fmt: skip
     return metric_sums, (problems, trajs, scored)
@@ -682,7 +738,7 @@ def reduce_metrics(step, metric_sums, lr, world):
         "tool_calls": total["tool_calls"] / n, "tool_errors": total["tool_errors"] / max(total["tool_calls"], 1),
         "format_errors": total["format_errors"] / n, "infra_errors": total["infra_errors"],
         "shaped": total["shaped"] / max(total["failed"], 1), "length": total["length"] / n,
-        "zero_adv_groups": total["zero_adv_groups"] / total["groups"],
+        "zero_adv_groups": total["zero_adv_groups"] / total["groups"], "truncated": total["truncated"] / n,
         "loss": total["loss"] / ranks, "clip_frac": total["clip_frac"], "approx_kl": total["approx_kl"],
         "ratio": total["ratio"], "optimizer_steps": total["optimizer_steps"] / ranks,
         "kl": total["kl_ref"], "grad_norm": total["grad_norm"] / ranks, "skipped": total["skipped"] / ranks, "lr": lr,
@@ -694,7 +750,7 @@ def log_line(record):
     """One line per step, fixed fields."""
     return (
         f"step {record['step']:4d} | reward {record['reward']:+.3f} | acc {record['accuracy']:.3f} | "
-        f"turns {record['turns']:.2f} | tool_err {record['tool_errors']:.3f} | fmt_err {record['format_errors']:.3f} | "
+        f"turns {record['turns']:.2f} | trunc {record['truncated']:.2f} | tool_err {record['tool_errors']:.3f} | fmt_err {record['format_errors']:.3f} | "
         f"shaped {record['shaped']:.2f} | len {record['length']:.0f} | loss {record['loss']:+.4f} | "
         f"clip {record['clip_frac']:.3f} | kl {record['kl']:.4f} | gnorm {record['grad_norm']:.3f} | "
         f"lr {record['lr']:.2e} | time roll {record['t_rollout']:.1f}s rew {record['t_reward']:.1f}s "
@@ -859,9 +915,37 @@ def check_in_sync(wrapped, world):
 # ---------------------------------------------------------------- main
 
 
+# Settings that may change when a run resumes: they change neither its samples nor its updates
+# (micro- and rollout batch sizes only up to float rounding). Any other difference is refused.
+RESUMABLE = ("out_dir", "max_steps", "save_every", "keep_checkpoints", "sample_every", "sandbox_workers",
+             "micro_batch_size", "rollout_batch_size", "activation_checkpointing", "device", "report_to")  # fmt: skip
+
+
+def check_resume(cfg):
+    """Refuse to resume a run made with other settings: one error listing every difference."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    if not checkpoint_steps(cfg.out_dir) or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)["config"]
+    now = dataclasses.asdict(cfg)
+    differ = [f"--{k} {saved.get(k)!r} there, {now[k]!r} here" for k in now
+              if k not in RESUMABLE and saved.get(k, now[k]) != now[k]]  # fmt: skip
+    if differ:
+        raise ConfigError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(differ)}): "
+                          "give another --out_dir, the same flags, or delete it")  # fmt: skip
+
+
 def main(cfg):
     world = setup_distributed(cfg.device)
+    check_config(cfg, world)
+    reward_fn = rewards.load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+    started = time.time()
+    problems, held_out, validation, sft_rows = load_data(cfg, world)
+    if cfg.sft_steps is None:  # a real model's default: one pass over the SFT rows
+        cfg = dataclasses.replace(cfg, sft_steps=math.ceil(len(sft_rows) / cfg.sft_batch_size))
     derived = check_config(cfg, world)
+    check_resume(cfg)
     torch.manual_seed(cfg.seed + world.rank)  # distinct sampling per rank
     random.seed(cfg.seed + world.rank)
     np.random.seed(cfg.seed + world.rank)
@@ -870,8 +954,6 @@ def main(cfg):
         print(json.dumps({"config": dataclasses.asdict(cfg), "derived": derived}, indent=1))
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), "derived": derived}, f, indent=1)
-    started = time.time()
-    problems, held_out, validation, sft_rows = load_data(cfg)
 
     hidden, layers = map(int, cfg.demo_size.split("x"))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -888,7 +970,8 @@ def main(cfg):
     pool = sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout)
     grader = rewards.Grader()
     state = {"policy": policy, "tokenizer": tokenizer, "wrapped": wrapped, "problems": problems, "pool": pool,
-             "grader": grader, "data_position": 0, "evaluation": {}, "optimizer": None, "scheduler": None}  # fmt: skip
+             "grader": grader, "reward_fn": reward_fn, "data_position": 0, "evaluation": {}, "optimizer": None,
+             "scheduler": None}  # fmt: skip
     try:
         run(state, cfg, derived, world, held_out, validation, sft_rows, started)
     finally:
@@ -951,6 +1034,8 @@ def run(state, cfg, derived, world, held_out, validation, sft_rows, started):
     state["embedder"] = rewards.make_embedder(cfg.embedder, tokenizer, policy) if derived["shaped"] else None
     bar = tqdm(range(start + 1, cfg.max_steps + 1), desc="rl", disable=not world.main, dynamic_ncols=True,
                initial=start, total=cfg.max_steps)  # fmt: skip
+    tracker = open_tracker(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg), start_step=start) if world.main else None
+    warned = False
     for step in bar:
         lr = state["scheduler"].get_last_lr()[0]
         metric_sums, (problems, trajs, scored) = rl_step(step, state, cfg, derived, world)
@@ -959,12 +1044,20 @@ def run(state, cfg, derived, world, held_out, validation, sft_rows, started):
             tqdm.write(log_line(record))
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            tracker.log(record, step)
+            if record["truncated"] > 0.5 and not warned:
+                warned = True
+                tqdm.write(f"warning: {record['truncated']:.0%} of step {step}'s trajectories stopped at a token "
+                           f"limit (--max_turn_tokens {cfg.max_turn_tokens}, --max_total_tokens "
+                           f"{cfg.max_total_tokens}): they get no answer reward; raise the limits")  # fmt: skip
             if step % cfg.sample_every == 0 or step == 1:
                 path = os.path.join(cfg.out_dir, "samples", f"step_{step}.json")
                 write_samples(path, trajs, problems, scored, cfg.group_size)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(step, state, cfg, world)
     bar.close()
+    if tracker is not None:
+        tracker.close()
     in_sync = check_in_sync(wrapped, world)
     after = {"after_rl_sampled": evaluate_now(cfg.temperature), "after_rl_greedy": evaluate_now(0.0)}
     if world.main:
@@ -983,7 +1076,7 @@ def run(state, cfg, derived, world, held_out, validation, sft_rows, started):
         raise RuntimeError("parameters differ between ranks after training")
 
 
-INPUT_ERRORS = (ConfigError, data.DataError, FileNotFoundError, OSError)  # one error line, no traceback
+INPUT_ERRORS = (ConfigError, data.DataError, rewards.RewardFnError, FileNotFoundError, OSError)  # one error line, no traceback
 
 if __name__ == "__main__":
     run_command(main, parse_args(), "train.py", INPUT_ERRORS)

@@ -29,9 +29,10 @@ def torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
-# train.py flags of a small, fast run of the tiny model.
+# train.py flags of a small, fast run of the tiny model. Its checkpoints are directories, which
+# would get a real model's defaults: the demo's learning rate and micro-batch are given explicitly.
 SMALL = dict(demo_size="64x2", toy_size=200, eval_size=0, prompts_per_step=4, group_size=4,
-             max_turn_tokens=48, max_total_tokens=256, sandbox_workers=4)  # fmt: skip
+             max_turn_tokens=48, max_total_tokens=256, sandbox_workers=4, lr=3e-4, micro_batch_size=16)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

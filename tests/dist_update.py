@@ -58,7 +58,7 @@ def main(out, parallel, adv_norm, mini_batch_size):
     optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
     embedder = rewards.make_embedder(cfg.embedder, tokenizer)
     grader = rewards.Grader()
-    scored = train.score(trajs[mine], golds[mine], group_index, cfg, derived, grader, embedder, world)
+    scored = train.score(trajs[mine], [{"answer": g} for g in golds[mine]], group_index, cfg, derived, grader, embedder, world)
     grader.close()
     policy.train()
     sums, _ = train.update(wrapped, optimizer, trajs[mine], turn_advantages=scored["turn_advantages"],

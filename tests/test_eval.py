@@ -163,7 +163,7 @@ def test_a_report_round_trips_and_an_interrupted_run_resumes_to_the_same_report(
     assert partial.read_text() == "\n".join(lines) + "\n"  # the cut line is gone: appending is safe
     calls = []
     real = evaluation.evaluate_batch
-    monkeypatch.setattr(evaluation, "evaluate_batch", lambda *a: calls.append(a[6]) or real(*a))
+    monkeypatch.setattr(evaluation, "evaluate_batch", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
     resumed = evaluation.main(cfg_for(sft_model, out, **sampled))
     assert calls == [1, 2] and resumed == whole
     moved = [dict(whole["problems"][0], problem="Another problem?")]
@@ -206,7 +206,7 @@ def test_an_error_on_one_rank_ends_every_rank_with_one_message(tmp_path):
 
 def test_an_empty_set_is_an_error(monkeypatch):
     """A set with no problems (an empty hf: split, say) is an error naming it, not a crash later."""
-    monkeypatch.setattr(data, "load_hf_dataset", lambda spec: [])
+    monkeypatch.setattr(data, "load", lambda spec, **keys: ([], f"{spec}: 0 rows"))
     with pytest.raises(data.DataError, match="hf:org/empty: no problems"):
         evaluation.load_sets(evaluation.Config(data=["hf:org/empty"]))
 
@@ -281,7 +281,7 @@ def test_plot_draws_every_run_into_one_png(tmp_path):
     [
         (dict(data=["missing.jsonl"]), data.DataError, "missing.jsonl: no such file"),
         (dict(data=["BAD"]), data.DataError, r"bad.jsonl:2: not valid JSON"),
-        (dict(samples=4), launch.ConfigError, "--samples 4 with --temperature 0"),
+        (dict(samples=4, temperature=0.0), launch.ConfigError, "--samples 4 with --temperature 0"),
         (dict(show="x.json"), launch.ConfigError, "exactly one of"),
         (dict(data=[], compare=["a.json"]), launch.ConfigError, "two reports"),
         (dict(data=[], show="NOPE"), data.DataError, "no problem 'toy/999'"),

@@ -63,7 +63,7 @@ GRADING = [
     ("\\frac{1}{2}", "\\frac{2}{4}", True),
     # percentages
     ("50\\%", "0.5", True),
-    ("50%", "50", False),
+    ("50%", "50", True),  # GSM8K writes the gold of "what percent" without its sign
     ("50\\%", "50\\%", True),
     ("12.5\\%", "\\frac{1}{8}", True),
     ("100\\%", "1", True),
@@ -193,6 +193,87 @@ GRADING = [
     ("C(5,2)", "10", False),
     ("|{-3}|", "3", True),
     ("\\log_2 8", "3", True),
+    # ---- answers as models write them on GSM8K and MATH
+    # percentages (rewards' docstring, step 3): beside a number x% reads as x/100 or as x;
+    # two percentages compare as written
+    ("50%", "50\\%", True),
+    ("12.5%", "12.5", True),
+    ("50 percent", "50", True),
+    ("50 percent", "0.5", True),
+    ("25\\%", "\\frac{1}{4}", True),
+    ("200\\%", "2", True),
+    ("-5\\%", "-5", True),
+    ("0.5\\%", "0.005", True),
+    ("50%", "5", False),
+    ("0.5%", "50", False),
+    ("50\\%", "0.5\\%", False),
+    ("50\\%", "500", False),
+    # money
+    ("\\$1,250.00", "1250", True),
+    ("$18", "18", True),
+    ("\\$18.00", "18", True),
+    ("18 dollars", "18", True),
+    ("\\$0.50", "0.5", True),
+    ("-\\$5", "-5", True),
+    ("\\$1,250", "125", False),
+    ("50 cents", "0.5", False),  # units are dropped, not converted
+    # thousands separators
+    ("1,234,567", "1234567", True),
+    ("1,234,567", "1,234,567.00", True),
+    ("-1,234", "-1234", True),
+    ("1,234", "1234.0", True),
+    ("1,234", "1.234", False),
+    ("1,234,567", "1234.567", False),
+    ("1,2", "12", False),  # not a thousands separator
+    # units and the things counted
+    ("5 \\text{ apples}", "5", True),
+    ("5 apples", "5", True),
+    ("18\\text{ eggs}", "18", True),
+    ("12 square feet", "12", True),
+    ("6 \\text{cm}^2", "6", True),
+    ("6 cm^2", "6", True),
+    ("6\\text{ m}^{3}", "6", True),
+    ("7 miles per hour", "7", True),
+    ("18 apples.", "18", True),
+    ("6 \\text{cm}^2", "36", False),
+    ("5 million", "5", False),  # a word that changes the value is kept
+    ("2 dozen", "2", False),
+    ("5 squared", "5", False),
+    ("5 squared", "25", False),
+    ("2 pi", "2", False),
+    # degrees
+    ("30^\\circ", "30", True),
+    ("30°", "30^{\\circ}", True),
+    ("30 degrees", "30^\\circ", True),
+    ("30\\degree", "30", True),
+    ("-30^\\circ", "-30", True),
+    ("30^\\circ", "300", False),
+    # "x =", trailing periods, trailing zeros, signs
+    ("x = 5.", "5", True),
+    ("18.00", "18", True),
+    ("18.50", "18.5", True),
+    ("18.05", "18.5", False),
+    ("12", "120", False),
+    ("-5", "5", False),
+    ("\u22125", "-5", True),
+    ("-5.0", "-5", True),
+    ("(-5)", "-5", True),
+    # \dfrac, \tfrac, fractions vs decimals, mixed numbers
+    ("\\dfrac{3}{4}", "0.75", True),
+    ("\\tfrac{1}{4}", "0.25", True),
+    ("\\dfrac34", "0.75", True),
+    ("0.333", "\\frac{1}{3}", False),  # a documented choice: rounded is not exact
+    ("3 1/2", "3.5", True),
+    ("3 1/2", "\\frac{7}{2}", True),
+    ("-3\\frac{1}{2}", "-3.5", True),
+    ("3 \\frac{1}{2}", "3.5", True),
+    ("3\\dfrac{1}{2}", "\\frac{7}{2}", True),
+    ("2 3/4 cups", "2.75", True),
+    ("3 1/2", "31/2", False),
+    ("3 1/2", "1.5", False),
+    # multiple-choice and word answers
+    ("\\text{(B)}", "B", True),
+    ("\\text{Tuesday}", "tuesday", True),
 ]
 
 SLOW_SYMBOLIC = ("2^{2^{40}}", "3")  # an exact power with 2^40 bits: sympy would take hours
@@ -234,11 +315,40 @@ def test_grading_table(grader, pred, gold, equal):
         ("so the answer is 42.<|im_end|>", "42"),
         ("I unboxed 3 gifts; the answer is 7", "7"),
         ("\\boxed{" * 5000, None),
+        ("\\boxed{\\$18}", "\\$18"),
+        ("Therefore, \\boxed{x = 5}.", "x = 5"),
+        ("The final answer is $\\boxed{18}$. I hope it is correct.", "18"),
+        ("The answer is: 42", "42"),
+        ("**Answer:** 42", "42"),
+        ("The answer is **42**.", "42"),
+        ("The answer is \\$18.", "\\$18"),
+        ("She earns 3 * 6 = 18 dollars.\n#### 18", "18"),
     ],
 )
 def test_answer_extraction(text, answer):
-    """The last balanced \\boxed{} wins, nested braces kept; else a final 'answer is'; else None."""
+    """The last balanced \\boxed{} wins, nested braces kept; else a final 'answer is' / 'Answer:' /
+    '####' line, markdown bold ignored; else None."""
     assert rewards.extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "text,gold",
+    [
+        ("So she pays \\boxed{\\$18}.", "18"),
+        ("The discount is \\boxed{50\\%}.", "50"),
+        ("The price rose by $\\boxed{25\\%}$", "0.25"),
+        ("**Answer:** \\$1,250.00", "1250"),
+        ("The answer is 42 apples.", "42"),
+        ("#### 1,234,567", "1234567"),
+        ("\\boxed{x = -3}", "-3"),
+        ("\\boxed{30^\\circ}", "30"),
+        ("\\boxed{\\dfrac{1}{2}}", "0.5"),
+        ("\\boxed{5 \\text{ cm}^2}", "5"),
+    ],
+)
+def test_model_written_answers_earn_credit_against_the_gold(grader, text, gold):
+    """What models write at the end of a GSM8K or MATH solution, extracted then graded, is correct."""
+    assert grader.equal(rewards.extract_answer(text), gold) is True
 
 
 @settings(max_examples=60, deadline=None)

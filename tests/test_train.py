@@ -93,7 +93,7 @@ def test_grpo_is_gtpo_reduced_on_single_turn_data():
         cfg = train.Config(algo=algo, gamma=gamma, shaping="none", adv_norm="group", prompts_per_step=2,
                            group_size=4, micro_batch_size=3, lr=1e-2)  # fmt: skip
         derived = train.check_config(cfg, world)
-        scored = train.score(trajs, golds, group_index, cfg, derived, rewards.Grader(), None, world)
+        scored = train.score(trajs, [{"answer": g} for g in golds], group_index, cfg, derived, rewards.Grader(), None, world)
         policy = model.tiny_model(tokenizer, seed=0).train()
         wrapped = train.wrap(policy, cfg, world)
         optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr)
@@ -153,7 +153,7 @@ def test_groups_with_all_zero_advantages_and_sandbox_failures_are_not_trained():
     trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
     world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4)
-    scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
+    scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
                          rewards.Grader(), None, world)  # fmt: skip
     assert scored["trained"].tolist() == [True, False, True, True, False, False, False, False]
     assert (scored["turn_advantages"][1] == 0).all()
@@ -250,7 +250,7 @@ def test_the_denominator_counts_every_sampled_token_and_zero_advantage_rows_get_
     for denominator in ("sampled", "signal"):
         cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, mini_batch_size=4,
                            loss_denominator=denominator)  # fmt: skip
-        scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
+        scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
                              rewards.Grader(), None, world)  # fmt: skip
         plan = train.plan_minibatches(trajs, turn_advantages=scored["turn_advantages"], forwarded=scored["trained"],
                                       counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
@@ -295,7 +295,7 @@ def test_with_a_kl_penalty_zero_advantage_rows_are_forwarded_and_the_loss_is_the
     trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
     world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, kl_coef=0.5, micro_batch_size=3)
-    scored = train.score(trajs, golds, torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
+    scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
                          rewards.Grader(), None, world)  # fmt: skip
     policy, reference = model.tiny_model(tokenizer, seed=0).train(), model.tiny_model(tokenizer, seed=1)
     ref = train.LogProbs(reference.eval().requires_grad_(False))
