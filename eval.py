@@ -57,7 +57,7 @@ class Config:
     answer_key: str = arg("auto", "column of the gold answer (dotted path; '#### N' and \\boxed{} solutions "
                           "give their final answer)")
     reward_fn: str = arg("auto", "'file.py:function' or 'module:function' grading instead of the built-in "
-                         "grader (see train.py --help); auto: training's, else the built-in grader")
+                         "grader (see train.py --help); auto: training's, else none (the built-in grader)")
     out: str = arg("report.json", "the JSON report (its partial records go to OUT.partial.jsonl)")
     samples: int = arg(1, "trajectories per problem (k of pass@k)")
     temperature: float = arg(None, "sampling temperature; 0 is greedy (default: 0 with --samples 1, else "
@@ -136,10 +136,13 @@ def resolve(cfg):
         raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
     trained = training_config(cfg)
     temperature_from = "--temperature"
-    if cfg.temperature is None:
-        sampled = cfg.samples > 1 and trained
-        temperature_from = "training's" if sampled else "the default for --samples 1" if cfg.samples == 1 else "the default"
-        cfg.temperature = 0.0 if cfg.samples == 1 else trained["temperature"] if sampled else 1.0
+    if cfg.temperature is None:  # one sample: greedy; several: training's temperature, else 1.0
+        if cfg.samples == 1:
+            cfg.temperature, temperature_from = 0.0, "greedy: one sample"
+        elif trained:
+            cfg.temperature, temperature_from = trained["temperature"], "training's config.json"
+        else:
+            cfg.temperature, temperature_from = 1.0, "1.0: no training config"
     if not cfg.temperature >= 0 or not 0 < cfg.top_p <= 1:
         raise ConfigError(f"--temperature {cfg.temperature} --top_p {cfg.top_p}: need T >= 0, 0 < top_p <= 1")
     if cfg.samples > 1 and cfg.temperature == 0:
@@ -147,7 +150,7 @@ def resolve(cfg):
             f"--samples {cfg.samples} with --temperature 0: every sample would be the same greedy one"
         )
     if cfg.reward_fn == "auto":
-        cfg.reward_fn = trained.get("reward_fn", "") if trained else ""
+        cfg.reward_fn = trained.get("reward_fn", "none") if trained else "none"
     for name, default in (("max_turns", 4), ("max_turn_tokens", 512), ("max_total_tokens", 2048)):
         if getattr(cfg, name) is None:
             setattr(cfg, name, trained[name] if trained else default)
@@ -269,7 +272,12 @@ def read_partial(path, settings, sets):
 
 
 def check_same_settings(path, saved, settings):
-    for k in settings:
+    """Refuse records made with settings that change the results (labels such as
+    temperature_from do not count)."""
+    for k in (*RESULT_SETTINGS, "first_turn_tool_call"):
+        if k not in saved:
+            raise ConfigError(f"{path} was made by an older eval.py (no {k} in its settings); "
+                              "use another --out or delete it")  # fmt: skip
         if saved.get(k) != settings[k]:
             raise ConfigError(
                 f"{path} was made with {k}={saved.get(k)!r}, this run has {k}={settings[k]!r}; "
@@ -338,7 +346,7 @@ def run_evaluation(cfg, settings, world):
     """Evaluate every set, resuming from what an earlier run left; rank 0 appends each round's
     records to OUT.partial.jsonl, then writes OUT and returns the report."""
     sets = load_sets(cfg, world)
-    grading = {"reward_fn": rewards.load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None,
+    grading = {"reward_fn": rewards.load_reward_fn(cfg.reward_fn) if cfg.reward_fn not in ("", "none") else None,
                "first_call": settings["first_turn_tool_call"]}  # fmt: skip
     done = {}  # key -> record, on rank 0
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 def arg(default, meaning, **per_model):
     """A config field with its one-line meaning (the flag's --help text). per_model (demo=...,
     model=...): a default that depends on the model; the field defaults to None ("auto") and
-    the entry script fills in the value for its --model (see train.model_defaults)."""
+    the entry script fills in the value for its --model (see train.Config.default_of)."""
     metadata = {"help": meaning, **per_model}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -41,7 +41,7 @@ def default_text(f, default):
     """How --help shows a field's default: its value, or its value per model."""
     if "demo" in f.metadata:
         return f"demo: {f.metadata['demo']}; other models: {f.metadata['model']}"
-    return str(default)
+    return "auto" if default is None else str(default)
 
 
 class ConfigError(ValueError):

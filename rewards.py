@@ -6,9 +6,10 @@ Grading, in order (each step only when the previous did not already decide "equa
        none, the fallback is a final "answer is X" / "Answer: X" / "#### X" line; else None.
     2. normalise both strings: spaces, $ and \\$, \\left/\\right, \\!, \\text{...}, ^\\circ and
        degrees, a trailing period, "x =" prefixes, \\dfrac/\\tfrac -> \\frac, thousands separators,
-       "50 percent" -> 50%, "3 1/2" -> 3\\frac{1}{2}, and units: a plain number followed only by
-       words is the number (5 apples = 5 cm^2 = 5), unless a word changes the value (5 million,
-       2 dozen, 5 squared). Units are dropped, never converted: 50 cents != 0.5.
+       "50 percent" -> 50%, "3 1/2" -> 3\\frac{1}{2}, and units: when the other answer is a plain
+       number, a plain number followed only by words is the number (5 apples = 5 cm^2 = 5), unless
+       a word changes the value (5 million, 2 dozen, 3 fifths, 5 squared); two answers that both
+       carry words keep them (10 pm != 10 am). Units are dropped, never converted: 50 cents != 0.5.
     3. numbers: integers, decimals, fractions (a/b, \\frac{a}{b}), mixed numbers, percentages,
        \\sqrt, \\pi: equal when exactly equal as rationals, or within 1e-9 relative as floats.
        A percentage x% has two readings, x/100 and x: a percentage and a number are equal when
@@ -82,7 +83,8 @@ UNIT_WORDS = (
 UNIT_POWER = r"(?:\^\{?[23]\}?)?"  # cm^2, m^{3}: the power belongs to the unit, not to the number
 # Words that change the value of the number before them: "5 million" is not 5, "5 apples" is.
 VALUE_WORDS = (
-    r"(?:hundred|thousand|million|billion|trillion|dozen|half|halve|third|quarter|squared|cubed|pi|sqrt)s?"
+    r"(?:hundred|thousand|million|billion|trillion|dozen|half|halve|third|quarter|fifth|sixth|seventh|eighth|ninth"
+    r"|tenth|hundredth|thousandth|squared|cubed|pi|sqrt)s?"
 )
 PLAIN_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:\s+\d+/\d+|/\d+)?"  # 12, 1,250.5, 3/4, 3 1/2
 
@@ -96,8 +98,9 @@ def _drop_trailing_words(s):
     return s
 
 
-def normalize_answer(s):
-    """A canonical string for comparison (see the module docstring, step 2)."""
+def normalize_answer(s, drop_words=True):
+    """A canonical string for comparison (see the module docstring, step 2); drop_words: "5 apples"
+    -> "5" (see _drop_trailing_words)."""
     s = str(s).strip().replace("\u2212", "-")  # the unicode minus
     s = re.sub(r"\\(?:text|textrm|mathrm|mbox)\{\s*" + UNIT_WORDS + r"\s*\}" + UNIT_POWER, "", s)
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
@@ -112,7 +115,7 @@ def normalize_answer(s):
     s = s.replace("°", "").replace("\\$", "").replace("$", "").replace("\\displaystyle", "")
     s = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", s).strip().rstrip(".").strip()  # "x = 5", "5 cm."
     s = re.sub(r"(?<=\d)\s*percent$", "%", s, flags=re.IGNORECASE)  # "50 percent" is 50%
-    s = _drop_trailing_words(s)  # "5 apples"
+    s = _drop_trailing_words(s) if drop_words else s  # "5 apples"
     s = re.sub(r"\s+" + UNIT_WORDS + UNIT_POWER + r"\s*$", "", s)  # "2\\sqrt{3} cm", "5 cm^2"
     s = re.sub(r"^([-+]?\d+)\s+(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)  # a mixed number: "3 1/2"
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s) if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
@@ -248,7 +251,9 @@ class Grader:
     def _equal(self, pred, gold):
         if pred is None or gold is None:
             return False
-        p, g = normalize_answer(pred), normalize_answer(gold)
+        p, g = normalize_answer(pred, drop_words=False), normalize_answer(gold, drop_words=False)
+        if (_number(p) is None) != (_number(g) is None):  # words after one number only: the unit or
+            p, g = normalize_answer(pred), normalize_answer(gold)  # the things counted (10 pm != 10 am)
         if p.isalpha() and g.isalpha():  # words: compared as text (sympy would equate anagrams)
             return p.casefold() == g.casefold()
         if p == g:

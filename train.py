@@ -52,8 +52,8 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    TRACKERS, ConfigError, all_gather_rows, all_reduce, arg, barrier, finish, open_tracker, parse_config,
-    run_command, setup_distributed,
+    TRACKERS, ConfigError, NoTracker, all_gather_rows, all_reduce, arg, barrier, finish, open_tracker,
+    parse_config, run_command, setup_distributed,
 )  # fmt: skip
 
 
@@ -81,7 +81,7 @@ class Config:
     eval_samples: int = arg(1, "sampled trajectories per held-out problem (greedy takes one)")
     system_prompt: str = arg("auto", "'auto' (none for toy, model.SYSTEM_PROMPT otherwise), 'none', or text")
     # --- cold-start SFT
-    sft_steps: int = arg(None, "SFT optimizer steps before RL (0 skips SFT)", demo=5000,
+    sft_steps: int = arg(None, "SFT optimizer steps before RL (0 skips SFT; always 0 with --sft_data none)", demo=5000,
                          model="one pass over --sft_data, 0 without it")
     sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks")
     sft_lr: float = arg(None, "SFT peak learning rate (AdamW: 5% warmup, flat, then a cosine tail to 0)",
@@ -115,7 +115,7 @@ class Config:
     first_turn_tool_call: bool = arg(True, "the paper's rule: a first turn without a tool call is a format "
                                      "error (GTPO: the penalty; GRPO: reward 0); false where the tool is "
                                      "optional or with --max_turns 1")
-    reward_fn: str = arg("", "your reward instead of the built-in grader: 'file.py:function' or "
+    reward_fn: str = arg("none", "your reward instead of the built-in grader: 'file.py:function' or "
                          "'package.module:function', called as fn(trajectory record, problem row) -> bool "
                          "or a score in [0, 1]; format penalties, shaping and normalisation apply around it")
     # --- RL: the update
@@ -154,15 +154,19 @@ class Config:
         known when sft_steps is filled."""
         for f in dataclasses.fields(self):
             if "demo" in f.metadata and getattr(self, f.name) is None:
-                setattr(self, f.name, f.metadata["demo"] if self.model == "demo" else self.model_default(f))
+                setattr(self, f.name, self.default_of(f))
 
-    def model_default(self, f):
-        """A field's default for a model other than the demo."""
+    def default_of(self, f):
+        """A field's default for this --model."""
+        if f.name == "sft_steps" and self.sft_data in ("", "none"):
+            return 0  # no SFT data, no SFT, for the demo too
+        if self.model == "demo":
+            return f.metadata["demo"]
         if f.name == "out_dir":
             name = lambda spec: re.sub(r"\.(jsonl|json|parquet)$", "", os.path.basename(spec.rstrip("/")))
             return os.path.join("runs", f"{name(self.model)}-{name(self.data.replace(':', '-'))}")
-        if f.name == "sft_steps":  # None: one pass, set by main once the rows are loaded
-            return None if self.sft_data not in ("", "none") else 0
+        if f.name == "sft_steps":
+            return None  # one pass over the SFT rows: main sets it once they are loaded
         return f.metadata["model"]
 
 
@@ -338,7 +342,7 @@ def load_data(cfg, world):
 
     train = data.toy_problems(cfg.toy_size, seed=0, mistake_rate=cfg.toy_mistake_rate) if cfg.data == "toy" else load(cfg.data)
     held_out = []
-    if cfg.eval_data == "auto" and cfg.data == "toy" and cfg.eval_size:
+    if (cfg.eval_data == "toy" or cfg.eval_data == "auto" and cfg.data == "toy") and cfg.eval_size:
         held_out = data.toy_held_out(cfg.eval_size, cfg.toy_size, cfg.toy_mistake_rate)
     elif cfg.eval_data not in ("auto", "", "none") and cfg.eval_size:
         held_out = load(cfg.eval_data)[: cfg.eval_size]
@@ -511,7 +515,7 @@ def score(trajs, rows, group_index, cfg, derived, grader, embedder, world, rewar
     counted = trained if cfg.loss_denominator == "signal" else ~infra  # (N,) rows in the denominator
     total_reward = turn_rewards.sum(dim=1) if cfg.algo == "gtpo" else trajectory_reward  # (N,)
     return {
-        "trained": trained, "counted": counted, "total_reward": total_reward,
+        "trained": trained, "counted": counted, "total_reward": total_reward, "scores": scores,
         "correct": correct, "outcomes": outcomes, "infra": infra, "format_errors": format_errors,
         "turn_rewards": turn_rewards, "returns": returns, "turn_advantages": turn_advantages,
     }  # fmt: skip
@@ -715,7 +719,7 @@ def rl_step(step, state, cfg, derived, world):
         "tool_errors": sum(1 for t in calls if not t.result.ok),
         "format_errors": float(scored["format_errors"].sum()), "infra_errors": float(scored["infra"].sum()),
         "failed": float((~scored["correct"]).sum()),
-        "shaped": float(((~scored["correct"]) & (scored["outcomes"] > 0)).sum()),
+        "shaped": float(((~scored["correct"]) & (scored["outcomes"] > scored["scores"])).sum()),
         "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
         "truncated": sum(t.stop_reason == "max_length" for t in trajs),
         **sums, "t_rollout": t1 - t0, "t_reward": t2 - t1, "t_old_logp": t_old, "t_update": t3 - t2 - t_old,
@@ -756,6 +760,20 @@ def log_line(record):
         f"lr {record['lr']:.2e} | time roll {record['t_rollout']:.1f}s rew {record['t_reward']:.1f}s "
         f"upd {record['t_old_logp'] + record['t_update']:.1f}s"
     )
+
+
+def log_step(record, state, cfg):
+    """The step's log line, its metrics.jsonl record and tracker log; once per run, a warning
+    when more than half of the step's trajectories stopped at a token limit."""
+    tqdm.write(log_line(record))
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    state["tracker"].log(record, record["step"])
+    if record["truncated"] > 0.5 and not state.get("warned_truncated"):
+        state["warned_truncated"] = True
+        tqdm.write(f"warning: {record['truncated']:.0%} of step {record['step']}'s trajectories stopped at a token "
+                   f"limit (--max_turn_tokens {cfg.max_turn_tokens}, --max_total_tokens {cfg.max_total_tokens}) "
+                   "before they could answer; consider raising the limits")  # fmt: skip
 
 
 def write_samples(path, trajs, problems, scored, group_size, count=2):
@@ -926,9 +944,13 @@ def check_resume(cfg):
     path = os.path.join(cfg.out_dir, "config.json")
     if not checkpoint_steps(cfg.out_dir) or not os.path.isfile(path):
         return
-    with open(path) as f:
-        saved = json.load(f)["config"]
+    try:
+        with open(path) as f:
+            saved = json.load(f)["config"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ConfigError(f"{path}: not a train.py config.json ({e}); give another --out_dir or delete it") from None
     now = dataclasses.asdict(cfg)
+    # A key an older train.py did not write is taken to match: its run had that flag's default.
     differ = [f"--{k} {saved.get(k)!r} there, {now[k]!r} here" for k in now
               if k not in RESUMABLE and saved.get(k, now[k]) != now[k]]  # fmt: skip
     if differ:
@@ -939,21 +961,27 @@ def check_resume(cfg):
 def main(cfg):
     world = setup_distributed(cfg.device)
     check_config(cfg, world)
-    reward_fn = rewards.load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+    reward_fn = rewards.load_reward_fn(cfg.reward_fn) if cfg.reward_fn not in ("", "none") else None
     started = time.time()
     problems, held_out, validation, sft_rows = load_data(cfg, world)
     if cfg.sft_steps is None:  # a real model's default: one pass over the SFT rows
         cfg = dataclasses.replace(cfg, sft_steps=math.ceil(len(sft_rows) / cfg.sft_batch_size))
     derived = check_config(cfg, world)
     check_resume(cfg)
+    barrier(world)  # every rank has read the old config.json before rank 0 replaces it
     torch.manual_seed(cfg.seed + world.rank)  # distinct sampling per rank
     random.seed(cfg.seed + world.rank)
     np.random.seed(cfg.seed + world.rank)
+    tracker = NoTracker()
     if world.main:
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
-        print(json.dumps({"config": dataclasses.asdict(cfg), "derived": derived}, indent=1))
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "derived": derived}, f, indent=1)
+        saved = json.dumps({"config": dataclasses.asdict(cfg), "derived": derived}, indent=1)
+        print(saved)
+        with open(os.path.join(cfg.out_dir, "config.json.tmp"), "w") as f:
+            f.write(saved)
+        os.replace(os.path.join(cfg.out_dir, "config.json.tmp"), os.path.join(cfg.out_dir, "config.json"))
+        resumes_at = (checkpoint_steps(cfg.out_dir) or [0])[-1]  # a missing package fails here, before any work
+        tracker = open_tracker(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg), start_step=resumes_at)
 
     hidden, layers = map(int, cfg.demo_size.split("x"))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -970,13 +998,14 @@ def main(cfg):
     pool = sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout)
     grader = rewards.Grader()
     state = {"policy": policy, "tokenizer": tokenizer, "wrapped": wrapped, "problems": problems, "pool": pool,
-             "grader": grader, "reward_fn": reward_fn, "data_position": 0, "evaluation": {}, "optimizer": None,
-             "scheduler": None}  # fmt: skip
+             "grader": grader, "reward_fn": reward_fn, "tracker": tracker, "data_position": 0, "evaluation": {},
+             "optimizer": None, "scheduler": None}  # fmt: skip
     try:
         run(state, cfg, derived, world, held_out, validation, sft_rows, started)
     finally:
         pool.close()
         grader.close()
+        tracker.close()
     finish(world)  # not on an error: the other ranks may be waiting in a collective (see run_command)
 
 
@@ -1034,30 +1063,18 @@ def run(state, cfg, derived, world, held_out, validation, sft_rows, started):
     state["embedder"] = rewards.make_embedder(cfg.embedder, tokenizer, policy) if derived["shaped"] else None
     bar = tqdm(range(start + 1, cfg.max_steps + 1), desc="rl", disable=not world.main, dynamic_ncols=True,
                initial=start, total=cfg.max_steps)  # fmt: skip
-    tracker = open_tracker(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg), start_step=start) if world.main else None
-    warned = False
     for step in bar:
         lr = state["scheduler"].get_last_lr()[0]
         metric_sums, (problems, trajs, scored) = rl_step(step, state, cfg, derived, world)
         record = reduce_metrics(step, metric_sums, lr, world)
         if world.main:
-            tqdm.write(log_line(record))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            tracker.log(record, step)
-            if record["truncated"] > 0.5 and not warned:
-                warned = True
-                tqdm.write(f"warning: {record['truncated']:.0%} of step {step}'s trajectories stopped at a token "
-                           f"limit (--max_turn_tokens {cfg.max_turn_tokens}, --max_total_tokens "
-                           f"{cfg.max_total_tokens}): they get no answer reward; raise the limits")  # fmt: skip
+            log_step(record, state, cfg)
             if step % cfg.sample_every == 0 or step == 1:
                 path = os.path.join(cfg.out_dir, "samples", f"step_{step}.json")
                 write_samples(path, trajs, problems, scored, cfg.group_size)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(step, state, cfg, world)
     bar.close()
-    if tracker is not None:
-        tracker.close()
     in_sync = check_in_sync(wrapped, world)
     after = {"after_rl_sampled": evaluate_now(cfg.temperature), "after_rl_greedy": evaluate_now(0.0)}
     if world.main:

@@ -524,3 +524,13 @@ def test_reward_metrics_report_shaping_and_its_correlation():
     assert m["accuracy"] == 0.25 and m["format_error_rate"] == 0.25
     assert m["shaped_share"] == pytest.approx(2 / 3) and m["shaped_mean"] == pytest.approx(0.3)
     assert 0 < m["reward_correctness_corr"] <= 1
+
+
+@pytest.mark.parametrize("a,b", [("10 pm", "10 am"), ("2 boys", "2 girls"), ("3 fifths", "3"), ("5 tenths", "5")])
+def test_words_are_dropped_only_against_a_plain_number(a, b):
+    """Words after a number are its unit only when the other answer is a plain number: two
+    answers that both carry words keep them, and fraction words change the value."""
+    grader = rewards.Grader()
+    assert not grader.equal(a, b) and not grader.equal(b, a)
+    assert grader.equal("5 apples", "5") and grader.equal("5", "5 apples")
+    grader.close()

@@ -110,11 +110,12 @@ def test_without_the_first_turn_rule_a_single_turn_run_trains_on_correctness(alg
     assert (free["turn_advantages"][:, 0] > 0).tolist() == [True, False, True, False]
 
 
-def test_a_reward_fn_replaces_the_grader_with_the_row_at_hand(tmp_path):
+@pytest.mark.parametrize("algo", ["gtpo", "grpo"])
+def test_a_reward_fn_replaces_the_grader_with_the_row_at_hand(tmp_path, algo):
     """--reward_fn file.py:fn gets each trajectory's record (with its extracted answer) and its
     problem row, extra columns included; its score in [0, 1] is the outcome reward (1 counts as
-    correct), format penalties still apply; a value outside [0, 1] is an error naming the function
-    and the problem."""
+    correct; GRPO's trajectory reward too), format penalties still apply; a value outside [0, 1]
+    is an error naming the function and the problem."""
     (tmp_path / "mine.py").write_text(
         "def partial(record, row):\n"
         "    return 1.0 if record['answer'] == row['target'] else 0.25 * bool(record['turns'][0]['code'])\n"
@@ -124,9 +125,10 @@ def test_a_reward_fn_replaces_the_grader_with_the_row_at_hand(tmp_path):
     fn = rewards.load_reward_fn(f"{tmp_path}/mine.py:partial")
     trajs = answered(model.tiny_tokenizer(), ["7", "6", "7", "1"], call=True)
     rows = [{"problem": "What is 2 + 3?", "answer": "5", "target": "7", "id": "p0"}] * 4
-    out = scored(trajs, rows, reward_fn=fn)
+    out = scored(trajs, rows, reward_fn=fn, algo=algo)
     assert out["outcomes"].tolist() == [1.0, 0.25, 1.0, 0.25] and out["correct"].tolist() == [True, False, True, False]
     assert out["total_reward"].tolist() == [1.0, 0.25, 1.0, 0.25]  # the calls are valid: no penalty
+    assert (out["turn_advantages"][:, 0] > 0).tolist() == [True, False, True, False]
     with pytest.raises(rewards.RewardFnError, match=r"broken returned 2 for problem 'p0'"):
         scored(trajs, rows, reward_fn=rewards.load_reward_fn(f"{tmp_path}/mine.py:broken"))
 
@@ -151,8 +153,8 @@ def test_evaluation_samples_when_asked_for_several_samples(tmp_path):
     (run / "checkpoints" / "step_3").mkdir(parents=True)
     saved = {"config": {**vars(train.Config()), "temperature": 0.7}, "derived": {"system_prompt": None}}
     (run / "config.json").write_text(json.dumps(saved))
-    cases = [(str(run / "checkpoints" / "step_3"), 4, 0.7, "training's"), ("demo", 4, 1.0, "the default"),
-             ("demo", 1, 0.0, "the default for --samples 1")]  # fmt: skip
+    cases = [(str(run / "checkpoints" / "step_3"), 4, 0.7, "training's config.json"),
+             ("demo", 4, 1.0, "1.0: no training config"), ("demo", 1, 0.0, "greedy: one sample")]  # fmt: skip
     for model_dir, samples, temperature, source in cases:
         cfg = evaluation.Config(model=model_dir, data=["toy"], samples=samples)
         settings = evaluation.resolve(cfg)
@@ -195,7 +197,8 @@ def test_the_readmes_reward_example_runs_as_documented(tmp_path):
     (tmp_path / "my_reward.py").write_text("# my_reward.py" + code)
     fn = rewards.load_reward_fn(f"{tmp_path}/my_reward.py:units_checked")
     row = {"problem": "How far?", "answer": "12", "unit": "km"}
-    cases = [("12 km", "\\boxed{12 km}", 1.0), ("12", "\\boxed{12}", 0.5), ("13", "\\boxed{13 km}", 0.0), (None, "", 0.0)]
+    cases = [("12 km", "\\boxed{12 km}", 1.0), ("12", "\\boxed{12}", 0.5), ("13", "\\boxed{13 km}", 0.0), (None, "", 0.0),
+             ("", "\\boxed{}", 0.0)]
     for answer, final_text, expected in cases:
         assert fn({"answer": answer, "final_text": final_text, "turns": []}, row) == expected
 
