@@ -50,7 +50,7 @@ FORMATS = ".jsonl, .json, .parquet or hf:NAME[:CONFIG][:SPLIT]"
 SHORT_ANSWER = 100  # characters: a longer answer value without '####' or \boxed is a worked solution
 FROM_HASHES, FROM_BOXED, AS_GIVEN = "from '#### N'", "from \\boxed{}", "as given"  # how an answer was found
 THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
-BOXED = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+([^\s${}]+))")  # \boxed{...}, or \boxed 5
+BOXED = re.compile(r"\\(?:boxed|fbox)\b")  # a text that boxes its answer: \boxed{...}, \fbox{...}, \boxed 5
 
 
 class DataError(ValueError):
@@ -192,18 +192,28 @@ def final_answer(value):
     return text, AS_GIVEN
 
 
+def closing_braces(text):
+    """{index of each '{': index of its matching '}'} in one pass (unmatched ones absent)."""
+    pairs, open_at = {}, []
+    for k, ch in enumerate(text):
+        if ch == "{":
+            open_at.append(k)
+        elif ch == "}" and open_at:
+            pairs[open_at.pop()] = k
+    return pairs
+
+
 def boxed_answer(text):
-    """The content of the last \\boxed{...} (or \\fbox{...}, or \\boxed 5) in text, braces nested;
-    None if that brace is never closed."""
-    last = list(BOXED.finditer(text))[-1]
-    if last.group(1) is not None:
-        return last.group(1)
-    depth = 1
-    for k in range(last.end(), len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[last.end() : k].strip()
-    return None
+    """The content of the last \\boxed{...} or \\fbox{...} whose braces close (they may nest), else
+    of a bare "\\boxed 5"; None when there is neither. Gold solutions (here) and the model's final
+    turn (rewards.extract_answer) are read alike."""
+    starts = [m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    pairs = closing_braces(text) if starts else {}
+    for start in reversed(starts):
+        if start in pairs:
+            return text[start + 1 : pairs[start]].strip()
+    match = re.search(r"\\boxed\s+([^\s$]+)", text)
+    return match.group(1).strip() if match else None
 
 
 def keys_of(obj):

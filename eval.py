@@ -346,7 +346,7 @@ def run_evaluation(cfg, settings, world):
     """Evaluate every set, resuming from what an earlier run left; rank 0 appends each round's
     records to OUT.partial.jsonl, then writes OUT and returns the report."""
     sets = load_sets(cfg, world)
-    grading = {"reward_fn": rewards.load_reward_fn(cfg.reward_fn) if cfg.reward_fn not in ("", "none") else None,
+    grading = {"reward_fn": rewards.load_reward_fn(cfg.reward_fn),
                "first_call": settings["first_turn_tool_call"]}  # fmt: skip
     done = {}  # key -> record, on rank 0
 

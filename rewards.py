@@ -33,23 +33,13 @@ from fractions import Fraction
 
 import torch
 
+import data
 import rollout
 import sandbox
 
 FORMAT_PENALTY = -0.1
 
 # ---------------------------------------------------------------- answers
-
-
-def _closing_braces(text):
-    """{index of each '{': index of its matching '}'} in one pass (unmatched ones absent)."""
-    pairs, open_at = {}, []
-    for k, ch in enumerate(text):
-        if ch == "{":
-            open_at.append(k)
-        elif ch == "}" and open_at:
-            pairs[open_at.pop()] = k
-    return pairs
 
 
 def extract_answer(text):
@@ -59,14 +49,9 @@ def extract_answer(text):
     if text is None:
         return None
     text = re.sub(r"<\|[a-z_]+\|>", "", text)
-    starts = [m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    pairs = _closing_braces(text) if starts else {}
-    for start in reversed(starts):
-        if start in pairs:
-            return text[start + 1 : pairs[start]].strip()
-    match = re.search(r"\\boxed\s+([^\s$]+)", text)
-    if match:
-        return match.group(1).strip()
+    boxed = data.boxed_answer(text)
+    if boxed is not None:
+        return boxed
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if lines:
         last = lines[-1].replace("**", "")  # markdown bold: "**Answer:** 42", "is **42**"
@@ -347,7 +332,10 @@ class RewardFnError(ValueError):
 
 
 def load_reward_fn(spec):
-    """The function named by "path/to/file.py:function" or "package.module:function"."""
+    """The function named by "path/to/file.py:function" or "package.module:function"; None for
+    "none" or "" (the built-in grader)."""
+    if spec in ("", "none"):
+        return None
     where, _, name = spec.rpartition(":")
     if not where or not name:
         raise RewardFnError(f"--reward_fn {spec!r}: expected 'file.py:function' or 'module:function'")

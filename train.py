@@ -798,7 +798,7 @@ def write_samples(path, trajs, problems, scored, group_size, count=2):
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, temperature):
+def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, temperature, reward_fn=None):
     """Held-out accuracy: the mean over eval_samples trajectories per problem (one when greedy,
     temperature 0), problems sharded over ranks. The sampling RNG is saved and restored, so
     evaluating does not change training."""
@@ -819,7 +819,7 @@ def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, tem
             chunk = mine[s : s + 64]
             prompts = [policies.chat_prompt_ids(tokenizer, p["problem"], system_prompt(cfg)) for p in chunk]
             trajs = rollout.rollout(policy, tokenizer, prompts, pool, run_cfg)
-            correct += float(rewards.grade(trajs, [p["answer"] for p in chunk], grader).sum())
+            correct += float((rewards.outcome_scores(trajs, chunk, grader, reward_fn) >= 1).sum())
     torch.set_rng_state(rng)
     total, n = all_reduce([correct, float(len(mine))], world)
     return total / n
@@ -960,8 +960,8 @@ def check_resume(cfg):
 
 def main(cfg):
     world = setup_distributed(cfg.device)
-    check_config(cfg, world)
-    reward_fn = rewards.load_reward_fn(cfg.reward_fn) if cfg.reward_fn not in ("", "none") else None
+    check_config(cfg, world)  # bad flags fail before any data is read; again below once sft_steps is known
+    reward_fn = rewards.load_reward_fn(cfg.reward_fn)
     started = time.time()
     problems, held_out, validation, sft_rows = load_data(cfg, world)
     if cfg.sft_steps is None:  # a real model's default: one pass over the SFT rows
@@ -1014,14 +1014,14 @@ def run(state, cfg, derived, world, held_out, validation, sft_rows, started):
     policy, tokenizer, wrapped = state["policy"], state["tokenizer"], state["wrapped"]
     done = checkpoint_steps(cfg.out_dir)
     evaluate_now = lambda temperature: evaluate(policy, wrapped, tokenizer, held_out, cfg, state["pool"],
-                                                state["grader"], world, temperature)  # fmt: skip
+                                                state["grader"], world, temperature, state["reward_fn"])  # fmt: skip
     if not done:
         if cfg.sft_steps:
             trajs = teacher_trajectories(sft_rows, tokenizer, cfg)
 
             def check(step):
                 accuracy = evaluate(policy, wrapped, tokenizer, validation, cfg, state["pool"], state["grader"],
-                                    world, 0.0)  # fmt: skip
+                                    world, 0.0, state["reward_fn"])  # fmt: skip
                 policy.train()
                 return sft_check(step, accuracy, cfg, world)
 

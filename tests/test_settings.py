@@ -218,3 +218,18 @@ def test_an_evaluation_run_prints_no_warnings(sft_model, tmp_path):
     assert report["mean_turns"] > 1 and report["settings"]["temperature"] == 1.0
     noise = [line for line in out.stderr.splitlines() if re.search(r"warn|deprecat|not valid", line, re.IGNORECASE)]
     assert not noise, noise
+
+
+def test_trainings_held_out_evaluation_grades_with_the_reward_fn(tmp_path):
+    """train.py's held-out accuracy (summary.json) grades with --reward_fn, as eval.py does."""
+    tokenizer = model.tiny_tokenizer()
+    policy = model.tiny_model(tokenizer)
+    cfg = train.Config(**{**SMALL, "max_turns": 1, "max_turn_tokens": 8})
+    world = launch.World(0, 1, torch.device("cpu"))
+    problems = [{"problem": "What is 2 + 3?", "answer": "5"}] * 2
+    with sandbox.Pool(2) as pool:
+        grader = rewards.Grader()
+        accuracy = train.evaluate(policy, policy, tokenizer, problems, cfg, pool, grader, world, 0.0,
+                                  reward_fn=lambda record, row: True)  # fmt: skip
+        grader.close()
+    assert accuracy == 1.0

@@ -489,7 +489,7 @@ def test_sft_ends_at_the_first_check_that_reaches_sft_stop_at(tmp_path, monkeypa
     scripted = iter([0.1, 0.6, 0.2, 0.9])  # the accuracies the checks see, in turn
     seen = []
 
-    def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, temperature):
+    def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, temperature, reward_fn=None):
         if not problems:  # eval_size 0: no held-out problems
             return None
         seen.append(([p["id"] for p in problems], temperature))
