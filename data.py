@@ -41,6 +41,9 @@ import os
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass
+
+import torch
 
 PROBLEM_KEYS = ("problem", "question", "prompt", "Problem", "Question", "input")
 ANSWER_KEYS = ("answer", "final_answer", "ground_truth", "reward_model.ground_truth", "Answer",
@@ -332,6 +335,59 @@ def read_hf(spec):
         call = f"datasets.load_dataset({', '.join(map(repr, args))}, split={split!r})"
         raise DataError(f"{spec}: {call} failed: {type(e).__name__}: {e}") from None
     return name, [(f"{spec} row {k}", row) for k, row in enumerate(table)]
+
+
+# ---------------------------------------------------------------- the problems of a train.py run
+
+
+@dataclass
+class RunData:
+    train: list  # RL problems (and, for files, the SFT checks' validation problems: the first val_size)
+    held_out: list  # evaluated before and after RL
+    validation: list  # greedy-checked during SFT
+    sft_rows: list  # SFT trajectories {problem, answer, turns}
+
+
+def load_run(cfg, log=print):
+    """A train.py config's problem sets. The toy task is the same for every seed; its validation
+    problems are a third draw, disjoint from the other two. Files and hf: sets go through load(),
+    whose one-line summary goes to log (None: silent, as on ranks other than 0)."""
+    def read(spec, trajectories=False):
+        rows, summary = load(spec, problem_key=cfg.problem_key, answer_key=cfg.answer_key, trajectories=trajectories)
+        if log:
+            log(f"data: {summary}")
+        return rows
+
+    toy = cfg.data == "toy"
+    train = toy_problems(cfg.toy_size, seed=0, mistake_rate=cfg.toy_mistake_rate) if toy else read(cfg.data)
+    held_out = []
+    if (cfg.eval_data == "toy" or cfg.eval_data == "auto" and toy) and cfg.eval_size:
+        held_out = toy_held_out(cfg.eval_size, cfg.toy_size, cfg.toy_mistake_rate)
+    elif cfg.eval_data not in ("auto", "", "none") and cfg.eval_size:
+        held_out = read(cfg.eval_data)[: cfg.eval_size]
+    sft_rows = []
+    if cfg.sft_steps != 0 and cfg.sft_data == "toy":
+        teachers = train if toy else toy_problems(cfg.toy_size, seed=0)
+        sft_rows = [dict(p, turns=p["teacher"]) for p in teachers]
+    elif cfg.sft_steps != 0:
+        sft_rows = read(cfg.sft_data, trajectories=True)
+    validation = []
+    if cfg.sft_steps != 0 and cfg.sft_check_every and cfg.val_size:
+        validation = (toy_held_out(cfg.val_size, cfg.toy_size, cfg.toy_mistake_rate, seed=2, exclude=held_out)
+                      if toy else train[: cfg.val_size])  # fmt: skip
+    return RunData(train=train, held_out=held_out, validation=validation, sft_rows=sft_rows)
+
+
+def problems_at(problems, position, count, seed):
+    """The problems at global positions [position, position + count) of an endless stream that
+    visits the set in a fresh seeded order each epoch (so resuming needs only the position)."""
+    out, orders = [], {}
+    for p in range(position, position + count):
+        epoch, k = divmod(p, len(problems))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(problems[int(orders[epoch][k])])
+    return out
 
 
 # ---------------------------------------------------------------- the built-in toy task

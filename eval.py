@@ -221,9 +221,9 @@ def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items, *, rewa
                                  f"{cfg.max_total_tokens}")  # fmt: skip
         prompts += [ids] * k
     torch.manual_seed(batch_seed(cfg.seed, name, b))
-    run_cfg = rollout.RolloutConfig(
-        cfg.max_turns, cfg.max_turn_tokens, cfg.max_total_tokens, cfg.temperature, cfg.top_p
-    )
+    run_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
+                                    max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
+                                    top_p=cfg.top_p)  # fmt: skip
     with torch.no_grad():
         trajs = rollout.rollout(policy, tokenizer, prompts, pool, run_cfg)
     scores = rewards.outcome_scores(trajs, [p for _, p in items for _ in range(k)], grader, reward_fn)  # (N,)

@@ -3,17 +3,26 @@
 Group Turn Policy Optimization (Ding et al., arXiv 2511.14846) trains a language model on
 multi-turn tool-integrated reasoning. For one problem, G trajectories are sampled; trajectory i
 has turns j = 1..T_i, each turn being generated text (ending in a Python tool call, or the final
-answer) followed by the sandbox's output. The method, in the order the functions below follow:
+answer) followed by the sandbox's output. The method, in the paper's numbering (the one
+numbering of the project), with the function of each step:
 
-    1. turn rewards      r_ij = r_acc_ij + r_fmt_ij           (rewards.py builds this (N, K) matrix)
-    2. returns           R_ij = sum_{m=j..T_i} gamma^(m-j) r_im               discounted_returns
-    3. advantages        A_ij = (R_ij - mean(S)) / (std(S) + eps)             normalize
-                         S = the normalisation set of (i, j), see MODES below
-    4. token advantages  every token sampled in turn j gets A_ij              token_advantages
-    5. objective         PPO-clip surrogate per sampled token, tool-output
-                         tokens masked, optional k3 KL to a reference          policy_loss
+    1. turn-level rewards   r_ij = r_acc_ij + r_fmt_ij, an (N, K) matrix    rewards.turn_reward_matrix
+                            r_fmt_ij, the format penalties of each turn     rewards.turn_format_penalties
+    2. return-based advantages
+                            R_ij = sum_{m=j..T_i} gamma^(m-j) r_im          discounted_returns
+                            A_ij = (R_ij - mean(S)) / (std(S) + eps)        normalize
+                            S = the normalisation set of (i, j), see MODES below
+                            every token sampled in turn j gets A_ij         token_advantages
+    3. self-supervised shaping
+                            a failed trajectory in a group with a correct one gets alpha * the
+                            mean cosine similarity of its code to the correct ones' code as its
+                            outcome reward                                  rewards.shape_outcomes
+                            It is computed before step 1's matrix is built, since it sets r_acc
+                            on the last turn.
+    4. the objective        PPO-clip surrogate per sampled token, tool-output
+                            tokens masked, optional k3 KL to a reference    policy_loss
 
-GRPO, the baseline, is the special case of one reward per trajectory normalised within its
+GRPO, the baseline, is one reward per trajectory (rewards.grpo_rewards) normalised within its
 group (grpo_advantages) and broadcast to every sampled token.
 
 Shape legend (used in every docstring and shape comment of the project):
@@ -25,34 +34,56 @@ Normalisation MODES (the set S over which mean and std are taken for the turn (i
     "turn":  the turns with the same index j of the trajectories of the same problem as i.
     "batch": every existing turn in the batch.
 
-Choices the paper leaves open, and deviations from it:
-    1. The normalisation set. The available text does not settle it; "group" is the default
-       and "turn" and "batch" are offered (MODES above).
-    2. Statistics: std uses Bessel's correction (torch's default); eps is added to the std,
-       not the variance. A set with one element has std 0; a set whose values are all equal
+Choices the paper leaves open, and deviations from it (each listed once, here; "step n" is the
+step above it concerns):
+    1. Step 1, format errors. An invalid tool call is an unterminated fence, empty code or code
+       that does not parse; code that raises when run is feedback, not a format error (unless
+       rewards.turn_format_penalties' runtime_errors). The paper's rule that a first turn
+       without a tool call is a format error is kept, and can be turned off
+       (--first_turn_tool_call false) where the tool is optional.
+    2. Step 2, the normalisation set. The available text does not settle it; "group" is the
+       default and "turn" and "batch" are offered (MODES above).
+    3. Step 2, statistics: std uses Bessel's correction (torch's default); eps is added to the
+       std, not the variance. A set with one element has std 0; a set whose values are all equal
        gets advantage exactly 0 (never NaN or inf, eps = 0 included), tested directly rather
        than trusting floating point to cancel (mean(0.1, 0.1, 0.1) != 0.1 in floating point).
-    3. Turns masked out (beyond T_i, or whole trajectories left out, e.g. after a sandbox
-       infrastructure failure) take no part in any statistic and get advantage 0. Their tokens
-       must also be False in policy_loss's loss_mask; train.py leaves sandbox failures out of
-       num_tokens too.
-    4. Within a turn every sampled token gets the turn's advantage; there is no discount
+    4. Step 2, turns left out. Turns masked out (beyond T_i, or whole trajectories whose sandbox
+       itself failed, an infrastructure error rather than the code's) take no part in any
+       statistic and get advantage 0, under GTPO and GRPO alike. Their tokens must also be
+       False in policy_loss's loss_mask; train.py leaves sandbox failures out of num_tokens too.
+    5. Step 2, within a turn every sampled token gets the turn's advantage; there is no discount
        between tokens, and tool-output tokens are never trained.
-    5. Loss aggregation: "token-mean" (sum over trained tokens / their global count) is the
-       default; "seq-mean-token-mean" and "seq-mean-token-sum-norm" are offered. For exact
+    6. Step 3, the embeddings. The paper embeds code with a hosted embedding model (Titan);
+       here the embedders are local (rewards.make_embedder): token-count vectors from the
+       policy's tokenizer (the default: no second model), the policy's mean-pooled hidden
+       states, or a local Hugging Face encoder. Cosines are clipped at 0, a trajectory without
+       code gets no credit, and shaping may compare whole turn texts instead of code, or be off
+       (--shaping text / none).
+    7. Step 3 with a reward plug-in (--reward_fn): the outcome score may be any value in [0, 1]
+       instead of the paper's 1 or 0; a trajectory counts as correct only at 1, and a failed one
+       keeps max(its score, its shaped credit). With the built-in grader a failed trajectory
+       scores 0, so this is the paper's rule.
+    8. Step 4, loss aggregation: "token-mean" (sum over trained tokens / their global count) is
+       the default; "seq-mean-token-mean" and "seq-mean-token-sum-norm" are offered. For exact
        gradient accumulation and data parallelism the caller passes the global counts
        (num_tokens, num_seqs); "seq-mean-token-sum-norm" divides by L, the padded width, so
        micro-batches must share it (they do when they are row slices of one batch). The count
        is every sampled token of the (mini-)batch, groups whose advantages are all zero
-       included (as TRL and verl count; those rows add exactly 0 to the sum, so train.py gives
-       them no forward pass). Counting only the tokens of groups with signal, train.py's
-       --loss_denominator signal, scales each step by 1 / (1 - their share): a larger step the
-       more groups stagnate, which differs between GTPO and GRPO.
-    6. Clipping may be asymmetric (clip_low, clip_high); both default to the paper-era PPO
-       value 0.2.
-    7. The KL to a reference is optional (kl_coef = 0 by default), uses the k3 estimator
+       included (as TRL and verl count). Counting only the tokens of groups with signal,
+       train.py's --loss_denominator signal, scales each step by 1 / (1 - their share): a
+       larger step the more groups stagnate, which differs between GTPO and GRPO.
+    9. Step 4, groups whose advantages are all zero get no forward pass: their surrogate is
+       exactly 0, so they add exactly 0 to the loss and its gradient, and train.py skips their
+       forward and backward passes (their tokens still count, see 8). With kl_coef > 0 they are
+       forwarded, since their KL term is not 0.
+   10. Step 4, clipping may be asymmetric (clip_low, clip_high); both default to the paper-era
+       PPO value 0.2. It acts only when a rollout batch takes more than one optimizer step
+       (--mini_batch_size, --ppo_epochs); train.py's default is one, whose ratio is 1.
+   11. Step 4, the KL to a reference is optional (kl_coef = 0 by default), uses the k3 estimator
        exp(ref - logp) - (ref - logp) - 1, and is added as kl_coef times its token-mean.
-    8. Arithmetic is done in at least float32 whatever the input dtype (and the returns avoid
+   12. Step 4, log-probabilities (old, trained and reference) are taken at the sampling
+       temperature, as TRL and verl take them.
+   13. Arithmetic is done in at least float32 whatever the input dtype (and the returns avoid
        matmul, which TF32 settings would round); returns and advantages come back in the input
        dtype, the loss in at least float32.
 

@@ -1,5 +1,7 @@
-"""What the entry scripts (train.py, eval.py) share: flags read from a config dataclass, and
-torch.distributed set up, used and ended the same way under `python` and `torchrun`.
+"""What the entry scripts (train.py, eval.py) share: flags read from a config dataclass;
+torch.distributed set up, used and ended the same way under `python` and `torchrun`; the policy
+wrapped for data parallelism (DDP or FSDP2), its gradient-sync helpers, and the split of a
+batch into mini- and micro-batches that keeps every rank in step.
 
     @dataclass
     class Config:
@@ -9,14 +11,14 @@ torch.distributed set up, used and ended the same way under `python` and `torchr
     ...
     finish(world)                           # barrier, then destroy the process group
     run_command(main, cfg, "train.py", INPUT_ERRORS)   # errors as one line; no hang under torchrun
-    tracker = open_tracker("tensorboard", out_dir, config)   # or "wandb", or "none" (a no-op)
-    tracker.log(record, step); tracker.close()
+    wrapped = wrap(policy, world, parallel="fsdp")   # LogProbs(policy); forward -> (B, L) log-probs
+    with full_parameters(wrapped): ...               # generation (FSDP2 gathers once per phase)
 """
 
 import argparse
+import contextlib
 import dataclasses
-import json
-import numbers
+import math
 import os
 import sys
 import traceback
@@ -25,6 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+import model as policies
+import rollout
 
 
 def arg(default, meaning, **per_model):
@@ -192,110 +198,166 @@ def run_command(main, cfg, prog, input_errors, same_on_every_rank=False):
         exit_now()
 
 
-# ---------------------------------------------------------------- experiment tracking (optional)
-
-TRACKERS = ("none", "tensorboard", "wandb")
+# ---------------------------------------------------------------- data parallel: DDP or FSDP2
 
 
-def numeric_fields(record):
-    """The fields of a metrics record that a tracker logs: ints and floats (numpy's too; not
-    bools, strings, lists or dicts), as floats, under their metrics.jsonl names. "step" is the
-    x-axis of every series, not a series of its own."""
-    return {
-        k: float(v)
-        for k, v in record.items()
-        if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)
-    }
+class LogProbs(nn.Module):
+    """The policy as a module whose forward is model.token_logprobs, so that DDP and FSDP2 wrap
+    exactly the pass that is trained (and its gradient sync hooks see it)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, attention_mask, temperature=1.0):
+        with compute_dtype(input_ids.device):
+            return policies.token_logprobs(self.policy, input_ids, attention_mask, temperature=temperature)  # (B, L)
 
 
-class NoTracker:
-    """kind "none": logs nothing, writes nothing."""
-
-    def log(self, record, step):
-        pass
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+def compute_dtype(device):
+    """bf16 compute on CUDA over fp32 master weights: pure-bf16 weights would round updates of
+    lr 1e-6 away (bf16 keeps 8 bits of mantissa). The CPU computes in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
-class TensorBoardTracker(NoTracker):
-    """Scalars into OUT/tensorboard (torch.utils.tensorboard), one tag per metrics.jsonl field;
-    the config as a text summary. `tensorboard --logdir OUT/tensorboard` shows them."""
+def wrap(policy, world, parallel="ddp"):
+    """LogProbs(policy), data parallel under torchrun: DDP, or FSDP2 with each decoder layer
+    and the rest (embeddings, final norm, head) as shards."""
+    module = LogProbs(policy)
+    if world.size == 1:
+        return module
+    if parallel == "ddp":
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        # No buffer sync in forward: the buffers (rotary frequencies) are constants, and a sync in
+        # every forward would tie ranks to the same number of forwards.
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    def __init__(self, out_dir, config, run_name=None, start_step=0):
+    compute = torch.bfloat16 if world.device.type == "cuda" else torch.float32  # gathered; shards stay fp32
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    for layer in policy.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    module = fully_shard(module, mp_policy=mp)
+    with torch.no_grad():  # FSDP2 initialises at its first root forward; generation needs that done
+        ids = torch.zeros(1, 2, dtype=torch.long, device=world.device)
+        module(ids, torch.ones_like(ids))
+    module.reshard()  # the root stays gathered after a forward: shard it again before AdamW sees it
+    return module
+
+
+def fsdp_modules(wrapped):
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+
+
+def trainable_parameters(wrapped):
+    """What the optimizer updates: under FSDP2 the shards. (After a forward FSDP2 leaves the root
+    gathered, and parameters() would hand out the gathered copies, which get no gradient.)"""
+    for m in fsdp_modules(wrapped):
+        m.reshard()
+    return [p for p in wrapped.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def full_parameters(wrapped):
+    """For generation: FSDP2 gathers every shard once for the whole phase (not once per decode
+    step) and frees them after; DDP and single-process models already hold full parameters."""
+    sharded = fsdp_modules(wrapped)
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+@contextlib.contextmanager
+def gradient_sync(wrapped, enabled):
+    """Accumulate without communicating on all but the last micro-batch."""
+    if enabled or not hasattr(wrapped, "no_sync") and not hasattr(wrapped, "set_requires_gradient_sync"):
+        yield
+    elif hasattr(wrapped, "no_sync"):  # DDP
+        with wrapped.no_sync():
+            yield
+    else:  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
         try:
-            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ConfigError(f"tracker 'tensorboard' needs the package: pip install tensorboard ({e})")
-        # purge_step: a resumed run redoes the steps after its checkpoint; events of an earlier
-        # attempt at those steps are hidden, as train.py drops their metrics.jsonl records.
-        purge = start_step + 1 if start_step else None
-        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=purge)
-        text = json.dumps({"run_name": run_name, **config}, indent=1, default=str)
-        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), start_step)  # indented: as code
-        self.writer.flush()
-
-    def log(self, record, step):
-        for name, value in numeric_fields(record).items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()  # one write per step: a live tensorboard, nothing lost if the run dies
-
-    def close(self):
-        self.writer.close()
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
 
 
-class WandbTracker(NoTracker):
-    """A Weights & Biases run: project from WANDB_PROJECT (else "gtpo"), name run_name, the config
-    as its config, its files under OUT/wandb. WANDB_MODE=offline logs to those files only (`wandb
-    sync` uploads them later); other WANDB_* variables apply as wandb documents them."""
-
-    def __init__(self, out_dir, config, run_name=None, start_step=0):
-        try:
-            import wandb
-        except ImportError as e:
-            raise ConfigError(f"tracker 'wandb' needs the wandb package: pip install wandb ({e})")
-        os.makedirs(out_dir, exist_ok=True)
-        try:
-            self.run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT") or "gtpo", name=run_name, config=config, dir=out_dir
-            )
-        except wandb.errors.Error as e:  # no API key, no connection, a bad setting
-            offline = f"WANDB_MODE=offline logs to {os.path.join(out_dir, 'wandb')} without an account"
-            raise ConfigError(f"tracker 'wandb': {e} ({offline})") from e
-
-    def log(self, record, step):
-        self.run.log(numeric_fields(record), step=step)
-
-    def close(self):
-        """Finish the run, then wait until wandb's service process has written it: finish() alone
-        can return first (wandb 0.31, WANDB_MODE=offline, a loaded machine: the run file held its
-        header only, the history came seconds later). teardown() ends wandb in this process; a
-        later wandb.init starts it again."""
-        import wandb
-
-        self.run.finish()
-        wandb.teardown()
+def check_in_sync(wrapped, world):
+    """Whether every rank holds the same parameters (compared by per-tensor sums and sums of
+    squares in float64); None under FSDP2, where each rank holds its own shard by design."""
+    if fsdp_modules(wrapped):
+        return None
+    if world.size == 1:
+        return True
+    sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in wrapped.parameters()])
+    everyone = all_gather_rows(sums[None].to(world.device), world)  # (ranks, P, 2)
+    return bool((everyone == everyone[0]).all())
 
 
-def open_tracker(kind, out_dir, config, run_name=None, start_step=0):
-    """An experiment tracker with .log(record, step) and .close() (also a context manager):
-    kind "none" (a no-op), "tensorboard" (OUT/tensorboard; needs `pip install tensorboard`) or
-    "wandb" (needs `pip install wandb`; see WandbTracker). The package is imported only when its
-    kind is asked for; a missing one is a ConfigError naming the pip command. Each log writes the
-    record's numeric fields (numeric_fields) at step. start_step: the step a run resumes from
-    (tensorboard hides the events an earlier attempt wrote after it). Open it on the main rank only.
-    """
-    if kind == "none":
-        return NoTracker()
-    if kind == "tensorboard":
-        return TensorBoardTracker(out_dir, config, run_name, start_step)
-    if kind == "wandb":
-        return WandbTracker(out_dir, config, run_name, start_step)
-    raise ConfigError(f"tracker {kind!r}: expected one of {', '.join(TRACKERS)}")
+@dataclass
+class MiniBatch:
+    """The rows of one optimizer step on this rank, and the global counts its loss divides by."""
+
+    rows: list  # local row indices forwarded, longest first (empty: a stand-in row that trains nothing)
+    batch: dict  # rollout.collate of those rows (or of the stand-in), on the device
+    num_tokens: float  # the denominator: sampled tokens of its counted rows, over all ranks
+    num_seqs: float  # counted rows with a sampled token, over all ranks
+    forwarded_tokens: float  # sampled tokens of its forwarded rows, over all ranks (0: nothing to do)
+    micro_batches: int  # the same on every rank
+
+
+def plan_minibatches(trajs, *, forwarded, counted, mini_batch_size, micro_batch_size, world, pad):
+    """This rank's rows in the step's mini-batches: row i goes to mini-batch i mod M (M = the global
+    batch / mini_batch_size, 1 when 0). A rank holds a multiple of M rows, so global row r * N + i
+    lands in the same mini-batch as local row i: the mini-batches are the same sets of
+    trajectories whatever the number of ranks, and a group's G rows spread over min(G, M) of
+    them. Forwarded rows get forward passes; counted rows (forwarded or not) make up the
+    denominator."""
+    N = len(trajs)
+    M = N * world.size // mini_batch_size if mini_batch_size else 1
+    assert N % M == 0, f"{N} rows per rank do not split into {M} mini-batches"
+    sampled = [sum(t.loss_mask) for t in trajs]
+    members = [range(k, N, M) for k in range(M)]
+    rows = [sorted((i for i in m if forwarded[i]), key=lambda i: -len(trajs[i].input_ids)) for m in members]
+    local_counts = []  # per mini-batch: denominator tokens, denominator rows, forwarded tokens
+    for m, r in zip(members, rows):
+        local_counts += [sum(sampled[i] for i in m if counted[i]), sum(1 for i in m if counted[i] and sampled[i]),
+                         sum(sampled[i] for i in r)]  # fmt: skip
+    counts = all_reduce(local_counts, world)
+    micro_counts = all_reduce([math.ceil(len(r) / micro_batch_size) for r in rows], world, dist.ReduceOp.MAX)
+    shortest = min(range(N), key=lambda i: len(trajs[i].input_ids))
+    plan = []
+    for k, r in enumerate(rows):
+        batch = {key: v.to(world.device) for key, v in rollout.collate([trajs[i] for i in r or [shortest]], pad).items()}
+        if not r:  # a stand-in row that keeps this rank in the collectives and trains nothing
+            batch["loss_mask"][:] = False
+        num_tokens, num_seqs, forwarded_tokens = counts[3 * k : 3 * k + 3]
+        plan.append(MiniBatch(rows=r, batch=batch, num_tokens=num_tokens, num_seqs=num_seqs,
+                              forwarded_tokens=forwarded_tokens, micro_batches=int(micro_counts[k])))  # fmt: skip
+    return plan
+
+
+def micro_batches(batch, *, size, trim, count):
+    """`count` row slices of a right-padded batch, each cut to its own longest row when trim (rows
+    are sorted by length, so little padding is computed). Every rank runs the same count (FSDP2
+    gathers parameters in each forward): past the last row come copies of the shortest row that
+    train nothing. Yields (first row or None, the slice)."""
+    for k in range(count):
+        s = k * size
+        if s < len(batch["input_ids"]):
+            width = int(batch["attention_mask"][s : s + size].sum(1).max()) if trim else None
+            yield s, {key: v[s : s + size, :width] for key, v in batch.items()}
+        else:
+            width = int(batch["attention_mask"][-1].sum()) if trim else None
+            micro = {key: v[-1:, :width].clone() for key, v in batch.items()}
+            micro["loss_mask"][:] = False
+            yield None, micro

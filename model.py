@@ -231,12 +231,6 @@ def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk
     return torch.cat([logp.new_zeros(B, 1), logp.view(B, L - 1)], dim=1)  # (B, L)
 
 
-def sft_loss(model, input_ids, attention_mask, loss_mask):
-    """Mean negative log-likelihood of the trained tokens (loss_mask True), as in cold-start SFT."""
-    logp = token_logprobs(model, input_ids, attention_mask)  # (B, L)
-    return -(logp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-
-
 # ---------------------------------------------------------------- export
 
 
@@ -265,7 +259,7 @@ def export(src, out, dtype="bfloat16"):
     """Write the policy of the checkpoint directory src (a save_policy directory or a training
     checkpoint RUN/checkpoints/step_N) to out as a plain Hugging Face directory: safetensors
     weights in dtype, config.json, the tokenizer files (with the chat template) and a neutral
-    generation_config.json. Nothing of the trainer is carried over (trainer.pt, rng_rank*.pt):
+    generation_config.json. Nothing of the trainer is carried over (trainer.json, optimizer/, rng_rank*.pt):
     only what save_pretrained writes. Tied embeddings stay tied (config.tie_word_embeddings; the
     shared matrix is stored once). Returns out.
 
@@ -306,7 +300,7 @@ def main(argv=None):
         help="write a checkpoint's policy as a plain Hugging Face directory",
         description="Write the policy of a checkpoint directory as a plain Hugging Face directory "
         "(safetensors weights in --dtype, config, tokenizer with its chat template, a generation_config "
-        "holding only token ids), without the trainer's files (trainer.pt, rng_rank*.pt). Load it with "
+        "holding only token ids), without the trainer's files (trainer.json, optimizer/, rng_rank*.pt). Load it with "
         "AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).",
     )
     ex.add_argument("src", metavar="SRC", help="checkpoint directory, e.g. RUN/checkpoints/step_200 "

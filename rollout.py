@@ -20,6 +20,7 @@ Shapes: B rows in a generation batch, W their padded width, V vocabulary size.
 """
 
 import ast
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -253,6 +254,16 @@ def observation_text(turn_text, result, max_chars=4096):
     if len(out) > max_chars:
         out = out[: max_chars // 2] + "\n[...]\n" + out[-max_chars // 2 :]
     return ("" if turn_text.endswith("\n") else "\n") + f"```output\n{out}\n```\n"
+
+
+def rollout_seeds(seed, step, first, count):
+    """The sampling seeds of the trajectories at global positions [first, first + count) of a
+    training run's data stream in RL step `step`: a trajectory's tokens depend on (seed, step,
+    position), not on the rank or the generation batch it lands in."""
+    def digest(i):
+        return hashlib.blake2b(f"{seed}/{step}/{i}".encode(), digest_size=8).digest()
+
+    return [int.from_bytes(digest(i), "little") >> 1 for i in range(first, first + count)]
 
 
 def rollout(model, tokenizer, prompts, pool, cfg, seeds=None):

@@ -15,10 +15,10 @@ from conftest import SMALL
 real_rl_step = train.rl_step
 
 
-def failing_rl_step(step, state, cfg, derived, world):
+def failing_rl_step(step, run, cfg, derived, world):
     if world.rank == 1 and step == 2:
         raise RuntimeError("injected failure on rank 1 at RL step 2")
-    return real_rl_step(step, state, cfg, derived, world)
+    return real_rl_step(step, run, cfg, derived, world)
 
 
 if __name__ == "__main__":

@@ -49,25 +49,26 @@ def main(out, parallel, adv_norm, mini_batch_size):
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0)
     trajs, golds = trajectories(tokenizer)
-    n = derived["local_trajectories"]
+    n = derived.local_trajectories
     mine = slice(world.rank * n, (world.rank + 1) * n)
     group_index = torch.arange(PROBLEMS).repeat_interleave(GROUP)[mine]
-    wrapped = train.wrap(policy, cfg, world)
+    wrapped = launch.wrap(policy, world, cfg.parallel)
     # SGD: the update is the gradient itself. (Adam divides by sqrt(v), which turns float noise
     # in a near-zero gradient element into a full-size step, whatever the world size.)
     optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
     embedder = rewards.make_embedder(cfg.embedder, tokenizer)
     grader = rewards.Grader()
-    scored = train.score(trajs[mine], [{"answer": g} for g in golds[mine]], group_index, cfg, derived, grader, embedder, world)
+    scored = train.score(trajs[mine], [{"answer": g} for g in golds[mine]], group_index, cfg=cfg, derived=derived,
+                         world=world, grader=grader, embedder=embedder)
     grader.close()
     policy.train()
-    sums, _ = train.update(wrapped, optimizer, trajs[mine], turn_advantages=scored["turn_advantages"],
-                           trained=scored["trained"], counted=scored["counted"], cfg=cfg, world=world,
+    sums, _ = train.update(wrapped, optimizer, trajs[mine], turn_advantages=scored.turn_advantages,
+                           trained=scored.trained, counted=scored.counted, cfg=cfg, world=world,
                            pad=tokenizer.pad_token_id)  # fmt: skip
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    in_sync = train.check_in_sync(wrapped, world)
+    in_sync = launch.check_in_sync(wrapped, world)
     if world.main:
         torch.save({"weights": weights, "in_sync": in_sync, "world_size": world.size,
                     "optimizer_steps": sums["optimizer_steps"]}, out)  # fmt: skip

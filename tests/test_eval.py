@@ -135,9 +135,9 @@ def test_greedy_evaluation_is_deterministic_and_agrees_with_training(memorised, 
     cfg = train.Config(model=memorised, **{**SMALL, "max_turns": 4})
     with sandbox.Pool(4) as pool:
         grader = rewards.Grader()
-        trained = train.evaluate(
-            policy, policy, tokenizer, problems, cfg, pool, grader, world, temperature=0.0
-        )
+        run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=policy, pool=pool, grader=grader, problems=[])
+        trained = train.evaluate(run, problems, cfg=cfg, derived=train.check_config(cfg, world), world=world,
+                                 temperature=0.0)  # fmt: skip
         grader.close()
     assert first["accuracy"] == trained > 0
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import model as policies
+import sft
 from conftest import ROOT, run_script
 
 QUESTION = "What is 19^592 mod 1133?"
@@ -25,7 +26,7 @@ README_START, README_END = "<!-- example:plain-transformers -->", "<!-- /example
 
 def example_code():
     """The example: the fenced Python block between the README markers."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, "docs", "usage.md"), encoding="utf-8").read()
     assert README_START in text, f"README.md: no {README_START} marker"
     section = text.split(README_START, 1)[1].split(README_END, 1)[0]
     # The code holds ``` inside its lines, so the block ends only at a line that is its fence alone.
@@ -38,14 +39,17 @@ def example_code():
 
 
 def fake_training_checkpoint(path, policy, tokenizer):
-    """A directory shaped like train.save_checkpoint's: the policy, the tokenizer, trainer.pt,
-    rng_rank0.pt, and Qwen2.5-Instruct's sampling settings in generation_config.json."""
+    """A directory shaped like checkpoint.save's: the policy, the tokenizer, trainer.json,
+    optimizer/, rng_rank0.pt, and Qwen2.5-Instruct's sampling settings in generation_config.json."""
     policy.generation_config = GenerationConfig(
         eos_token_id=policy.config.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True,
         temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
     )  # fmt: skip
     policies.save_policy(policy, tokenizer, path)
-    torch.save({"step": 3, "optimizer": None}, os.path.join(path, "trainer.pt"))
+    with open(os.path.join(path, "trainer.json"), "w") as f:
+        json.dump({"step": 3, "optimizer": True}, f)
+    os.makedirs(os.path.join(path, "optimizer"))
+    torch.save({"exp_avg": torch.zeros(3)}, os.path.join(path, "optimizer", "__0_0.distcp"))
     torch.save({"torch": torch.get_rng_state()}, os.path.join(path, "rng_rank0.pt"))
     return path
 
@@ -81,7 +85,7 @@ def memorised_checkpoint(path):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     torch.manual_seed(0)
     for _ in range(300):
-        loss = policies.sft_loss(policy, ids, torch.ones_like(ids), mask)
+        loss = sft.nll(policies.token_logprobs(policy, ids, torch.ones_like(ids)), mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -119,10 +123,11 @@ def test_export_writes_bfloat16_safetensors(exported):
 
 
 def test_export_carries_nothing_of_the_trainer(checkpoint, exported):
-    """The export holds the model, config, tokenizer and generation_config only: no trainer.pt,
-    no rng_rank*.pt (the source has both), nothing pickled."""
-    assert {"trainer.pt", "rng_rank0.pt"} <= set(os.listdir(checkpoint[0]))
+    """The export holds the model, config, tokenizer and generation_config only: no trainer.json,
+    no optimizer/, no rng_rank*.pt (the source has them), nothing pickled."""
+    assert {"trainer.json", "optimizer", "rng_rank0.pt"} <= set(os.listdir(checkpoint[0]))
     names = set(os.listdir(exported))
+    assert not names & {"trainer.json", "optimizer"}, names
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl"))], names
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"} <= names
 
@@ -220,7 +225,7 @@ def test_export_command(checkpoint, tmp_path):
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "OUT" in done.stderr
     done = run_script([sys.executable, "model.py", "export", "--help"])
     assert done.returncode == 0
-    for word in ("SRC", "OUT", "--dtype", "bfloat16", "float16", "float32", "trainer.pt"):
+    for word in ("SRC", "OUT", "--dtype", "bfloat16", "float16", "float32", "trainer.json"):
         assert word in done.stdout, word
 
 

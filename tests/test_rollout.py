@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import model
 import rollout
 import sandbox
+import sft
 
 SCRIPTS = {
     "Say hello.": ["Hello! \\boxed{1}"],
@@ -72,7 +73,7 @@ def memorised(tokenizer):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     policy.train()
     for _ in range(150):
-        loss = model.sft_loss(policy, ids, attention, loss_mask)
+        loss = sft.nll(model.token_logprobs(policy, ids, attention), loss_mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -285,7 +286,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
         assert policy.is_activation_checkpointing == checkpointing
         policy.train()
         ids = torch.tensor([model.chat_prompt_ids(tok, "What is 2 + 2?")])
-        model.sft_loss(policy, ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)).backward()
+        sft.nll(model.token_logprobs(policy, ids, torch.ones_like(ids)), torch.ones_like(ids, dtype=torch.bool)).backward()
         grads.append(policy.model.embed_tokens.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+import data
 import eval as evaluation
 import launch
 import model
@@ -47,7 +48,7 @@ def test_a_real_models_sft_is_one_pass_over_the_given_rows(tmp_path, monkeypatch
     tokenizer = model.tiny_tokenizer()
     model.save_policy(model.tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2), tokenizer, str(demo_dir))
     steps = []
-    monkeypatch.setattr(train, "run_sft", lambda *a, **k: steps.append(a[3].sft_steps) or a[3].sft_steps)
+    monkeypatch.setattr(train.sft, "run", lambda *a, cfg, **k: steps.append(cfg.sft_steps) or cfg.sft_steps)
     cfg = train.Config(model=str(demo_dir), sft_data=str(tmp_path / "sft.jsonl"), sft_batch_size=2, max_steps=0,
                        out_dir=str(tmp_path / "run"), **{**SMALL, "lr": None})  # fmt: skip
     train.main(cfg)
@@ -90,8 +91,9 @@ def answered(tokenizer, guesses, gold="5", call=False):
 def scored(trajs, rows, reward_fn=None, **overrides):
     world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(prompts_per_step=1, group_size=len(trajs), **{"shaping": "none", **overrides})
-    return train.score(trajs, rows, torch.zeros(len(trajs), dtype=torch.long), cfg, train.check_config(cfg, world),
-                       rewards.Grader(), None, world, reward_fn=reward_fn)  # fmt: skip
+    return train.score(trajs, rows, torch.zeros(len(trajs), dtype=torch.long), cfg=cfg,
+                       derived=train.check_config(cfg, world), world=world, grader=rewards.Grader(),
+                       reward_fn=reward_fn)  # fmt: skip
 
 
 @pytest.mark.parametrize("algo", ["gtpo", "grpo"])
@@ -103,11 +105,11 @@ def test_without_the_first_turn_rule_a_single_turn_run_trains_on_correctness(alg
     rows = [{"problem": "What is 2 + 3?", "answer": "5"}] * 4
     ruled = scored(trajs, rows, algo=algo)
     free = scored(trajs, rows, algo=algo, first_turn_tool_call=False)
-    assert ruled["format_errors"].all() and not free["format_errors"].any()
+    assert ruled.format_errors.all() and not free.format_errors.any()
     if algo == "grpo":
-        assert not ruled["trained"].any()
-    assert free["total_reward"].tolist() == [1.0, 0.0, 1.0, 0.0] and free["trained"].all()
-    assert (free["turn_advantages"][:, 0] > 0).tolist() == [True, False, True, False]
+        assert not ruled.trained.any()
+    assert free.total_reward.tolist() == [1.0, 0.0, 1.0, 0.0] and free.trained.all()
+    assert (free.turn_advantages[:, 0] > 0).tolist() == [True, False, True, False]
 
 
 @pytest.mark.parametrize("algo", ["gtpo", "grpo"])
@@ -126,9 +128,9 @@ def test_a_reward_fn_replaces_the_grader_with_the_row_at_hand(tmp_path, algo):
     trajs = answered(model.tiny_tokenizer(), ["7", "6", "7", "1"], call=True)
     rows = [{"problem": "What is 2 + 3?", "answer": "5", "target": "7", "id": "p0"}] * 4
     out = scored(trajs, rows, reward_fn=fn, algo=algo)
-    assert out["outcomes"].tolist() == [1.0, 0.25, 1.0, 0.25] and out["correct"].tolist() == [True, False, True, False]
-    assert out["total_reward"].tolist() == [1.0, 0.25, 1.0, 0.25]  # the calls are valid: no penalty
-    assert (out["turn_advantages"][:, 0] > 0).tolist() == [True, False, True, False]
+    assert out.outcomes.tolist() == [1.0, 0.25, 1.0, 0.25] and out.correct.tolist() == [True, False, True, False]
+    assert out.total_reward.tolist() == [1.0, 0.25, 1.0, 0.25]  # the calls are valid: no penalty
+    assert (out.turn_advantages[:, 0] > 0).tolist() == [True, False, True, False]
     with pytest.raises(rewards.RewardFnError, match=r"broken returned 2 for problem 'p0'"):
         scored(trajs, rows, reward_fn=rewards.load_reward_fn(f"{tmp_path}/mine.py:broken"))
 
@@ -180,8 +182,8 @@ def test_every_data_flag_goes_through_the_same_loader_and_keys(tmp_path, capsys)
     (tmp_path / "dapo.json").write_text(json.dumps(rows))
     cfg = train.Config(model="org/m", data=str(tmp_path / "dapo.jsonl"), eval_data=str(tmp_path / "dapo.json"),
                        sft_data=str(tmp_path / "dapo.jsonl"), answer_key="reward_model.ground_truth", out_dir="x")  # fmt: skip
-    problems, held_out, _, sft_rows = train.load_data(cfg, launch.World(0, 1, torch.device("cpu")))
-    for loaded in (problems, held_out, sft_rows):
+    sets = data.load_run(cfg)
+    for loaded in (sets.train, sets.held_out, sets.sft_rows):
         assert [(p["problem"], p["answer"], p["data_source"]) for p in loaded] == [
             (f"What is {k} + 1?", str(k + 1), "mine") for k in range(4)]  # fmt: skip
     assert capsys.readouterr().out.count("4 rows, 4 answers") == 3
@@ -192,7 +194,7 @@ def test_the_readmes_reward_example_runs_as_documented(tmp_path):
     right number with its unit, half without the unit, none when wrong or unanswered."""
     from conftest import ROOT
 
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, "docs", "usage.md"), encoding="utf-8").read()
     code = text.split("```python\n# my_reward.py", 1)[1].split("```", 1)[0]
     (tmp_path / "my_reward.py").write_text("# my_reward.py" + code)
     fn = rewards.load_reward_fn(f"{tmp_path}/my_reward.py:units_checked")
@@ -229,7 +231,9 @@ def test_trainings_held_out_evaluation_grades_with_the_reward_fn(tmp_path):
     problems = [{"problem": "What is 2 + 3?", "answer": "5"}] * 2
     with sandbox.Pool(2) as pool:
         grader = rewards.Grader()
-        accuracy = train.evaluate(policy, policy, tokenizer, problems, cfg, pool, grader, world, 0.0,
-                                  reward_fn=lambda record, row: True)  # fmt: skip
+        run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=policy, pool=pool, grader=grader, problems=[],
+                             reward_fn=lambda record, row: True)  # fmt: skip
+        accuracy = train.evaluate(run, problems, cfg=cfg, derived=train.check_config(cfg, world), world=world,
+                                  temperature=0.0)  # fmt: skip
         grader.close()
     assert accuracy == 1.0

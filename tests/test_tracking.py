@@ -1,4 +1,4 @@
-"""launch.open_tracker: optional experiment tracking (none, tensorboard, wandb) of the metrics
+"""metrics.open_tracker: optional experiment tracking (none, tensorboard, wandb) of the metrics
 records train.py writes to metrics.jsonl."""
 
 import glob
@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from launch import TRACKERS, ConfigError, numeric_fields, open_tracker
+from launch import ConfigError
+from metrics import TRACKERS, numeric_fields, open_tracker
 
 # Two records shaped like metrics.jsonl's, plus fields a tracker must leave out (not numbers).
 RECORDS = [
@@ -60,7 +61,7 @@ def test_packages_are_imported_only_when_asked(tmp_path):
     """Opening "none" imports neither tensorboard nor wandb (a fresh interpreter checks)."""
     import subprocess
 
-    code = ("import sys, launch; launch.open_tracker('none', '.', {}).close(); "
+    code = ("import sys, metrics; metrics.open_tracker('none', '.', {}).close(); "
             "print([m for m in ('tensorboard', 'wandb') if m in sys.modules])")  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=root),

@@ -1,6 +1,7 @@
 """train.py on the tiny model: the RL step trains, GRPO is GTPO's reduction, data parallelism and
 resumption are exact, and bad input is one clear error line."""
 
+import dataclasses
 import json
 import os
 import re
@@ -13,14 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import eval as evaluation
 import gtpo
 import launch
+import metrics
 import model
 import rewards
 import rollout
 import sandbox
+import sft
 import train
 from conftest import ROOT, SMALL, run_script, torchrun
 
@@ -45,7 +49,7 @@ def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, tmp_
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         assert all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in r.values()), r
-        assert set(train.METRIC_FIELDS) <= set(r)
+        assert set(metrics.FIELDS) <= set(r)
     assert records[0]["kl"] == 0 < records[1]["kl"], "step 1 samples from the reference itself"
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["seed"] == 0 and summary["ranks_in_sync"] is True
@@ -93,13 +97,14 @@ def test_grpo_is_gtpo_reduced_on_single_turn_data():
         cfg = train.Config(algo=algo, gamma=gamma, shaping="none", adv_norm="group", prompts_per_step=2,
                            group_size=4, micro_batch_size=3, lr=1e-2)  # fmt: skip
         derived = train.check_config(cfg, world)
-        scored = train.score(trajs, [{"answer": g} for g in golds], group_index, cfg, derived, rewards.Grader(), None, world)
+        scored = train.score(trajs, [{"answer": g} for g in golds], group_index, cfg=cfg, derived=derived, world=world,
+                             grader=rewards.Grader())
         policy = model.tiny_model(tokenizer, seed=0).train()
-        wrapped = train.wrap(policy, cfg, world)
+        wrapped = launch.wrap(policy, world, cfg.parallel)
         optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr)
-        train.update(wrapped, optimizer, trajs, turn_advantages=scored["turn_advantages"], trained=scored["trained"],
-                     counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
-        results.append((scored["turn_advantages"], policy.state_dict()))
+        train.update(wrapped, optimizer, trajs, turn_advantages=scored.turn_advantages, trained=scored.trained,
+                     counted=scored.counted, cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+        results.append((scored.turn_advantages, policy.state_dict()))
     (adv_grpo, grpo), *gtpos = results
     assert adv_grpo.abs().sum() > 0, "the data must have reward variance"
     for adv, params in gtpos:
@@ -116,7 +121,7 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(capsys):
     world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(prompts_per_step=2, group_size=4, micro_batch_size=4)
     policy = model.tiny_model(tokenizer, seed=0).train()
-    wrapped = train.wrap(policy, cfg, world)
+    wrapped = launch.wrap(policy, world, cfg.parallel)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     advantages = torch.zeros(8, cfg.max_turns)
@@ -153,10 +158,10 @@ def test_groups_with_all_zero_advantages_and_sandbox_failures_are_not_trained():
     trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
     world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4)
-    scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
-                         rewards.Grader(), None, world)  # fmt: skip
-    assert scored["trained"].tolist() == [True, False, True, True, False, False, False, False]
-    assert (scored["turn_advantages"][1] == 0).all()
+    scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg=cfg, derived=train.check_config(cfg, world), world=world,
+                             grader=rewards.Grader())  # fmt: skip
+    assert scored.trained.tolist() == [True, False, True, True, False, False, False, False]
+    assert (scored.turn_advantages[1] == 0).all()
 
 
 def random_rollouts(tokenizer, policy, temperature, n=8):
@@ -193,7 +198,7 @@ def test_old_logprobs_are_the_samplers_own_at_the_sampling_temperature(monkeypat
     everything = rollout.collate(trajs, tokenizer.pad_token_id)
     with torch.no_grad():  # the same tokens scored at temperature 1, before the update
         at_one = model.token_logprobs(policy, everything["input_ids"], everything["attention_mask"])
-    wrapped = train.wrap(policy.train(), cfg, world)
+    wrapped = launch.wrap(policy.train(), world, cfg.parallel)
     everyone = torch.ones(8, dtype=torch.bool)
     advantages = torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, cfg.max_turns)
     train.update(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), trajs, turn_advantages=advantages,
@@ -229,7 +234,7 @@ def test_one_optimizer_step_skips_the_old_logprob_pass_and_changes_nothing(monke
     results = []
     for always in (False, True):
         policy = model.tiny_model(tokenizer, seed=0).train()
-        wrapped = train.wrap(policy, cfg, world)
+        wrapped = launch.wrap(policy, world, cfg.parallel)
         sums, _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=1e-2), trajs,
                                turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg, world=world,
                                pad=tokenizer.pad_token_id, always_old_logprobs=always)  # fmt: skip
@@ -250,10 +255,11 @@ def test_the_denominator_counts_every_sampled_token_and_zero_advantage_rows_get_
     for denominator in ("sampled", "signal"):
         cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, mini_batch_size=4,
                            loss_denominator=denominator)  # fmt: skip
-        scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
-                             rewards.Grader(), None, world)  # fmt: skip
-        plan = train.plan_minibatches(trajs, turn_advantages=scored["turn_advantages"], forwarded=scored["trained"],
-                                      counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+        scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg=cfg, derived=train.check_config(cfg, world), world=world,
+                             grader=rewards.Grader())  # fmt: skip
+        plan = launch.plan_minibatches(trajs, forwarded=scored.trained, counted=scored.counted,
+                                       mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
+                                       world=world, pad=tokenizer.pad_token_id)  # fmt: skip
         assert len(plan) == 2
         for k, mb in enumerate(plan):
             members = range(k, 8, 2)
@@ -278,7 +284,7 @@ def test_several_minibatches_move_the_ratio_and_clip():
     for mini in (0, 2):
         cfg = train.Config(prompts_per_step=2, group_size=4, mini_batch_size=mini, micro_batch_size=4)
         policy = model.tiny_model(tokenizer, seed=0).train()
-        wrapped = train.wrap(policy, cfg, world)
+        wrapped = launch.wrap(policy, world, cfg.parallel)
         stats[mini], _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=3e-2), trajs,
                                       turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg,
                                       world=world, pad=tokenizer.pad_token_id)  # fmt: skip
@@ -295,21 +301,21 @@ def test_with_a_kl_penalty_zero_advantage_rows_are_forwarded_and_the_loss_is_the
     trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
     world = launch.World(0, 1, torch.device("cpu"))
     cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, kl_coef=0.5, micro_batch_size=3)
-    scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg, train.check_config(cfg, world),
-                         rewards.Grader(), None, world)  # fmt: skip
+    scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg=cfg, derived=train.check_config(cfg, world), world=world,
+                             grader=rewards.Grader())  # fmt: skip
     policy, reference = model.tiny_model(tokenizer, seed=0).train(), model.tiny_model(tokenizer, seed=1)
-    ref = train.LogProbs(reference.eval().requires_grad_(False))
-    counted = [i for i in range(8) if scored["counted"][i]]
+    ref = launch.LogProbs(reference.eval().requires_grad_(False))
+    counted = [i for i in range(8) if scored.counted[i]]
     batch = rollout.collate([trajs[i] for i in counted], tokenizer.pad_token_id)
     with torch.no_grad():
         logp = model.token_logprobs(policy, batch["input_ids"], batch["attention_mask"])
         ref_logp = model.token_logprobs(reference, batch["input_ids"], batch["attention_mask"])
-    advantages = gtpo.token_advantages(scored["turn_advantages"][counted], batch["token_turn"])
+    advantages = gtpo.token_advantages(scored.turn_advantages[counted], batch["token_turn"])
     expected, _ = gtpo.policy_loss(logp, logp, advantages, batch["loss_mask"], ref_logp=ref_logp, kl_coef=0.5)
-    wrapped = train.wrap(policy, cfg, world)
+    wrapped = launch.wrap(policy, world, cfg.parallel)
     sums, _ = train.update(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), trajs,
-                           turn_advantages=scored["turn_advantages"], trained=scored["trained"],
-                           counted=scored["counted"], cfg=cfg, world=world, pad=tokenizer.pad_token_id, ref=ref)  # fmt: skip
+                           turn_advantages=scored.turn_advantages, trained=scored.trained,
+                           counted=scored.counted, cfg=cfg, world=world, pad=tokenizer.pad_token_id, ref=ref)  # fmt: skip
     assert sums["loss"] == pytest.approx(float(expected), abs=1e-6) and sums["kl_ref"] > 0
 
 
@@ -329,7 +335,7 @@ def test_logged_statistics_are_means_over_the_optimizer_steps(monkeypatch):
         return loss, stats
 
     monkeypatch.setattr(gtpo, "policy_loss", spy)
-    wrapped = train.wrap(model.tiny_model(tokenizer, seed=0).train(), cfg, world)
+    wrapped = launch.wrap(model.tiny_model(tokenizer, seed=0).train(), world, cfg.parallel)
     sums, _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=3e-2), trajs,
                            turn_advantages=torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, 4), trained=everyone,
                            counted=everyone, cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
@@ -347,10 +353,10 @@ def test_logged_statistics_are_means_over_the_optimizer_steps(monkeypatch):
 def test_rollout_seeds_depend_on_the_position_in_the_stream_only():
     """A trajectory's seed is a function of (seed, step, global position): the seeds of a step
     cut into two ranks' shares are the seeds of the whole step, and they are distinct."""
-    whole = train.rollout_seeds(3, step=5, first=80, count=16)
-    assert train.rollout_seeds(3, step=5, first=80, count=8) + train.rollout_seeds(3, step=5, first=88, count=8) == whole
+    whole = rollout.rollout_seeds(3, step=5, first=80, count=16)
+    assert rollout.rollout_seeds(3, step=5, first=80, count=8) + rollout.rollout_seeds(3, step=5, first=88, count=8) == whole
     assert len(set(whole)) == 16 and all(0 <= s < 2**63 for s in whole)
-    assert train.rollout_seeds(4, step=5, first=80, count=16) != whole
+    assert rollout.rollout_seeds(4, step=5, first=80, count=16) != whole
 
 
 @pytest.fixture(scope="module")
@@ -395,16 +401,25 @@ def test_two_process_update_equals_one_process_update(one_process_update, tmp_pa
         torch.testing.assert_close(two["weights"][name], value, atol=1e-5, rtol=0)
 
 
+def torchrun_train(model_dir, out_dir, parallel, max_steps):
+    args = ["train.py", "--model", model_dir, "--sft_steps", "0", "--max_steps", str(max_steps), "--save_every", "1",
+            "--out_dir", str(out_dir), "--parallel", parallel, *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
+    done = run_script(torchrun(*args), timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_model, tmp_path, parallel):
     """`torchrun --nproc_per_node 2 train.py` (gloo; DDP, or FSDP2 with parameters gathered for
-    generation) trains and saves; under DDP every rank ends with the same parameters (train.py
-    compares them and records it in summary.json; FSDP2's ranks hold different shards by design,
-    and its exactness is the update test's)."""
-    args = ["train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "2", "--out_dir", str(tmp_path),
-            "--parallel", parallel, *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
-    done = run_script(torchrun(*args), timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
+    generation) trains, saves (the optimizer sharded by torch.distributed.checkpoint), stops and
+    resumes; under DDP every rank ends with the same parameters (train.py compares them and
+    records it in summary.json; FSDP2's ranks hold different shards by design, and its exactness
+    is the update test's)."""
+    torchrun_train(sft_model, tmp_path, parallel, max_steps=1)
+    assert os.listdir(tmp_path / "checkpoints" / "step_1" / "optimizer")
+    done = torchrun_train(sft_model, tmp_path, parallel, max_steps=2)
+    assert f"resumed from {tmp_path}/checkpoints/step_1" in done.stdout
     with open(tmp_path / "summary.json") as f:
         assert json.load(f)["ranks_in_sync"] is (True if parallel == "ddp" else None)
     with open(tmp_path / "metrics.jsonl") as f:
@@ -428,6 +443,33 @@ def test_resuming_gives_bit_identical_parameters(sft_model, tmp_path):
     assert [drop_time(r) for r in lines(straight)] == [drop_time(r) for r in lines(resumed)]
 
 
+@pytest.mark.slow
+def test_resuming_under_fsdp_gives_bit_identical_parameters(sft_model, tmp_path):
+    """Under torchrun with FSDP2, 2 steps straight and 1 step, stop, resume, 1 step give
+    bit-identical parameters: each rank's optimizer shard comes back from
+    torch.distributed.checkpoint exactly."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun_train(sft_model, straight, "fsdp", max_steps=2)
+    torchrun_train(sft_model, resumed, "fsdp", max_steps=1)
+    torchrun_train(sft_model, resumed, "fsdp", max_steps=2)
+    a, b = weights(straight / "checkpoints" / "step_2"), weights(resumed / "checkpoints" / "step_2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_on_another_number_of_ranks_is_refused(tmp_path):
+    """A run saved by 2 ranks does not resume in 1 process: one error naming both counts and how
+    to resume, before any work."""
+    cfg = train.Config(out_dir=str(tmp_path), **SMALL)
+    os.makedirs(tmp_path / "checkpoints" / "step_3")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg)}, f)
+    with open(tmp_path / "checkpoints" / "step_3" / "trainer.json", "w") as f:
+        json.dump({"step": 3, "ranks": 2}, f)
+    with pytest.raises(launch.ConfigError, match=r"written by 2 rank\(s\), this run has 1: resume with 2 \(torchrun "
+                                                  r"--nproc_per_node 2\)"):
+        checkpoint.check_resume(cfg, launch.World(0, 1, torch.device("cpu")))
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
     """SIGKILL during training, then the same command: it resumes from the newest checkpoint,
     redoes only the lost steps and finishes with one metrics record per step."""
@@ -442,7 +484,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = train.checkpoint_steps(str(tmp_path))
+    saved = checkpoint.steps(str(tmp_path))
     assert saved[-1] >= 2 and not os.path.exists(tmp_path / "summary.json")
     done = run_script(args, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -468,7 +510,9 @@ def test_held_out_accuracy_is_the_mean_over_eval_samples_trajectories_per_proble
     monkeypatch.setattr(train.rewards, "grade", grade)
     with sandbox.Pool(4) as pool:
         grader = rewards.Grader()
-        evaluate = lambda t: train.evaluate(policy, policy, tokenizer, problems, cfg, pool, grader, world, t)
+        run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=policy, pool=pool, grader=grader, problems=[])
+        derived = train.check_config(cfg, world)
+        evaluate = lambda t: train.evaluate(run, problems, cfg=cfg, derived=derived, world=world, temperature=t)
         sampled = evaluate(1.0)
         sampled_golds = [g for golds, _ in graded for g in golds]
         sampled_correct = torch.cat([c for _, c in graded])
@@ -489,7 +533,7 @@ def test_sft_ends_at_the_first_check_that_reaches_sft_stop_at(tmp_path, monkeypa
     scripted = iter([0.1, 0.6, 0.2, 0.9])  # the accuracies the checks see, in turn
     seen = []
 
-    def evaluate(policy, wrapped, tokenizer, problems, cfg, pool, grader, world, temperature, reward_fn=None):
+    def evaluate(run, problems, *, cfg, derived, world, temperature):
         if not problems:  # eval_size 0: no held-out problems
             return None
         seen.append(([p["id"] for p in problems], temperature))
@@ -544,11 +588,11 @@ def test_problem_stream_is_a_permutation_per_epoch_and_resumable():
     """problems_at visits every problem once per epoch, and any window equals the same window of
     one long read (so resuming needs only the position)."""
     problems = [{"problem": str(k)} for k in range(7)]
-    long = [p["problem"] for p in train.problems_at(problems, 0, 21, seed=3)]
+    long = [p["problem"] for p in data.problems_at(problems, 0, 21, seed=3)]
     for epoch in range(3):
         assert sorted(long[7 * epoch : 7 * epoch + 7], key=int) == [str(k) for k in range(7)]
-    assert [p["problem"] for p in train.problems_at(problems, 5, 9, seed=3)] == long[5:14]
-    assert long != [p["problem"] for p in train.problems_at(problems, 0, 21, seed=4)]
+    assert [p["problem"] for p in data.problems_at(problems, 5, 9, seed=3)] == long[5:14]
+    assert long != [p["problem"] for p in data.problems_at(problems, 0, 21, seed=4)]
 
 
 def test_toy_teacher_trajectories_are_correct_and_use_one_to_three_tool_turns():
@@ -584,8 +628,7 @@ def test_sft_trains_exactly_the_assistant_turns():
     end-of-message token) and the untrained ones after the prompt to the real tool outputs."""
     tokenizer = model.tiny_tokenizer()
     rows = [dict(p, turns=p["teacher"]) for p in data.toy_problems(10, seed=2, mistake_rate=0.5)]
-    cfg = train.Config(system_prompt="none")
-    for row, traj in zip(rows, train.teacher_trajectories(rows, tokenizer, cfg)):
+    for row, traj in zip(rows, sft.teacher_trajectories(rows, tokenizer, system_prompt=None, timeout=10.0)):
         trained = [t for t, m in zip(traj.input_ids, traj.loss_mask) if m]
         assert tokenizer.decode(trained) == "".join(row["turns"]) + "<|im_end|>"
         observed = [

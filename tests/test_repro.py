@@ -1,4 +1,4 @@
-"""bench.py repro: every variant and seed trains from the seed's SFT start, and a rerun reads the
+"""repro.py: every variant and seed trains from the seed's SFT start, and a rerun reads the
 finished runs back to the same table."""
 
 import json
@@ -7,18 +7,18 @@ import sys
 
 import pytest
 
-import bench
+import repro
 from conftest import SMALL, run_script
 
 
 def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, tmp_path):
-    """`bench.py repro --jobs 2` runs train.py once per variant and seed from the seed's SFT start
+    """`repro.py --jobs 2` runs train.py once per variant and seed from the seed's SFT start
     (the variant's flags applied, two at a time), writes a table row per variant, a by-kind table from eval.py on each
     final checkpoint and the start, and results.json; run again, it trains and evaluates nothing
     and writes the same tables."""
     start = os.path.dirname(os.path.dirname(sft_model))
     small = [f"--{k}={v}" for k, v in SMALL.items()]
-    args = [sys.executable, "bench.py", "repro", "--seeds", "0", "--starts", start, "--variants", "grpo",
+    args = [sys.executable, "repro.py", "--seeds", "0", "--starts", start, "--variants", "grpo",
             "gtpo_code", "--max_steps", "2", "--eval_samples", "1", "--jobs", "2", "--out", str(tmp_path), "--", *small,
             "--eval_size=8"]  # fmt: skip
     first = run_script(args, timeout=400)
@@ -51,7 +51,7 @@ def test_paired_differences_are_per_seed_with_a_t_interval():
     spread, ((1.96 + 0.84) sd / 0.03)^2."""
     after = {"grpo": [0.40, 0.50, 0.45], "gtpo_code": [0.45, 0.52, 0.44]}
     finished = {(v, s): ({"after_rl_sampled": a[s]}, []) for v, a in after.items() for s in range(3)}
-    table, rows = bench.repro_paired(finished, ["grpo", "gtpo_code"], [0, 1, 2])
+    table, rows = repro.repro_paired(finished, ["grpo", "gtpo_code"], [0, 1, 2])
     (row,) = rows
     assert row["diffs"] == pytest.approx([0.05, 0.02, -0.01])
     assert row["mean"] == pytest.approx(0.02)

@@ -1,0 +1,313 @@
+"""The paper's comparisons in miniature: GRPO against GTPO, the shaping ablation and the gamma
+sweep, seeds x variants, each run trained by train.py from the same SFT start per seed.
+
+    python repro.py                                         # every variant, seeds 0 1 2, 40 RL steps
+    python repro.py --seeds 0 1 2 3 4 --jobs 2 --variants gtpo_code grpo -- --eval_samples 4
+
+Each seed gets its SFT start (train.py --max_steps 0, or a run directory given with --starts);
+every variant (REPRO_VARIANTS: train.py flags) then trains --max_steps RL steps from it, and
+eval.py measures each final checkpoint by kind of problem. Flags after -- go to every train.py
+run. Resumable: finished runs and evaluations are read back, a cut run resumes from its last
+checkpoint. Writes results.md (a table of mean +- standard error over seeds, the paired
+differences from GRPO, and held-out accuracy by kind), results.json and curves.png to --out.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPRO_VARIANTS = {  # name -> train.py flags (everything else: the demo's defaults)
+    "grpo": ["--algo", "grpo"],
+    "gtpo_no_shaping": ["--shaping", "none"],
+    "gtpo_code": [],  # the paper's GTPO: gamma 0.9, similarity shaping on the code
+    "gtpo_text": ["--shaping", "text"],  # shaping on the whole trajectory text
+    "gamma_0.5": ["--gamma", "0.5"],
+    "gamma_0.7": ["--gamma", "0.7"],
+    "gamma_1.0": ["--gamma", "1.0"],  # gamma 0.9 is gtpo_code
+    "gtpo_turn_norm": ["--adv_norm", "turn"],  # returns normalised per (problem, turn index)
+}
+
+
+def in_parallel(args, fn, items):
+    """[fn(*item) for item in items], args.jobs at a time (threads; the work is in subprocesses)."""
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(lambda item: fn(*item), items))
+
+
+def child_env(args):
+    """The environment of train.py and eval.py runs: the cores shared out over --jobs."""
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    return dict(os.environ, OMP_NUM_THREADS=str(threads)) if args.jobs > 1 else None
+
+
+def repro_run(args, variant, seed, start):
+    """One train.py RL run from an SFT start (resumed if cut; skipped once summary.json exists)."""
+    out = os.path.join(args.out, variant, f"seed{seed}")
+    if not os.path.exists(os.path.join(out, "summary.json")):
+        os.makedirs(out, exist_ok=True)
+        command = [sys.executable, "train.py", "--model", os.path.join(start, "checkpoints", "step_0"),
+                   "--sft_steps", "0", "--seed", str(seed), "--max_steps", str(args.max_steps), "--out_dir", out,
+                   *REPRO_VARIANTS[variant], *args.train_flags]  # fmt: skip
+        started = time.time()
+        with open(os.path.join(out, "log.txt"), "a") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                  cwd=os.path.dirname(__file__) or ".", env=child_env(args))  # fmt: skip
+        if done.returncode:
+            sys.exit(f"repro.py: {variant} seed {seed} failed; see {out}/log.txt")
+        print(f"{variant:<16} seed {seed}: {(time.time() - started) / 60:.1f} min", flush=True)
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    return summary, metrics
+
+
+def repro_start(args, seed, index):
+    """The SFT start of a seed: the given run directory, or one made here (train.py --max_steps 0)."""
+    if args.starts:
+        return args.starts[index]
+    start = os.path.join(args.out, f"sft_seed{seed}")
+    if not os.path.exists(os.path.join(start, "summary.json")):
+        command = [sys.executable, "train.py", "--seed", str(seed), "--max_steps", "0", "--out_dir", start,
+                   *args.train_flags]  # fmt: skip
+        os.makedirs(start, exist_ok=True)
+        with open(os.path.join(start, "log.txt"), "a") as log:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(args)).returncode:
+                sys.exit(f"repro.py: SFT of seed {seed} failed; see {start}/log.txt")
+    return start
+
+
+def mean_se(values):
+    """(mean, standard error over seeds) of the values that exist."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return statistics.fmean(values), se
+
+
+def steps_to(metrics, threshold, window=5):
+    """The first RL step at which the mean training accuracy of the last `window` steps reaches
+    threshold (None if never)."""
+    for k in range(len(metrics)):
+        recent = metrics[max(0, k - window + 1) : k + 1]
+        if statistics.fmean(r["accuracy"] for r in recent) >= threshold:
+            return metrics[k]["step"]
+    return None
+
+
+def repro_row(variant, runs, threshold):
+    """A results row: held-out accuracy after RL and its change from the start, sampled and
+    greedy, (mean, SE) over seeds; steps to the threshold; zero-advantage groups and turns."""
+    row = {"variant": variant, "seeds": len(runs)}
+    for kind in ("sampled", "greedy"):
+        row[f"{kind}_after"] = mean_se([s[f"after_rl_{kind}"] for s, _ in runs])
+        gains = [
+            s[f"after_rl_{kind}"] - s[f"before_rl_{kind}"]
+            for s, _ in runs
+            if s[f"before_rl_{kind}"] is not None
+        ]
+        row[f"{kind}_gain"] = mean_se(gains)
+    reached = [steps_to(m, threshold) for _, m in runs]
+    row["steps_to_threshold"] = mean_se(reached)
+    row["reached_threshold"] = sum(r is not None for r in reached)
+    row["zero_adv_groups"] = mean_se([statistics.fmean(r["zero_adv_groups"] for r in m) for _, m in runs])
+    row["turns"] = mean_se([statistics.fmean(r["turns"] for r in m) for _, m in runs])
+    return row
+
+
+def repro_table(rows, threshold):
+    """The results as a Markdown table (mean ± standard error over seeds)."""
+    fmt = lambda ms, scale=100, digits=1: (
+        "—" if ms[0] is None else f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}"
+    )  # noqa: E731
+    lines = [
+        f"| variant | seeds | sampled after RL | sampled gain | greedy after RL | greedy gain | steps to train acc {threshold:.2f} (seeds) | zero-adv groups | turns |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for r in rows:
+        steps = (
+            "—"
+            if r["steps_to_threshold"][0] is None
+            else f"{fmt(r['steps_to_threshold'], 1)} ({r['reached_threshold']})"
+        )
+        lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['sampled_after'])} | {fmt(r['sampled_gain'])} | "
+                     f"{fmt(r['greedy_after'])} | {fmt(r['greedy_gain'])} | {steps} | {fmt(r['zero_adv_groups'])}% | "
+                     f"{fmt(r['turns'], 1, 2)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, df 1..10
+
+
+def repro_paired(finished, variants, seeds, baseline="grpo", kind="sampled", effect=0.03):
+    """Each variant against the baseline, seed by seed (both trained from the same SFT start):
+    the mean difference of held-out accuracy after RL, its 95% t-interval over seeds, and the
+    seeds a difference of `effect` would need to be found at that spread (a paired test at 5%
+    with 80% power: n = ((1.96 + 0.84) sd / effect)^2, normal approximation)."""
+    lines = [f"| {kind} accuracy after RL, minus {baseline} | seeds | mean | 95% interval | per seed | "
+             f"seeds for {100 * effect:.0f} points |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = []
+    for variant in variants:
+        if variant == baseline:
+            continue
+        diffs = [finished[variant, s][0][f"after_rl_{kind}"] - finished[baseline, s][0][f"after_rl_{kind}"] for s in seeds]
+        mean, se = mean_se(diffs)
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        half = T_975[len(diffs) - 2] * se if 2 <= len(diffs) <= len(T_975) + 1 else float("nan")
+        need = math.ceil(((1.96 + 0.84) * sd / effect) ** 2) if sd == sd else None
+        rows.append({"variant": variant, "diffs": diffs, "mean": mean, "interval": [mean - half, mean + half],
+                     "seeds_for_effect": need})  # fmt: skip
+        lines.append(f"| {variant} | {len(diffs)} | {100 * mean:+.1f} | [{100 * (mean - half):+.1f}, "
+                     f"{100 * (mean + half):+.1f}] | {', '.join(f'{100 * d:+.0f}' for d in diffs)} | {need} |")  # fmt: skip
+    return "\n".join(lines), rows
+
+
+def repro_family_accuracy(args, checkpoint, out):
+    """Held-out accuracy on the toy task's two-step and one-step problems: eval.py on the same 100
+    held-out problems as train.py, --eval_samples per problem at T = 1 (the training
+    temperature); skipped when its report exists."""
+    import data
+
+    if not os.path.exists(out):
+        command = [sys.executable, "eval.py", "--model", checkpoint, "--data", "toy", "--samples",
+                   str(args.eval_samples), "--temperature", "1", "--system_prompt", "none", "--out", out]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
+        if done.returncode:
+            sys.exit(f"repro.py: evaluating {checkpoint} failed: {done.stderr[-2000:]}")
+    with open(out) as f:
+        report = json.load(f)
+    two_step = {k for k, p in enumerate(data.toy_held_out(100)) if p["family"] in data.TWO_STEP_FAMILIES}
+    split = {"two_step": [], "one_step": []}
+    for r in report["problems"]:
+        split["two_step" if r["index"] in two_step else "one_step"].append(
+            r["num_correct"] / len(r["samples"])
+        )
+    return {"all": report["accuracy"], **{k: statistics.fmean(v) for k, v in split.items()}}
+
+
+def repro_family_table(starts, finals):
+    """Sampled held-out accuracy, all problems and by kind: the SFT start, and per variant after RL
+    and its gain over the start (mean ± SE over seeds). starts: {seed: split}; finals: {variant:
+    {seed: split}}."""
+    pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
+    kinds = ("all", "two_step", "one_step")
+    start = [cell for k in kinds for cell in (pct(mean_se([s[k] for s in starts.values()])), "")]
+    lines = ["| run | all problems | gain | two-step problems | gain | one-step problems | gain |",
+             "| --- | --- | --- | --- | --- | --- | --- |", "| SFT start | " + " | ".join(start) + " |"]  # fmt: skip
+    for variant, by_seed in finals.items():
+        cells = []
+        for kind in kinds:
+            cells.append(pct(mean_se([by_seed[s][kind] for s in by_seed])))
+            cells.append(pct(mean_se([by_seed[s][kind] - starts[s][kind] for s in by_seed])))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def repro_mean_curve(runs, path, fields):
+    """The seeds' mean of each metric per RL step, as a metrics.jsonl (for eval.py's plot)."""
+    steps = min(len(m) for _, m in runs)
+    with open(path, "w") as f:
+        for i in range(steps):
+            mean = {k: statistics.fmean(m[i][k] for _, m in runs) for k in fields if k in runs[0][1][i]}
+            f.write(json.dumps({"step": runs[0][1][i]["step"], **mean}) + "\n")
+    return path
+
+
+def repro_by_kind(args, starts):
+    """({seed: start's split}, {variant: {seed: final checkpoint's split}}) of two-step and
+    one-step held-out accuracy (see repro_family_accuracy)."""
+    seeds = list(starts)
+    start_split = dict(zip(seeds, in_parallel(args, repro_family_accuracy, [
+        (args, os.path.join(starts[seed], "checkpoints", "step_0"), os.path.join(args.out, f"start_seed{seed}_eval.json"))
+        for seed in seeds
+    ])))  # fmt: skip
+    pairs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    runs = [os.path.join(args.out, variant, f"seed{seed}") for variant, seed in pairs]
+    splits = in_parallel(args, repro_family_accuracy, [
+        (args, os.path.join(run, "checkpoints", f"step_{args.max_steps}"), os.path.join(run, "eval_final.json"))
+        for run in runs
+    ])  # fmt: skip
+    finals = {variant: {} for variant in args.variants}
+    for (variant, seed), split in zip(pairs, splits):
+        finals[variant][seed] = split
+    return start_split, finals
+
+
+def run(args):
+    """GRPO, GTPO without shaping, with code shaping, with whole-text shaping, and the gamma sweep,
+    each from the same SFT start per seed. Resumable: finished runs and evaluations are read back,
+    a cut run resumes from its last checkpoint. Writes results.md, results.json and curves.png
+    (the seeds' mean curves; needs matplotlib) to --out."""
+    import eval as evaluation  # for its plot
+
+    starts = dict(zip(args.seeds, in_parallel(args, repro_start, [(args, seed, k) for k, seed in enumerate(args.seeds)])))
+    pairs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    finished = dict(zip(pairs, in_parallel(args, repro_run, [(args, v, seed, starts[seed]) for v, seed in pairs])))
+    rows, curves = [], []
+    for variant in args.variants:
+        runs = [finished[variant, seed] for seed in args.seeds]
+        rows.append(repro_row(variant, runs, args.threshold))
+        curves.append(
+            repro_mean_curve(runs, os.path.join(args.out, variant, "mean_metrics.jsonl"), evaluation.PLOTTED)
+        )
+    table = repro_table(rows, args.threshold)
+    results = {
+        "seeds": args.seeds,
+        "max_steps": args.max_steps,
+        "train_flags": args.train_flags,
+        "rows": rows,
+    }
+    if "grpo" in args.variants and len(args.seeds) > 1:
+        for kind in ("sampled", "greedy"):
+            paired, results[f"paired_with_grpo_{kind}"] = repro_paired(finished, args.variants, args.seeds, kind=kind)
+            table += "\n\n" + paired
+    if args.eval_samples:
+        results["by_kind_start"], results["by_kind_final"] = repro_by_kind(args, starts)
+        table += "\n\n" + repro_family_table(results["by_kind_start"], results["by_kind_final"])
+    print(table)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    try:
+        evaluation.plot(curves, os.path.join(args.out, "curves.png"))
+    except evaluation.ConfigError as e:  # matplotlib is optional
+        print(f"no plot: {e}")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each its own SFT start)")
+    parser.add_argument("--starts", nargs="*", default=[], help="a run directory per seed to start RL from "
+                        "(its checkpoints/step_0); default: SFT each seed here with train.py --max_steps 0")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=list(REPRO_VARIANTS), choices=list(REPRO_VARIANTS),
+                        help="which runs")  # fmt: skip
+    parser.add_argument("--max_steps", type=int, default=40, help="RL steps per run")
+    parser.add_argument("--threshold", type=float, default=0.5, help="training accuracy (5-step mean) to reach")
+    parser.add_argument("--out", default="runs/repro", help="where the runs and results go")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, the cores shared out among them (OMP_NUM_THREADS); 2 on a 2-core machine")  # fmt: skip
+    parser.add_argument("--eval_samples", type=int, default=4,
+                        help="samples per held-out problem in the by-kind evaluation of each run (0: skip it)")  # fmt: skip
+    parser.add_argument(
+        "train_flags", nargs=argparse.REMAINDER, help="after --: more train.py flags for every run"
+    )
+    args = parser.parse_args()
+    args.train_flags = [f for f in args.train_flags if f != "--"]
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be at least 1")
+    if args.starts and len(args.starts) != len(args.seeds):
+        parser.error(f"--starts: give one run directory per seed ({len(args.seeds)})")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
