@@ -8,7 +8,7 @@
                            shard (FSDP2), so no rank gathers the whole state (about 90 GB for 7B)
         rng_rank{r}.pt     each rank's RNG states
 
-    save(step, run, cfg, world); load(step, run, cfg, world); steps(out_dir) -> [0, 10, ...]
+    save(step, run, cfg=cfg, world=world); load(step, run, cfg=cfg, world=world); steps(out_dir) -> [0, 10]
     check_resume(cfg, world)       refuses to resume a run made with other settings or ranks
 
 A checkpoint is written to step_N.tmp and renamed, so a crash mid-save leaves the previous ones
@@ -75,7 +75,7 @@ def single_process_ok():
         yield
 
 
-def save(step, run, cfg, world):
+def save(step, run, *, cfg, world):
     """checkpoints/step_N from the run's policy, wrapped model, tokenizer, optimizer, scheduler,
     data_position and evaluation; every rank takes part."""
     root = os.path.join(cfg.out_dir, "checkpoints")
@@ -106,7 +106,7 @@ def save(step, run, cfg, world):
     barrier(world)
 
 
-def load(step, run, cfg, world):
+def load(step, run, *, cfg, world):
     """Restore into the run what save() wrote, including this rank's RNG states."""
     path = os.path.join(cfg.out_dir, "checkpoints", f"step_{step}")
     weights = {}

@@ -6,6 +6,8 @@
     rows, summary = load("sft.jsonl", trajectories=True)       # SFT rows: each also has "turns"
     problems = toy_problems(1000, seed=0)                       # the toy task, each with its teacher's turns
     rows = word_problems(150, seed=0)                           # GSM8K-format word problems
+    sets = load_run(cfg)                                        # a train.py run's RL, held-out, SFT sets
+    batch = problems_at(sets.train, position, 16, seed=0)       # the run's endless seeded stream
 
 summary is one line for the log, e.g. "gsm8k.jsonl: 150 rows, 148 answers (148 from '#### N'),
 2 refused (2 no answer: first gsm8k.jsonl:7)". ("toy" is not a file: the callers draw it themselves.)

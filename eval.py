@@ -698,4 +698,5 @@ def main(cfg):
 
 if __name__ == "__main__":
     # every rank raises the same input error (see on_every_rank): rank 0 says it once
-    run_command(main, parse_config(Config, "eval.py", __doc__), "eval.py", INPUT_ERRORS, same_on_every_rank=True)
+    cfg = parse_config(Config, prog="eval.py", description=__doc__)
+    run_command(main, cfg, prog="eval.py", input_errors=INPUT_ERRORS, same_on_every_rank=True)

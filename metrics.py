@@ -3,7 +3,8 @@ record (reduce), printed as one line with fixed fields (log_line), appended to m
 sent to an optional experiment tracker (open_tracker: tensorboard or wandb); sample groups with
 every turn's r, R and A (write_samples, viewed with `python eval.py --show`); summary.json.
 
-    record = reduce(step, metric_sums, lr, world)   # on every rank (a collective)
+    sums = step_sums(trajs, scored, groups=..., update_sums=..., times=...)   # this rank's
+    record = reduce(step, sums, lr=lr, world=world)   # on every rank (a collective)
     log_step(record, run, cfg)                      # rank 0: the line, metrics.jsonl, the tracker
     tracker = open_tracker("tensorboard", out_dir, config)   # or "wandb", or "none" (a no-op)
 """
@@ -23,7 +24,25 @@ FIELDS = ("reward", "accuracy", "turns", "tool_errors", "format_errors", "shaped
                  "clip_frac", "kl", "grad_norm", "lr")  # metrics.jsonl has at least these, every step
 
 
-def reduce(step, metric_sums, lr, world):
+def step_sums(trajs, scored, *, groups, update_sums, times):
+    """This rank's sums of one RL step (reduce turns every rank's into the record)."""
+    G = len(trajs) // groups
+    adv_zero = (scored.turn_advantages == 0).all(dim=1).view(groups, G).all(dim=1)  # (groups,)
+    calls = [t for tr in trajs for t in tr.turns if t.result is not None]  # tool calls that ran
+    return {
+        "trajectories": len(trajs), "groups": groups,
+        "reward": float(scored.total_reward.sum()), "correct": float(scored.correct.sum()),
+        "turns": sum(len(t.turns) for t in trajs), "tool_calls": len(calls),
+        "tool_errors": sum(1 for t in calls if not t.result.ok),
+        "format_errors": float(scored.format_errors.sum()), "infra_errors": float(scored.infra.sum()),
+        "failed": float((~scored.correct).sum()),
+        "shaped": float(((~scored.correct) & (scored.outcomes > scored.scores)).sum()),
+        "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
+        "truncated": sum(t.stop_reason == "max_length" for t in trajs), **update_sums, **times,
+    }  # fmt: skip
+
+
+def reduce(step, metric_sums, *, lr, world):
     """Sums over ranks -> the step's record (means over trajectories, calls, failures)."""
     keys = sorted(metric_sums)
     total = dict(zip(keys, all_reduce([float(metric_sums[k]) for k in keys], world)))
@@ -65,7 +84,7 @@ def log_step(record, run, cfg):
                    "before they could answer; consider raising the limits")  # fmt: skip
 
 
-def write_samples(path, trajs, problems, scored, group_size, count=2):
+def write_samples(path, *, trajs, problems, scored, group_size, count=2):
     """The first `count` problems' groups as JSON (view with `python eval.py --show PATH`): every
     turn's text, code and tool output, its trained and masked token counts, r, R and A. A
     record's key is the problem's id, its index its position in the file."""
@@ -73,8 +92,8 @@ def write_samples(path, trajs, problems, scored, group_size, count=2):
     for k, p in enumerate(problems[:count]):
         samples = []
         for i in range(k * group_size, (k + 1) * group_size):
-            record = rollout.trajectory_record(trajs[i], scored.turn_rewards[i], scored.returns[i],
-                                               scored.turn_advantages[i])  # fmt: skip
+            record = rollout.trajectory_record(trajs[i], turn_rewards=scored.turn_rewards[i], returns=scored.returns[i],
+                                               advantages=scored.turn_advantages[i])  # fmt: skip
             answer = rewards.extract_answer(trajs[i].final_text)
             samples.append({**record, "answer": answer, "correct": bool(scored.correct[i])})
         key = str(p["id"]) if p.get("id") is not None else str(k)

@@ -75,7 +75,7 @@ def run(wrapped, tokenizer, rows, *, cfg, world, system_prompt=None, validate=No
     optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
     lr_schedule = schedule(optimizer, cfg)
     local = cfg.sft_batch_size // world.size  # trajectories per rank per step
-    picked = batches([len(t.input_ids) for t in trajs], cfg.sft_batch_size, cfg.sft_steps, cfg.seed)
+    picked = batches([len(t.input_ids) for t in trajs], cfg.sft_batch_size, steps=cfg.sft_steps, seed=cfg.seed)
     wrapped.train()
     bar = tqdm(picked, desc="sft", disable=not world.main, dynamic_ncols=True)
     for step, picks in enumerate(bar, start=1):
@@ -90,7 +90,7 @@ def run(wrapped, tokenizer, rows, *, cfg, world, system_prompt=None, validate=No
         lr_schedule.step()
         bar.set_postfix(nll=f"{all_reduce([float(loss.detach())], world)[0]:.3f}", gnorm=f"{float(grad_norm):.2f}")
         if validate and cfg.sft_check_every and step % cfg.sft_check_every == 0:
-            stop = check(step, validate(), cfg, world)
+            stop = check(step, validate(), cfg=cfg, world=world)
             wrapped.train()
             if stop:
                 break
@@ -98,7 +98,7 @@ def run(wrapped, tokenizer, rows, *, cfg, world, system_prompt=None, validate=No
     return step
 
 
-def check(step, accuracy, cfg, world):
+def check(step, accuracy, *, cfg, world):
     """Whether greedy validation accuracy `accuracy` after `step` SFT steps reaches sft_stop_at,
     which ends SFT; the check is logged and appended to sft_checks.jsonl. The tiny model learns
     to copy digits in a sudden, seed-dependent transition: stopping at a fixed competence rather

@@ -161,10 +161,9 @@ class Config:
         return f.metadata["model"]
 
 
-
 def parse_args(argv=None):
     """Config from the command line; a bad flag is one error line and exit code 2."""
-    return parse_config(Config, "train.py", __doc__, argv)
+    return parse_config(Config, prog="train.py", description=__doc__, argv=argv)
 
 
 @dataclass(frozen=True)
@@ -269,18 +268,19 @@ class Scored:
 
 def score(trajs, rows, group_index, *, cfg, derived, world, grader, embedder=None, reward_fn=None):
     """Steps 1-3 on this rank's trajectories (rows: each one's problem row, graded by the grader
-    or by reward_fn; embedder: step 3's). Normalisation sees every rank's rows, so adv_norm="batch" is exact.
-    counted is every row but sandbox failures, or the trained rows with --loss_denominator signal."""
+    or by reward_fn; embedder: step 3's). Normalisation sees every rank's rows, so adv_norm
+    "batch" is exact. counted is every row but sandbox failures, or the trained rows with
+    --loss_denominator signal."""
     N, K = len(trajs), cfg.max_turns
-    scores = rewards.outcome_scores(trajs, rows, grader, reward_fn)  # (N,) in [0, 1]
+    scores = rewards.outcome_scores(trajs, rows, grader=grader, reward_fn=reward_fn)  # (N,) in [0, 1]
     correct = scores >= 1  # (N,)
     infra = torch.tensor([any(t.result is not None and t.result.infra_error for t in tr.turns) for tr in trajs])
     outcomes = scores  # (N,)
     if derived.shaped:  # step 3
         texts = [rewards.trajectory_code(t) if cfg.shaping == "code" else "".join(u.text for u in t.turns) for t in trajs]
-        shaped = rewards.shape_outcomes(correct, embedder(texts), group_index, cfg.alpha)
+        shaped = rewards.shape_outcomes(correct, embedder(texts), group_index, alpha=cfg.alpha)
         outcomes = torch.maximum(scores, shaped)  # a partial score from reward_fn is kept if higher
-    turn_rewards, turn_mask = rewards.turn_reward_matrix(trajs, outcomes, K, cfg.format_penalty,
+    turn_rewards, turn_mask = rewards.turn_reward_matrix(trajs, outcomes, K, penalty=cfg.format_penalty,
                                                          first_call=cfg.first_turn_tool_call)  # (N, K), step 1
     mine = slice(world.rank * N, (world.rank + 1) * N)
     if cfg.algo == "gtpo":  # step 2
@@ -361,7 +361,8 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
                 with gradient_sync(wrapped, enabled=k == mb.micro_batches - 1):
                     logp = wrapped(micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature)  # (m, L)
                     loss, stats = gtpo.policy_loss(
-                        logp, micro.get("old_logp", logp.detach()), micro["advantages"], micro["loss_mask"],
+                        logp=logp, old_logp=micro.get("old_logp", logp.detach()), advantages=micro["advantages"],
+                        loss_mask=micro["loss_mask"],
                         clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg, num_tokens=mb.num_tokens,
                         num_seqs=mb.num_seqs, ref_logp=micro.get("ref_logp"), kl_coef=cfg.kl_coef,
                     )  # fmt: skip
@@ -383,11 +384,11 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
     return sums, t_old
 
 
-def rl_step(step, run, cfg, derived, world):
+def rl_step(step, run, *, cfg, derived, world):
     """One RL step on this rank's share of the problems; returns (metric sums, (problems, trajs, scored))."""
     n_local, G = derived.local_prompts, cfg.group_size
     position = run.data_position + world.rank * n_local
-    problems = data.problems_at(run.problems, position, n_local, cfg.seed)
+    problems = data.problems_at(run.problems, position, n_local, seed=cfg.seed)
     run.data_position += cfg.prompts_per_step
     prompts = [policies.chat_prompt_ids(run.tokenizer, p["problem"], derived.system_prompt) for p in problems]
     group_index = torch.arange(n_local).repeat_interleave(G) + world.rank * n_local  # (N,) global ids
@@ -396,8 +397,8 @@ def rl_step(step, run, cfg, derived, world):
     seeds = rollout.rollout_seeds(cfg.seed, step, first=position * G, count=n_local * G)
     with torch.no_grad(), full_parameters(run.wrapped), compute_dtype(world.device):
         run.policy.eval()
-        trajs = rollout.rollout(run.policy, run.tokenizer, [p for p in prompts for _ in range(G)], run.pool,
-                                rollout_config(cfg, cfg.temperature), seeds=seeds)  # fmt: skip
+        trajs = rollout.rollout(run.policy, run.tokenizer, [p for p in prompts for _ in range(G)], pool=run.pool,
+                                cfg=rollout_config(cfg, cfg.temperature), seeds=seeds)  # fmt: skip
     run.pool.prewarm(len(trajs))  # the next step's sandboxes start while this one trains
     t1 = time.perf_counter()
     if hasattr(run.embedder, "new_step"):
@@ -413,20 +414,8 @@ def rl_step(step, run, cfg, derived, world):
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         run.scheduler.step()
     t3 = time.perf_counter()
-    adv_zero = (scored.turn_advantages == 0).all(dim=1).view(n_local, G).all(dim=1)  # (groups,)
-    calls = [t for tr in trajs for t in tr.turns if t.result is not None]  # tool calls that ran
-    metric_sums = {
-        "trajectories": len(trajs), "groups": n_local,
-        "reward": float(scored.total_reward.sum()), "correct": float(scored.correct.sum()),
-        "turns": sum(len(t.turns) for t in trajs), "tool_calls": len(calls),
-        "tool_errors": sum(1 for t in calls if not t.result.ok),
-        "format_errors": float(scored.format_errors.sum()), "infra_errors": float(scored.infra.sum()),
-        "failed": float((~scored.correct).sum()),
-        "shaped": float(((~scored.correct) & (scored.outcomes > scored.scores)).sum()),
-        "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
-        "truncated": sum(t.stop_reason == "max_length" for t in trajs),
-        **sums, "t_rollout": t1 - t0, "t_reward": t2 - t1, "t_old_logp": t_old, "t_update": t3 - t2 - t_old,
-    }  # fmt: skip
+    times = {"t_rollout": t1 - t0, "t_reward": t2 - t1, "t_old_logp": t_old, "t_update": t3 - t2 - t_old}
+    metric_sums = metrics.step_sums(trajs, scored, groups=n_local, update_sums=sums, times=times)
     return metric_sums, (problems, trajs, scored)
 
 
@@ -456,8 +445,9 @@ def evaluate(run, problems, *, cfg, derived, world, temperature):
         for s in range(0, len(mine), 64):
             chunk = mine[s : s + 64]
             prompts = [policies.chat_prompt_ids(run.tokenizer, p["problem"], derived.system_prompt) for p in chunk]
-            trajs = rollout.rollout(run.policy, run.tokenizer, prompts, run.pool, settings)
-            correct += float((rewards.outcome_scores(trajs, chunk, run.grader, run.reward_fn) >= 1).sum())
+            trajs = rollout.rollout(run.policy, run.tokenizer, prompts, pool=run.pool, cfg=settings)
+            scores = rewards.outcome_scores(trajs, chunk, grader=run.grader, reward_fn=run.reward_fn)  # (n,)
+            correct += float((scores >= 1).sum())
     torch.set_rng_state(rng)
     total, n = all_reduce([correct, float(len(mine))], world)
     return total / n
@@ -492,8 +482,9 @@ def main(cfg):
         tracker = metrics.open_tracker(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg), start_step=resumes_at)
     hidden, layers = map(int, cfg.demo_size.split("x"))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    policy, tokenizer = policies.load_policy(cfg.model, world.device, torch.float32, cfg.activation_checkpointing,
-                                             demo_size=(hidden, layers), seed=cfg.seed)  # fp32 master weights
+    policy, tokenizer = policies.load_policy(cfg.model, world.device, dtype=torch.float32,  # fp32 master weights
+                                             activation_checkpointing=cfg.activation_checkpointing,
+                                             demo_size=(hidden, layers), seed=cfg.seed)  # fmt: skip
     torch.manual_seed(cfg.seed + world.rank)
     run = RunState(policy=policy, tokenizer=tokenizer, wrapped=wrap(policy, world, cfg.parallel), problems=sets.train,
                    pool=sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout), grader=rewards.Grader(),
@@ -524,10 +515,10 @@ def train(run, sets, *, cfg, derived, world, started):
     run.optimizer = torch.optim.AdamW(trainable_parameters(run.wrapped), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     if not done:
-        checkpoint.save(0, run, cfg, world)  # the RL start: never pruned, the KL reference
+        checkpoint.save(0, run, cfg=cfg, world=world)  # the RL start: never pruned, the KL reference
         done = [0]
     start = done[-1]
-    checkpoint.load(start, run, cfg, world)
+    checkpoint.load(start, run, cfg=cfg, world=world)
     if cfg.kl_coef > 0:
         reference = policies.load_policy(os.path.join(cfg.out_dir, "checkpoints", "step_0"), world.device)[0]
         run.ref = LogProbs(reference.eval().requires_grad_(False))  # bf16 on CUDA: it is never updated
@@ -541,15 +532,15 @@ def train(run, sets, *, cfg, derived, world, started):
                initial=start, total=cfg.max_steps)  # fmt: skip
     for step in bar:
         lr = run.scheduler.get_last_lr()[0]
-        metric_sums, (problems, trajs, scored) = rl_step(step, run, cfg, derived, world)
-        record = metrics.reduce(step, metric_sums, lr, world)
+        metric_sums, (problems, trajs, scored) = rl_step(step, run, cfg=cfg, derived=derived, world=world)
+        record = metrics.reduce(step, metric_sums, lr=lr, world=world)
         if world.main:
             metrics.log_step(record, run, cfg)
             if step % cfg.sample_every == 0 or step == 1:
-                metrics.write_samples(os.path.join(cfg.out_dir, "samples", f"step_{step}.json"), trajs, problems, scored,
-                              cfg.group_size)  # fmt: skip
+                metrics.write_samples(os.path.join(cfg.out_dir, "samples", f"step_{step}.json"), trajs=trajs,
+                                      problems=problems, scored=scored, group_size=cfg.group_size)  # fmt: skip
         if step % cfg.save_every == 0 or step == cfg.max_steps:
-            checkpoint.save(step, run, cfg, world)
+            checkpoint.save(step, run, cfg=cfg, world=world)
     bar.close()
     in_sync = check_in_sync(run.wrapped, world)
     run.evaluation |= {"after_rl_sampled": held_out(cfg.temperature), "after_rl_greedy": held_out(0.0)}
@@ -562,4 +553,4 @@ def train(run, sets, *, cfg, derived, world, started):
 INPUT_ERRORS = (ConfigError, data.DataError, rewards.RewardFnError, FileNotFoundError, OSError)  # one error line, no traceback
 
 if __name__ == "__main__":
-    run_command(main, parse_args(), "train.py", INPUT_ERRORS)
+    run_command(main, parse_args(), prog="train.py", input_errors=INPUT_ERRORS)

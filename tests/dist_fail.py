@@ -15,14 +15,14 @@ from conftest import SMALL
 real_rl_step = train.rl_step
 
 
-def failing_rl_step(step, run, cfg, derived, world):
-    if world.rank == 1 and step == 2:
+def failing_rl_step(step, run, **settings):
+    if settings["world"].rank == 1 and step == 2:
         raise RuntimeError("injected failure on rank 1 at RL step 2")
-    return real_rl_step(step, run, cfg, derived, world)
+    return real_rl_step(step, run, **settings)
 
 
 if __name__ == "__main__":
     train.rl_step = failing_rl_step
     model, out_dir = sys.argv[1:3]
     cfg = train.Config(model=model, sft_steps=0, max_steps=4, out_dir=out_dir, **SMALL)
-    launch.run_command(train.main, cfg, "train.py", train.INPUT_ERRORS)
+    launch.run_command(train.main, cfg, prog="train.py", input_errors=train.INPUT_ERRORS)
