@@ -429,18 +429,14 @@ def bench_step(args):
                 system_prompt=derived.system_prompt)  # fmt: skip
     prompts = [model.chat_prompt_ids(tokenizer, p["problem"], derived.system_prompt) for p in problems]
     group_index = torch.arange(args.prompts).repeat_interleave(args.group_size)
-    golds = [p["answer"] for p in problems for _ in range(args.group_size)]
-    run_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                                    max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature)  # fmt: skip
+    prompts = [p for p in prompts for _ in range(args.group_size)]
     with sandbox.Pool(max_workers=8, timeout=10) as pool, torch.no_grad():
         policy.eval()
         start = time.perf_counter()  # train.py starts the next step's sandboxes during the update
-        pool.prewarm(len(golds), wait=True)
+        pool.prewarm(len(prompts), wait=True)
         t_sandboxes = time.perf_counter() - start
         start = time.perf_counter()
-        trajs = rollout.rollout(
-            policy, tokenizer, [p for p in prompts for _ in range(args.group_size)], pool, run_cfg
-        )
+        trajs = rollout.rollout(policy, tokenizer, prompts, pool=pool, cfg=train.rollout_config(cfg, cfg.temperature))
         t_rollout = time.perf_counter() - start
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
     times = {label: {"rewards": [], "old_logp": [], "update": []} for label in STEP_VARIANTS}
@@ -469,6 +465,12 @@ def bench_step(args):
             times[label]["update"].append(time.perf_counter() - start - t_old)
             trained_rows[label] = int(scored.trained.sum())
     grader.close()
+    print_step_table(args, trajs=trajs, times=times, trained_rows=trained_rows, t_rollout=t_rollout,
+                     t_sandboxes=t_sandboxes)  # fmt: skip
+
+
+def print_step_table(args, *, trajs, times, trained_rows, t_rollout, t_sandboxes):
+    """bench_step's figures: each variant's median parts, and the ratios that matter."""
     turns = sum(len(t.turns) for t in trajs) / len(trajs)
     print(f"{len(trajs)} trajectories ({args.prompts} problems x {args.group_size}), {turns:.2f} turns each; "
           f"rollout (shared by all, sandboxes started) {t_rollout:.2f} s; starting the {len(trajs)} "

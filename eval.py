@@ -210,8 +210,10 @@ def batch_seed(seed, name, b):
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 1009 + b) % 2**63
 
 
-def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items, *, reward_fn=None, first_call=True):
-    """The problem records of one batch: every problem's samples, graded."""
+def evaluate_batch(batch, *, policy, tokenizer, pool, grader, cfg, reward_fn=None, first_call=True):
+    """The problem records of one batch (set name, batch number, [(index, problem)]): every
+    problem's samples, graded."""
+    name, b, items = batch
     k = cfg.samples
     prompts = []
     for index, p in items:
@@ -225,8 +227,9 @@ def evaluate_batch(policy, tokenizer, pool, grader, cfg, name, b, items, *, rewa
                                     max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
                                     top_p=cfg.top_p)  # fmt: skip
     with torch.no_grad():
-        trajs = rollout.rollout(policy, tokenizer, prompts, pool, run_cfg)
-    scores = rewards.outcome_scores(trajs, [p for _, p in items for _ in range(k)], grader, reward_fn)  # (N,)
+        trajs = rollout.rollout(policy, tokenizer, prompts, pool=pool, cfg=run_cfg)
+    rows = [p for _, p in items for _ in range(k)]
+    scores = rewards.outcome_scores(trajs, rows, grader=grader, reward_fn=reward_fn)  # (N,)
     records = []
     for n, (index, p) in enumerate(items):
         samples = []
@@ -326,13 +329,13 @@ def on_every_rank(fn, world):
     return result
 
 
-def evaluate_round(todo, policy, tokenizer, pool, grader, cfg, world, **grading):
+def evaluate_round(todo, *, world, **job):
     """Each rank evaluates its batch of the round (the rank-th of todo, if any); every rank gets
     all records, in batch order. An error on any rank is raised on every rank."""
     records, error = [], None
     if world.rank < len(todo):
         try:
-            records = evaluate_batch(policy, tokenizer, pool, grader, cfg, *todo[world.rank], **grading)
+            records = evaluate_batch(todo[world.rank], **job)
         except INPUT_ERRORS as e:
             error = e
     parts = gather_objects((records, error), world)
@@ -369,7 +372,8 @@ def run_evaluation(cfg, settings, world):
     try:
         for r in range(0, len(todo), world.size):
             round_todo = todo[r : r + world.size]
-            records = evaluate_round(round_todo, policy, tokenizer, pool, grader, cfg, world, **grading)
+            records = evaluate_round(round_todo, world=world, policy=policy, tokenizer=tokenizer, pool=pool,
+                                     grader=grader, cfg=cfg, **grading)  # fmt: skip
             if world.main:
                 with open(cfg.out + ".partial.jsonl", "a", encoding="utf-8") as f:
                     f.writelines(json.dumps(rec) + "\n" for rec in records)
@@ -379,10 +383,10 @@ def run_evaluation(cfg, settings, world):
         bar.close()
         pool.close()
         grader.close()
-    return write_report(cfg, settings, sets, done) if world.main else None
+    return write_report(cfg, settings=settings, sets=sets, done=done) if world.main else None
 
 
-def write_report(cfg, settings, sets, done):
+def write_report(cfg, *, settings, sets, done):
     """OUT from the records, in set and problem order (written to OUT.tmp, then renamed); the
     partial file goes once OUT is in place."""
     ordered = [done[f"{n}/{i}"] for n, problems in sets.items() for i in range(len(problems))]

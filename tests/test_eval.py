@@ -163,7 +163,7 @@ def test_a_report_round_trips_and_an_interrupted_run_resumes_to_the_same_report(
     assert partial.read_text() == "\n".join(lines) + "\n"  # the cut line is gone: appending is safe
     calls = []
     real = evaluation.evaluate_batch
-    monkeypatch.setattr(evaluation, "evaluate_batch", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+    monkeypatch.setattr(evaluation, "evaluate_batch", lambda *a, **k: calls.append(a[0][1]) or real(*a, **k))
     resumed = evaluation.main(cfg_for(sft_model, out, **sampled))
     assert calls == [1, 2] and resumed == whole
     moved = [dict(whole["problems"][0], problem="Another problem?")]
