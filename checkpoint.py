@@ -1,4 +1,4 @@
-"""Checkpoints of a train.py run, and resuming from them.
+"""Checkpoints of a train.py run, its config.json, and resuming from them.
 
     out_dir/checkpoints/step_N/
         config.json, model.safetensors, tokenizer files, ...   the policy in Hugging Face format,
@@ -10,6 +10,7 @@
 
     save(step, run, cfg=cfg, world=world); load(step, run, cfg=cfg, world=world); steps(out_dir) -> [0, 10]
     check_resume(cfg, world)       refuses to resume a run made with other settings or ranks
+    write_config(cfg, derived)     out_dir/config.json, which check_resume compares with
 
 A checkpoint is written to step_N.tmp and renamed, so a crash mid-save leaves the previous ones
 intact; step_0 (the RL start, the KL reference) is never pruned. Resuming is bit-exact (tested):
@@ -158,6 +159,17 @@ def check_resume(cfg, world):
         raise ConfigError(f"{os.path.dirname(trainer)} was written by {ranks} rank(s), this run has {world.size}: "
                           f"resume with {ranks} (torchrun --nproc_per_node {ranks}), since each rank's RNG and "
                           "FSDP2 shard are its own, or start a new --out_dir")  # fmt: skip
+
+
+def write_config(cfg, derived):
+    """out_dir/config.json: every flag and the derived values, replaced atomically (a run killed
+    mid-write keeps the old one). Returns its text."""
+    text = json.dumps({"config": dataclasses.asdict(cfg), "derived": dataclasses.asdict(derived)}, indent=1)
+    path = os.path.join(cfg.out_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return text
 
 
 def trim_metrics(out_dir, step):

@@ -19,7 +19,6 @@ Shapes: N trajectories on this rank, G group size, K max turns, L tokens.
 """
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -235,7 +234,7 @@ class RunState:
     pool: sandbox.Pool
     grader: rewards.Grader
     problems: list  # the RL problems, visited in a seeded order per epoch (data.problems_at)
-    tracker: object = field(default_factory=lambda: metrics.NoTracker())
+    tracker: object = field(default_factory=metrics.NoTracker)
     reward_fn: object = None  # --reward_fn, or None: the grader
     optimizer: torch.optim.Optimizer = None
     scheduler: object = None
@@ -473,11 +472,7 @@ def main(cfg):
     tracker = metrics.NoTracker()
     if world.main:
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
-        saved = json.dumps({"config": dataclasses.asdict(cfg), "derived": dataclasses.asdict(derived)}, indent=1)
-        print(saved)
-        with open(os.path.join(cfg.out_dir, "config.json.tmp"), "w") as f:
-            f.write(saved)
-        os.replace(os.path.join(cfg.out_dir, "config.json.tmp"), os.path.join(cfg.out_dir, "config.json"))
+        print(checkpoint.write_config(cfg, derived))
         resumes_at = (checkpoint.steps(cfg.out_dir) or [0])[-1]  # a missing package fails here, before any work
         tracker = metrics.open_tracker(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg), start_step=resumes_at)
     hidden, layers = map(int, cfg.demo_size.split("x"))
