@@ -11,6 +11,7 @@ import repro
 from conftest import SMALL, run_script
 
 
+@pytest.mark.slow  # about a minute: four train.py and eval.py runs, twice; the README test parses its command
 def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, tmp_path):
     """`repro.py --jobs 2` runs train.py once per variant and seed from the seed's SFT start
     (the variant's flags applied, two at a time), writes a table row per variant, a by-kind table from eval.py on each
