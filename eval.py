@@ -43,7 +43,8 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    ConfigError, arg, broadcast_object, finish, gather_objects, parse_config, run_command, setup_distributed,
+    ConfigError, arg, broadcast_object, check_fields, finish, gather_objects, parse_config, run_command,
+    setup_distributed,
 )  # fmt: skip
 
 
@@ -59,24 +60,25 @@ class Config:
     reward_fn: str = arg("auto", "'file.py:function' or 'module:function' grading instead of the built-in "
                          "grader (see train.py --help); auto: training's, else none (the built-in grader)")
     out: str = arg("report.json", "the JSON report (its partial records go to OUT.partial.jsonl)")
-    samples: int = arg(1, "trajectories per problem (k of pass@k)")
+    samples: int = arg(1, "trajectories per problem (k of pass@k)", valid=">= 1")
     temperature: float = arg(None, "sampling temperature; 0 is greedy (default: 0 with --samples 1, else "
-                             "training's temperature, else 1.0)")
-    top_p: float = arg(1.0, "nucleus sampling")
-    max_turns: int = arg(None, "model turns per trajectory (default: training's, else 4)")
-    max_turn_tokens: int = arg(None, "tokens sampled per turn (default: training's, else 512)")
-    max_total_tokens: int = arg(None, "prompt + turns + tool outputs (default: training's, else 2048)")
+                             "training's temperature, else 1.0)", valid=">= 0")
+    top_p: float = arg(1.0, "nucleus sampling", valid="(0, 1]")
+    max_turns: int = arg(None, "model turns per trajectory (default: training's, else 4)", valid=">= 1")
+    max_turn_tokens: int = arg(None, "tokens sampled per turn (default: training's, else 512)", valid=">= 1")
+    max_total_tokens: int = arg(None, "prompt + turns + tool outputs (default: training's, else 2048)", valid=">= 2")
     system_prompt: str = arg("auto", "'auto' (training's, else model.SYSTEM_PROMPT), 'none', or text")
     train_config: str = arg(
         "auto", "training's config.json ('auto': RUN/config.json for RUN/checkpoints/step_N)"
     )
-    seed: int = arg(0, "sampling seed (each batch is seeded from it, the set and the batch number)")
-    batch_size: int = arg(64, "trajectories per generation batch (whole problems; part of the seeding)")
-    limit: int = arg(0, "evaluate only the first N problems of each set (0: all)")
+    seed: int = arg(0, "sampling seed (each batch is seeded from it, the set and the batch number)",
+                    valid="[0, 2147483647]")
+    batch_size: int = arg(64, "trajectories per generation batch (whole problems; part of the seeding)", valid=">= 1")
+    limit: int = arg(0, "evaluate only the first N problems of each set (0: all)", valid=">= 0")
     demo_size: str = arg("128x3", "hidden size x layers of --model demo")
-    device: str = arg("auto", "auto (cuda if available), cuda, or cpu")
-    sandbox_workers: int = arg(8, "tool calls run at once per rank")
-    sandbox_timeout: float = arg(10.0, "seconds per tool call")
+    device: str = arg("auto", "where to run (auto: cuda if available)", valid=("auto", "cuda", "cpu"))
+    sandbox_workers: int = arg(8, "tool calls run at once per rank", valid=">= 1")
+    sandbox_timeout: float = arg(10.0, "seconds per tool call", valid="> 0")
     # --- the other modes
     compare: list[str] = arg([], "two reports A B: accuracy side by side, B - A, paired bootstrap 95% CI")
     show: str = arg("", "a report or training sample dump to view turn by turn")
@@ -123,16 +125,12 @@ def resolve(cfg):
     if len(modes) != 1:
         got = f"; got {', '.join(modes)}" if modes else ""
         raise ConfigError(f"give exactly one of --data (evaluate), --compare, --show, --plot{got}")
+    check_fields(cfg)
     if not cfg.data:
         return None
     if not cfg.model:
         raise ConfigError("--model is required to evaluate (a checkpoint directory, hub id, or 'demo')")
-    for name in ("samples", "batch_size", "sandbox_workers"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be at least 1")
-    if cfg.limit < 0:
-        raise ConfigError(f"--limit {cfg.limit}: must be 0 (all) or more")
-    if not re.fullmatch(r"\d+x\d+", cfg.demo_size):
+    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", cfg.demo_size):
         raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
     trained = training_config(cfg)
     temperature_from = "--temperature"
@@ -143,8 +141,6 @@ def resolve(cfg):
             cfg.temperature, temperature_from = trained["temperature"], "training's config.json"
         else:
             cfg.temperature, temperature_from = 1.0, "1.0: no training config"
-    if not cfg.temperature >= 0 or not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"--temperature {cfg.temperature} --top_p {cfg.top_p}: need T >= 0, 0 < top_p <= 1")
     if cfg.samples > 1 and cfg.temperature == 0:
         raise ConfigError(
             f"--samples {cfg.samples} with --temperature 0: every sample would be the same greedy one"

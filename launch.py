@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import traceback
 import typing
@@ -33,21 +34,82 @@ import model as policies
 import rollout
 
 
-def arg(default, meaning, **per_model):
-    """A config field with its one-line meaning (the flag's --help text). per_model (demo=...,
-    model=...): a default that depends on the model; the field defaults to None ("auto") and
+def arg(default, meaning, valid=None, **per_model):
+    """A config field with its one-line meaning (the flag's --help text) and its valid values:
+    a range (">= 1", "> 0", "<= 0", "[0, 1]", "(0, 1]", "[0, 1)"; floats must also be finite) or a
+    tuple of choices. None ("auto") always passes: the entry script resolves it. per_model
+    (demo=..., model=...): a default that depends on the model; the field defaults to None and
     the entry script fills in the value for its --model (see train.Config.default_of)."""
-    metadata = {"help": meaning, **per_model}
+    metadata = {"help": meaning, "valid": valid, **per_model}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
 def default_text(f, default):
-    """How --help shows a field's default: its value, or its value per model."""
+    """How --help shows a field's default and valid values."""
+    text = "auto" if default is None else str(default)
     if "demo" in f.metadata:
-        return f"demo: {f.metadata['demo']}; other models: {f.metadata['model']}"
-    return "auto" if default is None else str(default)
+        text = f"demo: {f.metadata['demo']}; other models: {f.metadata['model']}"
+    valid = f.metadata.get("valid")
+    if isinstance(valid, tuple):
+        return f"{text}; one of {', '.join(valid)}"
+    return f"{text}; {range_text(valid)}" if valid else text
+
+
+def flag_table(config_cls):
+    """Every flag of config_cls as a markdown table: default, valid values, meaning (docs/usage.md
+    holds train.py's and eval.py's; a test keeps them in step with the code)."""
+    rows = ["| flag | default | valid | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(config_cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        code = lambda v: f"`{v!r}`" if v in ("", []) else f"`{v}`"
+        shown = f"demo: {code(f.metadata['demo'])}; other models: {code(f.metadata['model'])}" if "demo" in f.metadata \
+            else "auto" if default is None else code(default)
+        valid = f.metadata.get("valid")
+        valid = "" if valid is None else ", ".join(valid) if isinstance(valid, tuple) else range_text(valid)
+        cells = [f"`--{f.name}`", shown, valid, f.metadata["help"]]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def range_text(valid):
+    return f"in {valid}" if valid[0] in "[(" else valid
+
+
+def range_bounds(valid):
+    """(low, low included, high, high included) of a range text (see arg)."""
+    if m := re.fullmatch(r"(>=|>|<=|<) (\S+)", valid):
+        op, bound = m.group(1), float(m.group(2))
+        return (bound, op == ">=", math.inf, False) if op[0] == ">" else (-math.inf, False, bound, op == "<=")
+    m = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", valid)
+    assert m, f"not a range: {valid!r}"
+    return float(m.group(2)), m.group(1) == "[", float(m.group(3)), m.group(4) == "]"
+
+
+def in_range(value, valid):
+    """Whether a number lies in a range text (see arg); NaN and infinities never do."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    low, low_in, high, high_in = range_bounds(valid)
+    return (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
+
+
+def check_fields(cfg):
+    """A ConfigError naming every field of cfg outside its valid values (flag, value, range), in
+    one line."""
+    bad = []
+    for f in dataclasses.fields(cfg):
+        value, valid = getattr(cfg, f.name), f.metadata.get("valid")
+        if value is None or valid is None:
+            continue
+        if isinstance(valid, tuple) and value not in valid:
+            bad.append(f"--{f.name} {value!r}: must be one of {', '.join(valid)}")
+        elif isinstance(valid, str) and not in_range(value, valid):
+            finite = isinstance(value, float) and not math.isfinite(value)
+            bad.append(f"--{f.name} {value!r}: must be {range_text(valid)}" + (", a finite number" if finite else ""))
+    if bad:
+        raise ConfigError("; ".join(bad))
 
 
 class ConfigError(ValueError):
@@ -82,7 +144,12 @@ def parse_config(config_cls, prog, description, argv=None):
         sys.exit(2)
 
     parser.error = one_line_error
-    return config_cls(**vars(parser.parse_args(argv)))
+    cfg = config_cls(**vars(parser.parse_args(argv)))
+    try:
+        check_fields(cfg)
+    except ConfigError as e:
+        one_line_error(str(e))
+    return cfg
 
 
 @dataclass
@@ -172,7 +239,8 @@ def exit_now(code=0):
 
 def run_command(main, cfg, prog, input_errors, same_on_every_rank=False):
     """main(cfg) as a command. An error in input_errors (bad input) is one line on stderr, no
-    traceback; any other keeps its traceback. Under torchrun a rank that fails leaves at once,
+    traceback, exit code 2 for a ConfigError (a bad flag) and 1 otherwise; any other error keeps
+    its traceback. Under torchrun a rank that fails leaves at once,
     without a barrier or the interpreter's teardown: the other ranks may be blocked in a
     collective that will never complete, and torchrun stops them as soon as one rank has exited
     with an error (a barrier would wait for gloo's 30-minute timeout). same_on_every_rank: input
@@ -185,9 +253,10 @@ def run_command(main, cfg, prog, input_errors, same_on_every_rank=False):
         if rank is None or not same_on_every_rank or rank == "0":
             prefix = f"[rank {rank}] " if rank is not None and not same_on_every_rank else ""
             print(f"{prefix}{prog}: error: {e}", file=sys.stderr)
+        code = 2 if isinstance(e, ConfigError) else 1  # 2: a bad flag, as argparse's own errors
         if rank is not None:
-            exit_now(1)
-        sys.exit(1)
+            exit_now(code)
+        sys.exit(code)
     except BaseException:
         if rank is None:
             raise

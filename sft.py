@@ -84,7 +84,7 @@ def run(wrapped, tokenizer, rows, *, cfg, world, system_prompt=None, validate=No
         num_tokens = all_reduce([float(batch["loss_mask"].sum())], world)[0]
         loss = nll(wrapped(batch["input_ids"], batch["attention_mask"]), batch["loss_mask"], num_tokens)
         (loss * world.size).backward()  # DDP averages gradients over ranks; this makes it a sum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)  # 0: no clipping
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()

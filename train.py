@@ -41,9 +41,9 @@ import rollout
 import sandbox
 import sft
 from launch import (
-    ConfigError, LogProbs, all_gather_rows, all_reduce, arg, barrier, check_in_sync, compute_dtype, finish, full_parameters,
-    gradient_sync, micro_batches, parse_config, plan_minibatches, run_command, setup_distributed,
-    trainable_parameters, wrap,
+    ConfigError, LogProbs, all_gather_rows, all_reduce, arg, barrier, check_fields, check_in_sync, compute_dtype,
+    finish, full_parameters, gradient_sync, micro_batches, parse_config, plan_minibatches, run_command,
+    setup_distributed, trainable_parameters, wrap,
 )  # fmt: skip
 
 
@@ -62,46 +62,51 @@ class Config:
                           "'#### N' and \\boxed{} solutions give their final answer; auto: answer, ...")
     out_dir: str = arg(None, "run directory: config, metrics, samples, checkpoints, summary; an existing run "
                        "resumes only with the same settings", demo="runs/demo", model="runs/<model>-<data>")
-    seed: int = arg(0, "seed of the model init (demo), data order and sampling")
+    seed: int = arg(0, "seed of the model init (demo), data order and sampling", valid="[0, 2147483647]")
     # --- the demo model and the toy task
     demo_size: str = arg("128x3", "hidden size x layers of the demo model")
-    toy_size: int = arg(3000, "toy training problems (SFT and RL draw from them)")
-    toy_mistake_rate: float = arg(0.25, "share of toy teacher trajectories with a mistake fixed next turn")
-    eval_size: int = arg(100, "held-out problems evaluated before and after RL (0: no evaluation)")
-    eval_samples: int = arg(1, "sampled trajectories per held-out problem (greedy takes one)")
+    toy_size: int = arg(3000, "toy training problems (SFT and RL draw from them)", valid=">= 1")
+    toy_mistake_rate: float = arg(0.25, "share of toy teacher trajectories with a mistake fixed next turn",
+                                  valid="[0, 1]")
+    eval_size: int = arg(100, "held-out problems evaluated before and after RL (0: no evaluation)", valid=">= 0")
+    eval_samples: int = arg(1, "sampled trajectories per held-out problem (greedy takes one)", valid=">= 1")
     system_prompt: str = arg("auto", "'auto' (none for toy, model.SYSTEM_PROMPT otherwise), 'none', or text")
     # --- cold-start SFT
     sft_steps: int = arg(None, "SFT optimizer steps before RL (0 skips SFT; always 0 with --sft_data none)", demo=5000,
-                         model="one pass over --sft_data, 0 without it")
-    sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks")
+                         model="one pass over --sft_data, 0 without it", valid=">= 0")
+    sft_batch_size: int = arg(16, "trajectories per SFT step, over all ranks", valid=">= 1")
     sft_lr: float = arg(None, "SFT peak learning rate (AdamW: 5% warmup, flat, then a cosine tail to 0)",
-                        demo=3e-3, model=1e-5)
-    sft_decay_start: float = arg(0.7, "fraction of the SFT steps after which the cosine tail starts")
+                        demo=3e-3, model=1e-5, valid="> 0")
+    sft_decay_start: float = arg(0.7, "fraction of the SFT steps after which the cosine tail starts", valid="[0, 1]")
     sft_check_every: int = arg(None, "SFT steps between greedy checks on the validation problems (0: none)",
-                               demo=250, model=0)
+                               demo=250, model=0, valid=">= 0")
     sft_stop_at: float = arg(None, "end SFT at the first check whose greedy validation accuracy reaches this "
-                             "(0: never)", demo=0.5, model=0.0)
-    val_size: int = arg(50, "validation problems of the SFT checks (toy: a third draw; files: the first RL problems)")
+                             "(0: never)", demo=0.5, model=0.0, valid="[0, 1]")
+    val_size: int = arg(50, "validation problems of the SFT checks (toy: a third draw; files: the first RL problems)",
+                        valid=">= 0")
     # --- RL: sampling
-    max_steps: int = arg(40, "RL steps (0: SFT and evaluation only)")
-    prompts_per_step: int = arg(16, "problems per RL step, over all ranks")
-    group_size: int = arg(8, "trajectories per problem (G)")
-    max_turns: int = arg(4, "model turns per trajectory (K)")
-    max_turn_tokens: int = arg(None, "tokens sampled per turn at most", demo=64, model=1024)
-    max_total_tokens: int = arg(None, "prompt + turns + tool outputs, per trajectory", demo=320, model=4096)
-    temperature: float = arg(1.0, "sampling temperature of RL rollouts (every log-prob of the loss uses it too)")
-    top_p: float = arg(1.0, "nucleus sampling of RL rollouts")
+    max_steps: int = arg(40, "RL steps (0: SFT and evaluation only)", valid=">= 0")
+    prompts_per_step: int = arg(16, "problems per RL step, over all ranks", valid=">= 1")
+    group_size: int = arg(8, "trajectories per problem (G)", valid=">= 1")
+    max_turns: int = arg(4, "model turns per trajectory (K)", valid=">= 1")
+    max_turn_tokens: int = arg(None, "tokens sampled per turn at most", demo=64, model=1024, valid=">= 1")
+    max_total_tokens: int = arg(None, "prompt + turns + tool outputs, per trajectory", demo=320, model=4096,
+                                valid=">= 2")
+    temperature: float = arg(1.0, "sampling temperature of RL rollouts (and of every log-prob of the loss)",
+                             valid="> 0")
+    top_p: float = arg(1.0, "nucleus sampling of RL rollouts", valid="(0, 1]")
     rollout_batch_size: int = arg(0, "trajectories generated at once per rank (0: all); bounds the KV cache, "
-                                  "not the result (each trajectory samples from its own seeded stream; up to "
-                                  "float rounding, which differs with the batch's padding, notably in bf16)")
+                                  "not the result (each trajectory has its own seeded stream; up to float "
+                                  "rounding, which differs with the batch's padding)", valid=">= 0")
     # --- RL: rewards and advantages
-    algo: str = arg("gtpo", "gtpo (turn rewards, returns, shaping) or grpo (the preset baseline)")
-    gamma: float = arg(0.9, "discount of turn rewards in the returns")
-    alpha: float = arg(0.5, "scale of the similarity credit of failed trajectories")
-    shaping: str = arg("code", "what shaping compares: code (the paper), text (whole turns), none")
+    algo: str = arg("gtpo", "gtpo (turn rewards, returns, shaping) or grpo (the baseline)", valid=("gtpo", "grpo"))
+    gamma: float = arg(0.9, "discount of turn rewards in the returns", valid="[0, 1]")
+    alpha: float = arg(0.5, "scale of the similarity credit of failed trajectories", valid="[0, 1]")
+    shaping: str = arg("code", "what shaping compares (code: the paper's; text: whole turns)",
+                       valid=("code", "text", "none"))
     embedder: str = arg("tokens", "shaping embedder: tokens, policy, or hf:<dir>")
-    adv_norm: str = arg("group", "normalisation set of advantages: group, turn, or batch")
-    format_penalty: float = arg(rewards.FORMAT_PENALTY, "reward of a turn with a bad tool call")
+    adv_norm: str = arg("group", "normalisation set of advantages (gtpo.py: MODES)", valid=gtpo.MODES)
+    format_penalty: float = arg(rewards.FORMAT_PENALTY, "reward of a turn with a bad tool call", valid="<= 0")
     first_turn_tool_call: bool = arg(True, "the paper's rule: a first turn without a tool call is a format "
                                      "error (GTPO: the penalty; GRPO: reward 0); false where the tool is "
                                      "optional or with --max_turns 1")
@@ -109,33 +114,36 @@ class Config:
                          "'package.module:function', called as fn(trajectory record, problem row) -> bool "
                          "or a score in [0, 1]; format penalties, shaping and normalisation apply around it")
     # --- RL: the update
-    lr: float = arg(None, "RL peak learning rate (AdamW, linear warmup then constant)", demo=3e-4, model=1e-6)
-    warmup_steps: int = arg(3, "RL steps of linear learning-rate warmup")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    lr: float = arg(None, "RL peak learning rate (AdamW, linear warmup then constant)", demo=3e-4, model=1e-6,
+                    valid="> 0")
+    warmup_steps: int = arg(3, "RL steps of linear learning-rate warmup (0: none)", valid=">= 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay", valid=">= 0")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0: no clipping; the norm is logged either way)",
+                               valid=">= 0")
     mini_batch_size: int = arg(0, "trajectories per optimizer step, over all ranks (0: the whole batch); "
-                               "divides prompts_per_step x group_size, a multiple of the ranks")
-    ppo_epochs: int = arg(1, "passes over the mini-batches per RL batch (an optimizer step per mini-batch)")
+                               "divides prompts_per_step x group_size, a multiple of the ranks", valid=">= 0")
+    ppo_epochs: int = arg(1, "passes over the mini-batches per RL batch (an optimizer step each)", valid=">= 1")
     micro_batch_size: int = arg(None, "trajectories per forward/backward on a rank (gradient accumulation)",
-                                demo=16, model=4)
+                                demo=16, model=4, valid=">= 1")
     loss_denominator: str = arg("sampled", "what token-mean divides by: 'sampled', every sampled token of the "
                                 "mini-batch (as TRL and verl); 'signal', only tokens of groups with a "
-                                "non-zero advantage (a larger step when many groups have none)")
-    clip_low: float = arg(0.2, "PPO clip below 1")
-    clip_high: float = arg(0.2, "PPO clip above 1")
-    loss_agg: str = arg("token-mean", "token-mean, seq-mean-token-mean, or seq-mean-token-sum-norm")
-    kl_coef: float = arg(0.0, "k3 KL to the frozen policy RL started from (0: no reference model)")
+                                "non-zero advantage", valid=("sampled", "signal"))
+    clip_low: float = arg(0.2, "PPO clip below 1", valid="[0, 1)")
+    clip_high: float = arg(0.2, "PPO clip above 1", valid=">= 0")
+    loss_agg: str = arg("token-mean", "how token losses are averaged (gtpo.policy_loss)", valid=gtpo.AGGREGATIONS)
+    kl_coef: float = arg(0.0, "k3 KL to the frozen policy RL started from (0: no reference model)", valid=">= 0")
     # --- machine
-    device: str = arg("auto", "auto (cuda if available), cuda, or cpu")
-    parallel: str = arg("ddp", "ddp (a copy per GPU) or fsdp (FSDP2 fully_shard)")
+    device: str = arg("auto", "where to run (auto: cuda if available)", valid=("auto", "cuda", "cpu"))
+    parallel: str = arg("ddp", "ddp (a copy per GPU) or fsdp (FSDP2 fully_shard)", valid=("ddp", "fsdp"))
     activation_checkpointing: bool = arg(False, "recompute decoder layers in backward to save memory")
-    sandbox_workers: int = arg(8, "sandbox calls run at once per rank")
-    sandbox_timeout: float = arg(10.0, "seconds per tool call")
+    sandbox_workers: int = arg(8, "sandbox calls run at once per rank", valid=">= 1")
+    sandbox_timeout: float = arg(10.0, "seconds per tool call", valid="> 0")
     # --- output
-    save_every: int = arg(10, "checkpoint every N RL steps (and at the end)")
-    keep_checkpoints: int = arg(2, "RL checkpoints kept besides step_0 (the RL start)")
-    sample_every: int = arg(10, "write sample trajectories every N RL steps")
-    report_to: str = arg("none", "also log each step's metrics to: none, tensorboard, or wandb (optional packages)")
+    save_every: int = arg(10, "checkpoint every N RL steps (and at the end)", valid=">= 1")
+    keep_checkpoints: int = arg(2, "RL checkpoints kept besides step_0 (the RL start)", valid=">= 1")
+    sample_every: int = arg(10, "write sample trajectories every N RL steps", valid=">= 1")
+    report_to: str = arg("none", "also log each step's metrics to a tracker (optional packages)",
+                         valid=metrics.TRACKERS)
 
     def __post_init__(self):
         """Fill the defaults that depend on --model: the demo's tuning (a 0.5M-parameter model
@@ -178,38 +186,21 @@ class Derived:
 
 
 def check_config(cfg, world):
-    """Every flag checked, and the Derived values, in one place: a bad value is a ConfigError."""
-    choices = {"algo": ("gtpo", "grpo"), "shaping": ("code", "text", "none"), "adv_norm": gtpo.MODES,
-               "loss_agg": gtpo.AGGREGATIONS, "loss_denominator": ("sampled", "signal"), "parallel": ("ddp", "fsdp"),
-               "device": ("auto", "cuda", "cpu"), "report_to": metrics.TRACKERS}  # fmt: skip
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: must be one of {', '.join(allowed)}")
+    """Every flag checked, and the Derived values, in one place: a bad value is a ConfigError.
+    Each flag's own range is declared beside its meaning (launch.arg); here are the rules that
+    join flags, or the flags and the number of ranks."""
+    check_fields(cfg)
     if cfg.sft_steps and cfg.sft_data in ("", "none"):
         raise ConfigError(f"--sft_steps {cfg.sft_steps}: SFT needs --sft_data (trajectories {{problem, answer, turns}})")
-    for name in ("group_size", "max_turns", "max_turn_tokens", "micro_batch_size", "ppo_epochs",
-                 "sft_batch_size", "eval_samples", "save_every", "sample_every", "keep_checkpoints"):  # fmt: skip
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be at least 1")
     for name in ("prompts_per_step", "sft_batch_size"):
-        if getattr(cfg, name) < 1 or getattr(cfg, name) % world.size:
-            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be a positive multiple of the {world.size} ranks")
-    if not re.fullmatch(r"\d+x\d+", cfg.demo_size):
+        if getattr(cfg, name) % world.size:
+            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be a multiple of the {world.size} ranks")
+    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", cfg.demo_size):
         raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
-    if not 0 <= cfg.sft_decay_start <= 1:
-        raise ConfigError(f"--sft_decay_start {cfg.sft_decay_start}: must be a fraction in [0, 1]")
-    if not 0 <= cfg.sft_stop_at <= 1:
-        raise ConfigError(f"--sft_stop_at {cfg.sft_stop_at}: must be an accuracy in [0, 1]")
-    if cfg.sft_check_every < 0 or cfg.val_size < 0:
-        raise ConfigError(f"--sft_check_every {cfg.sft_check_every}, --val_size {cfg.val_size}: must be >= 0")
-    if cfg.sft_stop_at and not (cfg.sft_check_every and cfg.val_size):
+    if cfg.sft_steps != 0 and cfg.sft_stop_at and not (cfg.sft_check_every and cfg.val_size):
         raise ConfigError(f"--sft_stop_at {cfg.sft_stop_at}: needs --sft_check_every and --val_size above 0")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"--temperature {cfg.temperature}: RL samples, so it must be > 0")
-    if cfg.rollout_batch_size < 0:
-        raise ConfigError(f"--rollout_batch_size {cfg.rollout_batch_size}: must be >= 0 (0: all at once)")
     batch = cfg.prompts_per_step * cfg.group_size
-    if cfg.mini_batch_size < 0 or cfg.mini_batch_size and (batch % cfg.mini_batch_size or cfg.mini_batch_size % world.size):
+    if cfg.mini_batch_size and (batch % cfg.mini_batch_size or cfg.mini_batch_size % world.size):
         raise ConfigError(f"--mini_batch_size {cfg.mini_batch_size}: must be 0 (the whole batch) or divide the batch "
                           f"of {batch} trajectories (prompts_per_step x group_size) and be a multiple of the "
                           f"{world.size} ranks")  # fmt: skip
@@ -371,7 +362,7 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
                 for key, stat in (("clip_frac", "clip_frac"), ("approx_kl", "approx_kl"), ("ratio", "ratio_mean"),
                                   ("kl_ref", "kl_ref")):  # fmt: skip
                     sums[key] += float(stats.get(stat, 0.0)) * weight
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
             if math.isfinite(grad_norm):  # identical on every rank: the gradients are synced
                 optimizer.step()
             else:
@@ -480,6 +471,7 @@ def main(cfg):
     policy, tokenizer = policies.load_policy(cfg.model, world.device, dtype=torch.float32,  # fp32 master weights
                                              activation_checkpointing=cfg.activation_checkpointing,
                                              demo_size=(hidden, layers), seed=cfg.seed)  # fmt: skip
+    check_prompts(sets, tokenizer, cfg=cfg, derived=derived)
     torch.manual_seed(cfg.seed + world.rank)
     run = RunState(policy=policy, tokenizer=tokenizer, wrapped=wrap(policy, world, cfg.parallel), problems=sets.train,
                    pool=sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout), grader=rewards.Grader(),
@@ -491,6 +483,16 @@ def main(cfg):
         run.grader.close()
         tracker.close()
     finish(world)  # not on an error: the other ranks may be waiting in a collective (see run_command)
+
+
+def check_prompts(sets, tokenizer, *, cfg, derived):
+    """Refuse, before any work, a problem whose chat prompt leaves no room to answer."""
+    for flag, rows in (("--data", sets.train), ("--eval_data", sets.held_out), ("--data", sets.validation)):
+        for k, row in enumerate(rows):
+            n = len(policies.chat_prompt_ids(tokenizer, row["problem"], derived.system_prompt))
+            if n >= cfg.max_total_tokens:
+                raise ConfigError(f"--max_total_tokens {cfg.max_total_tokens}: the prompt of {flag} problem "
+                                  f"{row.get('id', k)!r} has {n} tokens; raise the limit or leave the problem out")
 
 
 def train(run, sets, *, cfg, derived, world, started):
@@ -508,7 +510,8 @@ def train(run, sets, *, cfg, derived, world, started):
         if world.main:
             print(f"held-out accuracy before RL: {run.evaluation}")
     run.optimizer = torch.optim.AdamW(trainable_parameters(run.wrapped), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    warmup = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))  # linear, then constant
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, warmup)
     if not done:
         checkpoint.save(0, run, cfg=cfg, world=world)  # the RL start: never pruned, the KL reference
         done = [0]
