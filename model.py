@@ -127,34 +127,50 @@ def default_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False, demo_size=(64, 2), seed=0):
-    """(model, tokenizer) from "demo" (tiny, built in code: demo_size = (hidden size, layers),
-    initialised from seed), a local directory, or a hub id.
-
-    A local directory must hold config.json and safetensors weights; a path that does not exist
-    is an error naming what was looked for (hub ids are only tried for names that are not paths).
-    """
-    dtype = dtype or default_dtype(device)
+def load_tokenizer(name):
+    """The tokenizer of "demo" (built in code), a local directory or a hub id, with a pad token and
+    the chat template set. A local directory must hold config.json; a path that does not exist is
+    an error naming what was looked for (hub ids are only tried for names that are not paths)."""
     if name == "demo":
         tokenizer = tiny_tokenizer()
-        model = tiny_model(tokenizer, seed, *demo_size, dtype=dtype)
     else:
-        looks_like_path = name.startswith(("/", ".", "~")) or os.path.exists(name)
-        path = os.path.expanduser(name)
-        if looks_like_path and not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(
-                f"no model at {path!r}: looked for {os.path.join(path, 'config.json')} "
-                "(a Hugging Face checkpoint directory), 'demo', or a hub id"
-            )
+        path = _model_path(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as e:
             raise OSError(f"could not load the model {name!r} (local directory or hub id): {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>"
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _model_path(name):
+    looks_like_path = name.startswith(("/", ".", "~")) or os.path.exists(name)
+    path = os.path.expanduser(name)
+    if looks_like_path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"no model at {path!r}: looked for {os.path.join(path, 'config.json')} "
+            "(a Hugging Face checkpoint directory), 'demo', or a hub id"
+        )
+    return path
+
+
+def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False, demo_size=(64, 2), seed=0,
+                tokenizer=None):  # fmt: skip
+    """(model, tokenizer) from "demo" (tiny, built in code: demo_size = (hidden size, layers),
+    initialised from seed), a local directory, or a hub id (see load_tokenizer; pass the
+    tokenizer if it is loaded already). A local directory must hold safetensors weights."""
+    dtype = dtype or default_dtype(device)
+    tokenizer = tokenizer or load_tokenizer(name)
+    if name == "demo":
+        model = tiny_model(tokenizer, seed, *demo_size, dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(_model_path(name), dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise OSError(f"could not load the model {name!r} (local directory or hub id): {e}") from e
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), tokenizer

@@ -456,6 +456,8 @@ def main(cfg):
         cfg = dataclasses.replace(cfg, sft_steps=math.ceil(len(sets.sft_rows) / cfg.sft_batch_size))
     derived = check_config(cfg, world)
     checkpoint.check_resume(cfg, world)
+    tokenizer = policies.load_tokenizer(cfg.model)
+    check_prompts(sets, tokenizer, cfg=cfg, derived=derived)  # before the model: a refusal costs nothing
     barrier(world)  # every rank has read the old config.json before rank 0 replaces it
     torch.manual_seed(cfg.seed + world.rank)  # distinct sampling per rank
     random.seed(cfg.seed + world.rank)
@@ -470,8 +472,7 @@ def main(cfg):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     policy, tokenizer = policies.load_policy(cfg.model, world.device, dtype=torch.float32,  # fp32 master weights
                                              activation_checkpointing=cfg.activation_checkpointing,
-                                             demo_size=(hidden, layers), seed=cfg.seed)  # fmt: skip
-    check_prompts(sets, tokenizer, cfg=cfg, derived=derived)
+                                             demo_size=(hidden, layers), seed=cfg.seed, tokenizer=tokenizer)  # fmt: skip
     torch.manual_seed(cfg.seed + world.rank)
     run = RunState(policy=policy, tokenizer=tokenizer, wrapped=wrap(policy, world, cfg.parallel), problems=sets.train,
                    pool=sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout), grader=rewards.Grader(),
