@@ -29,7 +29,6 @@ import html
 import json
 import math
 import os
-import re
 import zlib
 from dataclasses import dataclass
 
@@ -43,8 +42,8 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    ConfigError, arg, broadcast_object, check_fields, finish, gather_objects, parse_config, run_command,
-    setup_distributed,
+    ConfigError, arg, broadcast_object, check_fields, finish, gather_objects, parse_config, parse_demo_size,
+    run_command, setup_distributed,
 )  # fmt: skip
 
 
@@ -130,8 +129,7 @@ def resolve(cfg):
         return None
     if not cfg.model:
         raise ConfigError("--model is required to evaluate (a checkpoint directory, hub id, or 'demo')")
-    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", cfg.demo_size):
-        raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
+    parse_demo_size(cfg.demo_size)
     trained = training_config(cfg)
     temperature_from = "--temperature"
     if cfg.temperature is None:  # one sample: greedy; several: training's temperature, else 1.0
@@ -356,10 +354,9 @@ def run_evaluation(cfg, settings, world):
     done_keys = on_every_rank(keys_so_far, world)
     per_batch = max(1, cfg.batch_size // cfg.samples)
     todo = [t for t in batches(sets, per_batch) if any(f"{t[0]}/{i}" not in done_keys for i, _ in t[2])]
-    hidden, layers = map(int, cfg.demo_size.split("x"))
     torch.manual_seed(cfg.seed)
     policy, tokenizer = policies.load_policy(
-        cfg.model, world.device, demo_size=(hidden, layers), seed=cfg.seed
+        cfg.model, world.device, demo_size=parse_demo_size(cfg.demo_size), seed=cfg.seed
     )
     policy.eval()
     pool, grader = sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout), rewards.Grader()

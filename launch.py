@@ -48,27 +48,33 @@ def arg(default, meaning, valid=None, **per_model):
 
 def default_text(f, default):
     """How --help shows a field's default and valid values."""
-    text = "auto" if default is None else str(default)
+    valid = valid_text(f)
+    return f"{shown_default(f, default)}; {valid}" if valid else shown_default(f, default)
+
+
+def shown_default(f, default, show=str):
+    """A field's default as its value, its value per model, or auto."""
     if "demo" in f.metadata:
-        text = f"demo: {f.metadata['demo']}; other models: {f.metadata['model']}"
+        return f"demo: {show(f.metadata['demo'])}; other models: {show(f.metadata['model'])}"
+    return "auto" if default is None else show(default)
+
+
+def valid_text(f):
+    """A field's valid values as words ("" when any value goes)."""
     valid = f.metadata.get("valid")
-    if isinstance(valid, tuple):
-        return f"{text}; one of {', '.join(valid)}"
-    return f"{text}; {range_text(valid)}" if valid else text
+    if valid is None:
+        return ""
+    return f"one of {', '.join(valid)}" if isinstance(valid, tuple) else range_text(valid)
 
 
 def flag_table(config_cls):
     """Every flag of config_cls as a markdown table: default, valid values, meaning (docs/usage.md
     holds train.py's and eval.py's; a test keeps them in step with the code)."""
+    code = lambda v: f"`{v!r}`" if v in ("", []) else f"`{v}`"
     rows = ["| flag | default | valid | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(config_cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        code = lambda v: f"`{v!r}`" if v in ("", []) else f"`{v}`"
-        shown = f"demo: {code(f.metadata['demo'])}; other models: {code(f.metadata['model'])}" if "demo" in f.metadata \
-            else "auto" if default is None else code(default)
-        valid = f.metadata.get("valid")
-        valid = "" if valid is None else ", ".join(valid) if isinstance(valid, tuple) else range_text(valid)
-        cells = [f"`--{f.name}`", shown, valid, f.metadata["help"]]
+        cells = [f"`--{f.name}`", shown_default(f, default, code), valid_text(f), f.metadata["help"]]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
@@ -114,6 +120,13 @@ def check_fields(cfg):
 
 class ConfigError(ValueError):
     """A flag value that cannot work, named."""
+
+
+def parse_demo_size(text):
+    """(hidden size, layers) of a --demo_size HIDDENxLAYERS, or a ConfigError naming it."""
+    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", text):
+        raise ConfigError(f"--demo_size {text!r}: expected HIDDENxLAYERS, e.g. 128x3")
+    return tuple(map(int, text.split("x")))
 
 
 def _flag_bool(text):

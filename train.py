@@ -42,8 +42,8 @@ import sandbox
 import sft
 from launch import (
     ConfigError, LogProbs, all_gather_rows, all_reduce, arg, barrier, check_fields, check_in_sync, compute_dtype,
-    finish, full_parameters, gradient_sync, micro_batches, parse_config, plan_minibatches, run_command,
-    setup_distributed, trainable_parameters, wrap,
+    finish, full_parameters, gradient_sync, micro_batches, parse_config, parse_demo_size, plan_minibatches,
+    run_command, setup_distributed, trainable_parameters, wrap,
 )  # fmt: skip
 
 
@@ -195,8 +195,7 @@ def check_config(cfg, world):
     for name in ("prompts_per_step", "sft_batch_size"):
         if getattr(cfg, name) % world.size:
             raise ConfigError(f"--{name} {getattr(cfg, name)}: must be a multiple of the {world.size} ranks")
-    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", cfg.demo_size):
-        raise ConfigError(f"--demo_size {cfg.demo_size!r}: expected HIDDENxLAYERS, e.g. 128x3")
+    parse_demo_size(cfg.demo_size)
     if cfg.sft_steps != 0 and cfg.sft_stop_at and not (cfg.sft_check_every and cfg.val_size):
         raise ConfigError(f"--sft_stop_at {cfg.sft_stop_at}: needs --sft_check_every and --val_size above 0")
     batch = cfg.prompts_per_step * cfg.group_size
@@ -335,11 +334,12 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
     for mb in plan:
         advantages = turn_advantages[mb.rows] if mb.rows else torch.zeros_like(turn_advantages[:1])  # (n, K)
         mb.batch["advantages"] = gtpo.token_advantages(advantages.to(world.device), mb.batch["token_turn"])  # (n, L)
-        passes = {"old_logp": wrapped if always_old_logprobs or needs_old_logprobs(cfg, len(plan)) else None, "ref_logp": ref}
-        for key, module in passes.items():
-            if module is not None:
-                mb.batch[key] = old_logprobs(module, mb.batch, size=size, trim=trim, count=mb.micro_batches,
-                                             temperature=cfg.temperature)  # (n, L) fmt: skip
+        if always_old_logprobs or needs_old_logprobs(cfg, len(plan)):
+            mb.batch["old_logp"] = old_logprobs(wrapped, mb.batch, size=size, trim=trim, count=mb.micro_batches,
+                                                temperature=cfg.temperature)  # (n, L) fmt: skip
+        if ref is not None:
+            mb.batch["ref_logp"] = old_logprobs(ref, mb.batch, size=size, trim=trim, count=mb.micro_batches,
+                                                temperature=cfg.temperature)  # (n, L) fmt: skip
     t_old = time.perf_counter() - t0
     steps = cfg.ppo_epochs * len(plan)
     sums = dict.fromkeys(("loss", "clip_frac", "approx_kl", "ratio", "kl_ref", "grad_norm", "skipped"), 0.0)
@@ -468,11 +468,11 @@ def main(cfg):
         print(checkpoint.write_config(cfg, derived))
         resumes_at = (checkpoint.steps(cfg.out_dir) or [0])[-1]  # a missing package fails here, before any work
         tracker = metrics.open_tracker(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg), start_step=resumes_at)
-    hidden, layers = map(int, cfg.demo_size.split("x"))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     policy, tokenizer = policies.load_policy(cfg.model, world.device, dtype=torch.float32,  # fp32 master weights
                                              activation_checkpointing=cfg.activation_checkpointing,
-                                             demo_size=(hidden, layers), seed=cfg.seed, tokenizer=tokenizer)  # fmt: skip
+                                             demo_size=parse_demo_size(cfg.demo_size), seed=cfg.seed,
+                                             tokenizer=tokenizer)  # fmt: skip
     torch.manual_seed(cfg.seed + world.rank)
     run = RunState(policy=policy, tokenizer=tokenizer, wrapped=wrap(policy, world, cfg.parallel), problems=sets.train,
                    pool=sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout), grader=rewards.Grader(),
