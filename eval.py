@@ -229,9 +229,7 @@ def evaluate_batch(batch, *, policy, tokenizer, pool, grader, cfg, reward_fn=Non
         samples = []
         for traj, value in zip(trajs[n * k : (n + 1) * k], scores[n * k : (n + 1) * k].tolist()):
             format_error = any(rewards.turn_format_penalties(traj.turns, first_call=first_call))
-            answer = rewards.extract_answer(traj.final_text)
-            record = rollout.trajectory_record(traj)
-            samples.append({**record, "answer": answer, "correct": value >= 1, "score": value,
+            samples.append({**rewards.answer_record(traj), "correct": value >= 1, "score": value,
                             "format_error": format_error})  # fmt: skip
         records.append({"key": f"{name}/{index}", "set": name, "index": index, "id": p.get("id"),
                         "problem": p["problem"], "answer": p["answer"],

@@ -17,7 +17,6 @@ import time
 from tqdm import tqdm
 
 import rewards
-import rollout
 from launch import ConfigError, all_reduce
 
 FIELDS = ("reward", "accuracy", "turns", "tool_errors", "format_errors", "shaped", "length", "loss",
@@ -92,10 +91,9 @@ def write_samples(path, *, trajs, problems, scored, group_size, count=2):
     for k, p in enumerate(problems[:count]):
         samples = []
         for i in range(k * group_size, (k + 1) * group_size):
-            record = rollout.trajectory_record(trajs[i], turn_rewards=scored.turn_rewards[i], returns=scored.returns[i],
-                                               advantages=scored.turn_advantages[i])  # fmt: skip
-            answer = rewards.extract_answer(trajs[i].final_text)
-            samples.append({**record, "answer": answer, "correct": bool(scored.correct[i])})
+            record = rewards.answer_record(trajs[i], turn_rewards=scored.turn_rewards[i], returns=scored.returns[i],
+                                           advantages=scored.turn_advantages[i])  # fmt: skip
+            samples.append({**record, "correct": bool(scored.correct[i])})
         key = str(p["id"]) if p.get("id") is not None else str(k)
         records.append({"key": key, "index": k, "problem": p["problem"], "answer": p["answer"],
                         "num_correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip

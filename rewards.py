@@ -60,7 +60,7 @@ def turn_format_penalties(turns, penalty=FORMAT_PENALTY, runtime_errors=False, f
     return penalties
 
 
-def turn_reward_matrix(trajs, outcomes, max_turns, penalty=FORMAT_PENALTY, runtime_errors=False, first_call=True):
+def turn_reward_matrix(trajs, outcomes, max_turns, penalty=FORMAT_PENALTY, first_call=True):
     """GTPO's turn rewards r_ij = r_acc_ij + r_fmt_ij: (rewards (N, K), turn_mask (N, K)).
 
     outcomes (N,) float: r_acc of each trajectory's last turn (1 if correct, the shaped partial
@@ -73,7 +73,7 @@ def turn_reward_matrix(trajs, outcomes, max_turns, penalty=FORMAT_PENALTY, runti
         T = len(traj.turns)
         assert 1 <= T <= max_turns, f"trajectory {i} has {T} turns, max_turns is {max_turns}"
         turn_mask[i, :T] = True
-        rewards[i, :T] = torch.tensor(turn_format_penalties(traj.turns, penalty, runtime_errors, first_call))
+        rewards[i, :T] = torch.tensor(turn_format_penalties(traj.turns, penalty, first_call=first_call))
         rewards[i, T - 1] += float(outcomes[i])
     return rewards, turn_mask
 
@@ -81,10 +81,10 @@ def turn_reward_matrix(trajs, outcomes, max_turns, penalty=FORMAT_PENALTY, runti
 # ---------------------------------------------------------------- GRPO's trajectory reward
 
 
-def grpo_rewards(trajs, scores, runtime_errors=False, first_call=True):
+def grpo_rewards(trajs, scores, first_call=True):
     """GRPO's trajectory reward: the outcome score (1 iff correct with the built-in grader) when no
     turn has a format error, else 0. (N,)"""
-    clean = [not any(turn_format_penalties(t.turns, -1.0, runtime_errors, first_call)) for t in trajs]
+    clean = [not any(turn_format_penalties(t.turns, -1.0, first_call=first_call)) for t in trajs]
     return scores.float() * torch.tensor(clean)
 
 
@@ -196,6 +196,12 @@ def make_embedder(spec, tokenizer=None, policy=None):
 # ---------------------------------------------------------------- the outcome: grader or plug-in
 
 
+def answer_record(traj, **per_turn):
+    """rollout.trajectory_record(traj, **per_turn) plus the "answer" extract_answer finds: one
+    record for the reward plug-in, eval.py's reports and train.py's sample dumps alike."""
+    return {**rollout.trajectory_record(traj, **per_turn), "answer": extract_answer(traj.final_text)}
+
+
 def outcome_scores(trajs, rows, grader=None, reward_fn=None):
     """(N,) float in [0, 1]: 1 or 0 from the built-in grader against row["answer"], or
     reward_fn(record, row) with record = rollout.trajectory_record(traj) plus its "answer" (what
@@ -204,8 +210,7 @@ def outcome_scores(trajs, rows, grader=None, reward_fn=None):
         return grade(trajs, [row["answer"] for row in rows], grader).float()
     scores = []
     for traj, row in zip(trajs, rows, strict=True):
-        record = {**rollout.trajectory_record(traj), "answer": extract_answer(traj.final_text),
-                  "final_text": traj.final_text}  # fmt: skip
+        record = {**answer_record(traj), "final_text": traj.final_text}
         value = reward_fn(record, row)
         if isinstance(value, numbers.Real) and 0 <= value <= 1:  # bool is a Real; NaN fails the test
             scores.append(float(value))
