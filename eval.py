@@ -42,8 +42,8 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    ConfigError, arg, broadcast_object, check_fields, finish, gather_objects, parse_config, parse_demo_size,
-    run_command, setup_distributed,
+    ConfigError, arg, broadcast_object, check_fields, environment, finish, gather_objects, parse_config,
+    parse_demo_size, run_command, setup_distributed,
 )  # fmt: skip
 
 
@@ -374,14 +374,16 @@ def run_evaluation(cfg, settings, world):
         bar.close()
         pool.close()
         grader.close()
-    return write_report(cfg, settings=settings, sets=sets, done=done) if world.main else None
+    if not world.main:
+        return None
+    return write_report(cfg, settings=settings, sets=sets, done=done, environment=environment(world))
 
 
-def write_report(cfg, *, settings, sets, done):
+def write_report(cfg, *, settings, sets, done, environment):
     """OUT from the records, in set and problem order (written to OUT.tmp, then renamed); the
     partial file goes once OUT is in place."""
     ordered = [done[f"{n}/{i}"] for n, problems in sets.items() for i in range(len(problems))]
-    report = make_report(settings, ordered)
+    report = make_report(settings, ordered, environment=environment)
     with open(cfg.out + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     os.replace(cfg.out + ".tmp", cfg.out)
@@ -428,11 +430,13 @@ def summarize(records):
     }  # fmt: skip
 
 
-def make_report(settings, records):
-    """The report: figures over all sets at the top level, per set under "sets", the records."""
+def make_report(settings, records, environment=None):
+    """The report: figures over all sets at the top level, per set under "sets", the records, and
+    the versions, threads and device they were measured with (launch.environment)."""
     names = list(dict.fromkeys(r["set"] for r in records))
     per_set = {name: summarize([r for r in records if r["set"] == name]) for name in names}
-    return {"kind": "eval", "settings": settings, **summarize(records), "sets": per_set, "problems": records}
+    return {"kind": "eval", "settings": settings, "environment": environment, **summarize(records), "sets": per_set,
+            "problems": records}  # fmt: skip
 
 
 def print_table(report):
@@ -484,10 +488,11 @@ def compare(path_a, path_b):
     for path, report in ((path_a, a), (path_b, b)):
         if report.get("kind") != "eval":
             raise data.DataError(f"{path}: --compare takes eval.py reports (this is {report.get('kind')!r})")
-    sa, sb = a.get("settings", {}), b.get("settings", {})
-    for k in sorted(set(sa) | set(sb)):
-        if k != "model" and sa.get(k) != sb.get(k):
-            print(f"note: {k} differs: A {sa.get(k)!r}, B {sb.get(k)!r}")
+    for part in ("settings", "environment"):  # the model is what is compared; anything else is noted
+        sa, sb = a.get(part) or {}, b.get(part) or {}
+        for k in sorted(set(sa) | set(sb)):
+            if k != "model" and sa.get(k) != sb.get(k):
+                print(f"note: {k} differs: A {sa.get(k)!r}, B {sb.get(k)!r}")
     by_key = {r["key"]: r for r in b["problems"]}
     rows = []
     for name in dict.fromkeys(r["set"] for r in a["problems"]):

@@ -18,8 +18,10 @@ batch into mini- and micro-batches that keeps every rank in step.
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import math
 import os
+import platform
 import re
 import sys
 import traceback
@@ -189,6 +191,27 @@ def setup_distributed(device_flag):
         return World(0, 1, device)
     dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+VERSIONED = ("torch", "transformers", "tokenizers", "safetensors", "numpy")  # what a figure's floats go through
+
+
+def environment(world):
+    """What a measured figure depends on besides the code, the flags and the seed: the Python and
+    library versions, torch's thread count (float sums split differently over threads), the CPU's
+    vector instructions torch dispatches to, the device and the number of ranks. Written to
+    summary.json and eval.py's reports; `repro.py --check_demo` compares it with the published one."""
+    device = str(world.device)
+    if world.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(world.device)}, CUDA {torch.version.cuda})"
+    return {
+        "python": platform.python_version(),
+        **{name: importlib.metadata.version(name) for name in VERSIONED},
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": device,
+        "ranks": world.size,
+    }
 
 
 def all_reduce(values, world, op=None):

@@ -1,8 +1,11 @@
 """The paper's comparisons in miniature: GRPO against GTPO, the shaping ablation and the gamma
-sweep, seeds x variants, each run trained by train.py from the same SFT start per seed.
+sweep, seeds x variants, each run trained by train.py from the same SFT start per seed; and the
+check that the demo still gives its published figures.
 
     python repro.py                                         # every variant, seeds 0 1 2, 40 RL steps
     python repro.py --seeds 0 1 2 3 4 --jobs 2 --variants gtpo_code grpo -- --eval_samples 4
+    python repro.py --check_demo                            # python train.py, seed 0, vs the published summary
+    python repro.py --check_demo runs/demo/summary.json     # a finished demo run vs the published summary
 
 Each seed gets its SFT start (train.py --max_steps 0, or a run directory given with --starts);
 every variant (REPRO_VARIANTS: train.py flags) then trains --max_steps RL steps from it, and
@@ -10,6 +13,13 @@ eval.py measures each final checkpoint by kind of problem. Flags after -- go to 
 run. Resumable: finished runs and evaluations are read back, a cut run resumes from its last
 checkpoint. Writes results.md (a table of mean +- standard error over seeds, the paired
 differences from GRPO, and held-out accuracy by kind), results.json and curves.png to --out.
+
+--check_demo runs `python train.py --seed S` (--seeds, default 0) at the published thread count
+into --out/demo/seedS, or reads the summary.json files given, and compares each with
+DEMO_REFERENCE: the summary figures, exactly, and the environment they were measured in
+(launch.environment). Exit code 0 when every figure is the published one, 1 when one differs.
+--publish writes DEMO_REFERENCE from the runs instead (after a deliberate change) and prints the
+table docs/results.md shows.
 """
 
 import argparse
@@ -282,10 +292,121 @@ def run(args):
         print(f"no plot: {e}")
     return rows
 
+# ---------------------------------------------------------------- the demo's published figures
+
+DEMO_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "demo_reference.json")
+DEMO_FIGURES = ("sft_steps_done", "before_rl_sampled", "before_rl_greedy", "after_rl_sampled", "after_rl_greedy")
+
+
+def demo_run(args, seed, threads):
+    """summary.json of `python train.py --seed S` at `threads` torch threads (None: torch's default),
+    read back once it exists."""
+    out = os.path.abspath(os.path.join(args.out, "demo", f"seed{seed}"))
+    if os.path.exists(os.path.join(out, "summary.json")):
+        print(f"read back: {out}/summary.json (delete {out} to run it again)")
+    else:
+        os.makedirs(out, exist_ok=True)
+        print(f"python train.py --seed {seed} --out_dir {out}  ({threads or 'default'} threads; log: {out}/log.txt)",
+              flush=True)  # fmt: skip
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        with open(os.path.join(out, "log.txt"), "a") as log:
+            done = subprocess.run([sys.executable, "train.py", "--seed", str(seed), "--out_dir", out], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  env=env)  # fmt: skip
+        if done.returncode:
+            sys.exit(f"repro.py: the demo with seed {seed} failed; see {out}/log.txt")
+    return os.path.join(out, "summary.json")
+
+
+def environment_differences(published, here):
+    """The environment fields (launch.environment) that differ, as 'name: published -> here'."""
+    here = here or {}
+    return [f"{k}: {published[k]} -> {here.get(k, 'unknown')}" for k in published if here.get(k) != published[k]]
+
+
+def check_demo(paths, reference):
+    """Compare each summary.json with the published one of its seed: the figures exactly, the
+    environment field by field. Prints what differs and what it means; True if no figure does."""
+    print(f"published: {os.path.relpath(DEMO_REFERENCE)} ({reference['command']})")
+    same = True
+    for path in paths:
+        with open(path) as f:
+            summary = json.load(f)
+        published = reference["summaries"].get(str(summary["seed"]))
+        if published is None:
+            sys.exit(f"repro.py: {path}: seed {summary['seed']} has no published figures")
+        moved = [k for k in DEMO_FIGURES if summary.get(k) != published[k]]
+        changed = environment_differences(reference["environment"], summary.get("environment"))
+        print(f"\nseed {summary['seed']}: {path}")
+        print(f"{'':<20} {'published':>10} {'here':>10}")
+        for k in DEMO_FIGURES:
+            print(f"{k:<20} {published[k]:>10} {str(summary.get(k)):>10}{'   differs' if k in moved else ''}")
+        print("environment: " + ("the published one" if not changed else "differs: " + "; ".join(changed)))
+        if not moved:
+            print("result: the published figures, exactly")
+        elif changed:
+            print("result: different figures in a different environment. Float rounding depends on the versions, "
+                  "the thread count and the CPU, and SFT's stopping step amplifies it: docs/results.md#versions "
+                  "says how far the figures move. Install with -c constraints.txt to reproduce them.")  # fmt: skip
+        else:
+            print("result: different figures in the published environment: the code now computes something "
+                  "else than when they were published (a regression, or an intended change whose figures "
+                  "need republishing with --publish).")  # fmt: skip
+        same = same and not moved
+    return same
+
+
+def publish_demo(paths):
+    """Write DEMO_REFERENCE from these runs' summary.json (one environment for all) and return the
+    markdown table docs/results.md shows."""
+    summaries = []
+    for path in paths:
+        with open(path) as f:
+            summaries.append(json.load(f))
+    environments = {json.dumps(s["environment"], sort_keys=True) for s in summaries}
+    if len(environments) != 1:
+        sys.exit("repro.py --publish: the runs were measured in different environments")
+    reference = {
+        "command": f"python train.py --seed S (OMP_NUM_THREADS={summaries[0]['environment']['threads']})",
+        "environment": summaries[0]["environment"],
+        "summaries": {str(s["seed"]): {k: s[k] for k in DEMO_FIGURES} for s in summaries},
+    }
+    with open(DEMO_REFERENCE, "w") as f:
+        json.dump(reference, f, indent=1)
+        f.write("\n")
+    return demo_table(reference)
+
+
+def demo_table(reference):
+    """The published figures as docs/results.md's table."""
+    lines = ["| seed | SFT steps | sampled: before RL (after SFT) → after RL | greedy: before → after |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for seed, f in reference["summaries"].items():
+        sampled = f"{f['before_rl_sampled']:.2f} → {f['after_rl_sampled']:.2f}"
+        greedy = f"{f['before_rl_greedy']:.2f} → {f['after_rl_greedy']:.2f}"
+        gain = lambda kind: round(100 * (f[f"after_rl_{kind}"] - f[f"before_rl_{kind}"]))  # noqa: E731
+        lines.append(f"| {seed} | {f['sft_steps_done']} | {sampled} ({gain('sampled'):+d}) | {greedy} ({gain('greedy'):+d}) |")
+    return "\n".join(lines)
+
+
+def demo(args):
+    """--check_demo and --publish: the exit code."""
+    reference = None
+    if os.path.exists(DEMO_REFERENCE) or not args.publish:
+        with open(DEMO_REFERENCE) as f:
+            reference = json.load(f)
+    threads = reference["environment"]["threads"] if reference else None
+    paths = args.check_demo or [demo_run(args, seed, threads) for seed in args.seeds or [0]]
+    if args.publish:
+        print(publish_demo(paths))
+        return 0
+    return 0 if check_demo(paths, reference) else 1
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each its own SFT start)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (each its own SFT start); default 0 1 2, "
+                        "and 0 with --check_demo")  # fmt: skip
     parser.add_argument("--starts", nargs="*", default=[], help="a run directory per seed to start RL from "
                         "(its checkpoints/step_0); default: SFT each seed here with train.py --max_steps 0")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=list(REPRO_VARIANTS), choices=list(REPRO_VARIANTS),
@@ -300,7 +421,18 @@ def main():
     parser.add_argument(
         "train_flags", nargs=argparse.REMAINDER, help="after --: more train.py flags for every run"
     )
+    parser.add_argument("--check_demo", nargs="*", metavar="SUMMARY",
+                        help="compare the demo's summary.json with the published one (docs/demo_reference.json): "
+                        "the files given, or python train.py run here for --seeds; exit code 1 if a figure differs")
+    parser.add_argument("--publish", action="store_true",
+                        help="with --check_demo: write docs/demo_reference.json from these runs instead "
+                        "(after a deliberate change) and print docs/results.md's table")  # fmt: skip
     args = parser.parse_args()
+    if args.check_demo is not None:
+        sys.exit(demo(args))
+    if args.publish:
+        parser.error("--publish goes with --check_demo")
+    args.seeds = args.seeds or [0, 1, 2]
     args.train_flags = [f for f in args.train_flags if f != "--"]
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be at least 1")

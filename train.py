@@ -42,7 +42,7 @@ import sandbox
 import sft
 from launch import (
     ConfigError, LogProbs, all_gather_rows, all_reduce, arg, barrier, check_fields, check_in_sync, compute_dtype,
-    finish, full_parameters, gradient_sync, micro_batches, parse_config, parse_demo_size, plan_minibatches,
+    environment, finish, full_parameters, gradient_sync, micro_batches, parse_config, parse_demo_size, plan_minibatches,
     run_command, setup_distributed, trainable_parameters, wrap,
 )  # fmt: skip
 
@@ -544,7 +544,8 @@ def train(run, sets, *, cfg, derived, world, started):
     in_sync = check_in_sync(run.wrapped, world)
     run.evaluation |= {"after_rl_sampled": held_out(cfg.temperature), "after_rl_greedy": held_out(0.0)}
     if world.main:
-        metrics.write_summary(run.evaluation, cfg=cfg, held_out=len(sets.held_out), in_sync=in_sync, started=started)
+        metrics.write_summary(run.evaluation, cfg=cfg, held_out=len(sets.held_out), in_sync=in_sync, started=started,
+                              environment=environment(world))  # fmt: skip
     if in_sync is False:
         raise RuntimeError("parameters differ between ranks after training")
 

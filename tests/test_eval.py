@@ -120,7 +120,8 @@ def cfg_for(model_dir, out, **overrides):
 
 def test_greedy_evaluation_is_deterministic_and_agrees_with_training(memorised, tmp_path):
     """Greedy evaluation gives the same report twice, and its accuracy is exactly train.py's
-    held-out greedy accuracy for the same checkpoint and problems (the same rollout and grader)."""
+    held-out greedy accuracy for the same checkpoint and problems (the same rollout and grader).
+    The report records the versions and device it was measured with."""
     first = evaluation.main(cfg_for(memorised, tmp_path / "a.json"))
     second = evaluation.main(cfg_for(memorised, tmp_path / "b.json"))
     assert first == second
@@ -129,6 +130,7 @@ def test_greedy_evaluation_is_deterministic_and_agrees_with_training(memorised, 
         and first["settings"]["max_turn_tokens"] == SMALL["max_turn_tokens"]
     )
     assert first["problems"] and all(len(r["samples"]) == 1 for r in first["problems"])
+    assert first["environment"]["torch"] == evaluation.torch.__version__ and first["environment"]["device"] == "cpu"
     problems = data.toy_held_out(100)[:12]
     policy, tokenizer = evaluation.policies.load_policy(memorised)
     world = launch.World(0, 1, evaluation.torch.device("cpu"))
@@ -211,23 +213,27 @@ def test_an_empty_set_is_an_error(monkeypatch):
         evaluation.load_sets(evaluation.Config(data=["hf:org/empty"]))
 
 
-def test_compare_pairs_problems_by_key_and_reports_the_difference(tmp_path):
+def test_compare_pairs_problems_by_key_and_reports_the_difference(tmp_path, capsys):
     """--compare pairs the problems both reports hold, per set: B - A is the mean per-problem
-    accuracy difference; a report against itself differs by exactly 0; a training sample dump
-    is refused."""
+    accuracy difference; a report against itself differs by exactly 0, with nothing noted; a
+    version that differs is noted; a training sample dump is refused."""
 
-    def report(path, correct):
+    def report(path, correct, torch_version="2.13.0"):
         records = [{"key": f"s/{i}", "set": "s", "index": i, "id": None, "problem": f"p{i}", "answer": "1",
                     "num_correct": c, "samples": [{"correct": j < c, "answer": "1", "stop": "answer", "format_error": False,
                                                "turns": []} for j in range(2)]} for i, c in enumerate(correct)]  # fmt: skip
-        path.write_text(json.dumps(evaluation.make_report({"samples": 2}, records)))
+        environment = {"torch": torch_version, "threads": 2}
+        path.write_text(json.dumps(evaluation.make_report({"samples": 2}, records, environment=environment)))
         return str(path)
 
-    a, b = report(tmp_path / "a.json", [0, 1, 2, 2]), report(tmp_path / "b.json", [2, 1, 2])
+    a, b = report(tmp_path / "a.json", [0, 1, 2, 2]), report(tmp_path / "b.json", [2, 1, 2], torch_version="2.14.1")
     (row,) = evaluation.compare(a, b)
     assert row["problems"] == 3 and row["diff"] == pytest.approx((1.0 + 0 + 0) / 3)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: torch differs: A '2.13.0', B '2.14.1'"]
     (same,) = evaluation.compare(a, a)
     assert same["diff"] == same["ci_low"] == same["ci_high"] == 0
+    assert "note:" not in capsys.readouterr().out
     dump = tmp_path / "dump.json"
     dump.write_text(json.dumps({"kind": "samples", "problems": []}))
     with pytest.raises(data.DataError, match="takes eval.py reports"):

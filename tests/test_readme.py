@@ -208,14 +208,37 @@ def test_the_readme_holds_the_test_command_ci_runs():
 @pytest.mark.parametrize("command", of_kind("pip"), ids=lambda c: f"{c.doc}:{c.line}")
 def test_pip_commands_are_the_ones_ci_runs(command):
     """A documented pip command installs what one of .ci/run's pip commands installs, and every
-    requirements file it names exists."""
+    requirements or constraints file it names exists."""
     args = pip_install(classify(command.argv)[1])
     assert args and args[0] == "install", f"{command}: not a pip install"
     for k, arg in enumerate(args):
-        if arg in ("-r", "--requirement"):
+        if arg in ("-r", "--requirement", "-c", "--constraint"):
             assert os.path.isfile(os.path.join(ROOT, args[k + 1])), f"{command}: {args[k + 1]} does not exist"
     ci = [pip_install(a) for a in ci_commands("pip")]
     assert args in ci, f"{command}: CI installs {ci}, not this"
+
+
+def test_constraints_pin_every_requirement_within_its_bounds():
+    """constraints.txt pins each package of requirements.txt, and the extras CI installs, to one
+    exact version that requirements.txt's bounds allow; CI installs with it."""
+    from packaging.requirements import Requirement
+
+    def lines(name):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+    pins = dict(line.split("==") for line in lines("constraints.txt"))
+    for line in lines("requirements.txt"):
+        wanted = Requirement(line)
+        assert wanted.name in pins, f"constraints.txt does not pin {wanted.name}"
+        assert wanted.specifier.contains(pins[wanted.name]), f"{wanted.name}=={pins[wanted.name]} is not {wanted}"
+    ci = [pip_install(a) for a in ci_commands("pip")]
+    torch_installs = [a for a in ci if any(p.startswith("torch==") for p in a)]
+    assert torch_installs == [["install", f"torch=={pins['torch']}"]], "CI's torch is constraints.txt's"
+    others = [a for a in ci if a not in torch_installs]
+    assert others and all(a[-2:] == ["-c", "constraints.txt"] for a in others), others
+    named = [p for a in others for k, p in enumerate(a) if k and not p.startswith("-") and a[k - 1] not in ("-r", "-c")]
+    assert named and all(p in pins for p in named), f"CI installs {named} beyond constraints.txt's pins"
 
 
 @pytest.mark.parametrize("command", of_kind("pytest"), ids=lambda c: f"{c.doc}:{c.line}")

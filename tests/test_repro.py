@@ -6,9 +6,11 @@ import os
 import sys
 
 import pytest
+import torch
 
+import launch
 import repro
-from conftest import SMALL, run_script
+from conftest import ROOT, SMALL, run_script
 
 
 @pytest.mark.slow  # about a minute: four train.py and eval.py runs, twice; the README test parses its command
@@ -60,3 +62,89 @@ def test_paired_differences_are_per_seed_with_a_t_interval():
     assert row["interval"] == pytest.approx([0.02 - half, 0.02 + half])
     assert row["seeds_for_effect"] == 8  # (2.8 * 0.03 / 0.03)^2 = 7.84
     assert "| gtpo_code | 3 | +2.0 |" in table
+
+
+# ---------------------------------------------------------------- the demo's published figures
+
+
+def published():
+    with open(repro.DEMO_REFERENCE) as f:
+        return json.load(f)
+
+
+def here():
+    return launch.environment(launch.World(0, 1, torch.device("cpu")))
+
+
+def test_environment_records_the_versions_the_modules_report():
+    """launch.environment's versions are the imported modules' own __version__ (read from the
+    installed distributions), the thread count torch uses, and torch's CPU kernel dispatch."""
+    import numpy
+    import safetensors
+    import tokenizers
+    import transformers
+
+    env = here()
+    for module in (torch, transformers, tokenizers, safetensors, numpy):
+        assert env[module.__name__] == module.__version__
+    assert env["threads"] == torch.get_num_threads() and env["ranks"] == 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def summary_file(path, seed=0, environment=None, **changes):
+    reference = published()
+    summary = {**reference["summaries"][str(seed)], "seed": seed, **changes}
+    summary["environment"] = environment if environment is not None else reference["environment"]
+    path.write_text(json.dumps(summary))
+    return str(path)
+
+
+def test_check_demo_accepts_exactly_the_published_figures(tmp_path, capsys):
+    """--check_demo passes a summary with the published figures and environment, and fails one
+    whose figure moved by a hundredth, saying whether the environment explains it: the same
+    environment means the code changed, a different one names the fields that differ."""
+    reference = published()
+    assert repro.check_demo([summary_file(tmp_path / "same.json")], reference)
+    assert "the published figures, exactly" in capsys.readouterr().out
+    moved = reference["summaries"]["0"]["after_rl_sampled"] + 0.01
+    assert not repro.check_demo([summary_file(tmp_path / "moved.json", after_rl_sampled=moved)], reference)
+    out = capsys.readouterr().out
+    assert "after_rl_sampled" in out and "differs" in out and "in the published environment" in out
+    other = {**reference["environment"], "torch": "9.9.9", "threads": 7}
+    path = summary_file(tmp_path / "other.json", environment=other, after_rl_sampled=moved)
+    assert not repro.check_demo([path], reference)
+    out = capsys.readouterr().out
+    assert "different environment" in out and "torch: " in out and "-> 9.9.9" in out and "threads: " in out
+
+
+def test_the_published_figures_are_the_ones_docs_show():
+    """docs/results.md holds repro.demo_table of docs/demo_reference.json verbatim, and the
+    published environment's versions are constraints.txt's pins."""
+    reference = published()
+    with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
+        assert repro.demo_table(reference) in f.read()
+    with open(os.path.join(ROOT, "constraints.txt"), encoding="utf-8") as f:
+        pins = dict(line.split("#")[0].strip().split("==") for line in f if "==" in line)
+    for name in launch.VERSIONED:
+        assert reference["environment"][name].split("+")[0] == pins[name], name
+
+
+def test_check_demo_command_reads_a_finished_run(tmp_path):
+    """`repro.py --check_demo SUMMARY` exits 0 for the published figures and 1 for moved ones."""
+    ok = run_script([sys.executable, "repro.py", "--check_demo", summary_file(tmp_path / "a.json")])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    moved = summary_file(tmp_path / "b.json", sft_steps_done=published()["summaries"]["0"]["sft_steps_done"] + 250)
+    bad = run_script([sys.executable, "repro.py", "--check_demo", moved])
+    assert bad.returncode == 1 and "sft_steps_done" in bad.stdout
+
+
+@pytest.mark.slow  # the demo itself: about 8 minutes alone on two cores
+def test_demo_seed0_reproduces_its_published_summary(tmp_path):
+    """`python train.py` (seed 0) at the published thread count gives exactly the published
+    summary figures, where the versions and CPU kernels are the published ones (constraints.txt)."""
+    reference = published()["environment"]
+    differ = [k for k in ("python", *launch.VERSIONED, "cpu_capability") if here()[k] != reference[k]]
+    if differ:
+        pytest.skip(f"not the published environment ({', '.join(differ)}): the figures are promised for it only")
+    done = run_script([sys.executable, "repro.py", "--check_demo", "--out", str(tmp_path)], timeout=3600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

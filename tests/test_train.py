@@ -39,7 +39,7 @@ def config(sft_model, out_dir, **overrides):
 
 def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, tmp_path):
     """Two RL steps (with a KL term) move every parameter tensor of the policy, log finite metrics
-    with every field, and leave a summary with the seed; the checkpoint is a loadable HF model;
+    with every field, and leave a summary with the seed and the environment it ran in; the checkpoint is a loadable HF model;
     the sample dumps hold each turn's reward, return and advantage, consistent with gamma."""
     train.main(config(sft_model, tmp_path, max_steps=2, save_every=2, sample_every=1, kl_coef=0.05))
     before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
@@ -53,6 +53,7 @@ def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, tmp_
     assert records[0]["kl"] == 0 < records[1]["kl"], "step 1 samples from the reference itself"
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["seed"] == 0 and summary["ranks_in_sync"] is True
+    assert summary["environment"] == launch.environment(launch.World(0, 1, torch.device("cpu")))
     reloaded, _ = model.load_policy(str(tmp_path / "checkpoints" / "step_2"))
     assert torch.equal(reloaded.model.embed_tokens.weight, after["model.embed_tokens.weight"])
     dump = evaluation.load_report(tmp_path / "samples" / "step_1.json")  # what `eval.py --show` reads
@@ -414,14 +415,15 @@ def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_mode
     """`torchrun --nproc_per_node 2 train.py` (gloo; DDP, or FSDP2 with parameters gathered for
     generation) trains, saves (the optimizer sharded by torch.distributed.checkpoint), stops and
     resumes; under DDP every rank ends with the same parameters (train.py compares them and
-    records it in summary.json; FSDP2's ranks hold different shards by design, and its exactness
-    is the update test's)."""
+    records it in summary.json, with the number of ranks; FSDP2's ranks hold different shards by
+    design, and its exactness is the update test's)."""
     torchrun_train(sft_model, tmp_path, parallel, max_steps=1)
     assert os.listdir(tmp_path / "checkpoints" / "step_1" / "optimizer")
     done = torchrun_train(sft_model, tmp_path, parallel, max_steps=2)
     assert f"resumed from {tmp_path}/checkpoints/step_1" in done.stdout
     with open(tmp_path / "summary.json") as f:
-        assert json.load(f)["ranks_in_sync"] is (True if parallel == "ddp" else None)
+        summary = json.load(f)
+    assert summary["ranks_in_sync"] is (True if parallel == "ddp" else None) and summary["environment"]["ranks"] == 2
     with open(tmp_path / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
     before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
