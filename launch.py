@@ -13,12 +13,13 @@ batch into mini- and micro-batches that keeps every rank in step.
     run_command(main, cfg, "train.py", INPUT_ERRORS)   # errors as one line; no hang under torchrun
     wrapped = wrap(policy, world, parallel="fsdp")   # LogProbs(policy); forward -> (B, L) log-probs
     with full_parameters(wrapped): ...               # generation (FSDP2 gathers once per phase)
+    environment(world)     # versions, threads, CPU kernels, device: recorded beside every figure
 """
 
 import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
+import importlib
 import math
 import os
 import platform
@@ -206,7 +207,7 @@ def environment(world):
         device += f" ({torch.cuda.get_device_name(world.device)}, CUDA {torch.version.cuda})"
     return {
         "python": platform.python_version(),
-        **{name: importlib.metadata.version(name) for name in VERSIONED},
+        **{name: importlib.import_module(name).__version__ for name in VERSIONED},  # torch's names its build
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": device,

@@ -341,13 +341,17 @@ def check_demo(paths, reference):
         print(f"{'':<20} {'published':>10} {'here':>10}")
         for k in DEMO_FIGURES:
             print(f"{k:<20} {published[k]:>10} {str(summary.get(k)):>10}{'   differs' if k in moved else ''}")
-        print("environment: " + ("the published one" if not changed else "differs: " + "; ".join(changed)))
+        if "environment" not in summary:
+            print("environment: not recorded (a run older than summary.json's environment field)")
+        else:
+            print("environment: " + ("differs: " + "; ".join(changed) if changed else "the published one"))
         if not moved:
             print("result: the published figures, exactly")
-        elif changed:
-            print("result: different figures in a different environment. Float rounding depends on the versions, "
-                  "the thread count and the CPU, and SFT's stopping step amplifies it: docs/results.md#versions "
-                  "says how far the figures move. Install with -c constraints.txt to reproduce them.")  # fmt: skip
+        elif changed or "environment" not in summary:
+            print("result: different figures in another (or unrecorded) environment. Float rounding depends on "
+                  "the versions, the thread count and the CPU, and SFT's stopping step amplifies it: "
+                  "docs/results.md#how-far-the-figures-move says how far the figures move. Install with "
+                  "-c constraints.txt to reproduce them.")  # fmt: skip
         else:
             print("result: different figures in the published environment: the code now computes something "
                   "else than when they were published (a regression, or an intended change whose figures "
