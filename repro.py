@@ -386,10 +386,12 @@ def demo_table(reference):
     lines = ["| seed | SFT steps | sampled: before RL (after SFT) → after RL | greedy: before → after |",
              "| --- | --- | --- | --- |"]  # fmt: skip
     for seed, f in reference["summaries"].items():
-        sampled = f"{f['before_rl_sampled']:.2f} → {f['after_rl_sampled']:.2f}"
-        greedy = f"{f['before_rl_greedy']:.2f} → {f['after_rl_greedy']:.2f}"
-        gain = lambda kind: round(100 * (f[f"after_rl_{kind}"] - f[f"before_rl_{kind}"]))  # noqa: E731
-        lines.append(f"| {seed} | {f['sft_steps_done']} | {sampled} ({gain('sampled'):+d}) | {greedy} ({gain('greedy'):+d}) |")
+        moves = []
+        for kind in ("sampled", "greedy"):
+            before, after = f[f"before_rl_{kind}"], f[f"after_rl_{kind}"]
+            points = f"{round(100 * (after - before)):+d}".replace("-", "−")
+            moves.append(f"{before:.2f} → {after:.2f} ({points})")
+        lines.append(f"| {seed} | {f['sft_steps_done']} | {moves[0]} | {moves[1]} |")
     return "\n".join(lines)
 
 
