@@ -17,7 +17,8 @@ differences from GRPO, and held-out accuracy by kind), results.json and curves.p
 --check_demo runs `python train.py --seed S` (--seeds, default 0) at the published thread count
 into --out/demo/seedS, or reads the summary.json files given, and compares each with
 DEMO_REFERENCE: the summary figures, exactly, and the environment they were measured in
-(launch.environment). Exit code 0 when every figure is the published one, 1 when one differs.
+(launch.environment). Exit code 0 when every figure is the published one, 1 when one differs,
+2 when a summary cannot be read.
 --publish writes DEMO_REFERENCE from the runs instead (after a deliberate change) and prints the
 table docs/results.md shows.
 """
@@ -292,6 +293,7 @@ def run(args):
         print(f"no plot: {e}")
     return rows
 
+
 # ---------------------------------------------------------------- the demo's published figures
 
 DEMO_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "demo_reference.json")
@@ -324,14 +326,25 @@ def environment_differences(published, here):
     return [f"{k}: {published[k]} -> {here.get(k, 'unknown')}" for k in published if here.get(k) != published[k]]
 
 
+def read_summary(path):
+    """A train.py summary.json; a missing or unreadable file ends the command naming it."""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        summary["seed"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"repro.py: {path}: not a train.py summary.json ({type(e).__name__}: {e})", file=sys.stderr)
+        sys.exit(2)  # not 1, which means a figure differs
+    return summary
+
+
 def check_demo(paths, reference):
     """Compare each summary.json with the published one of its seed: the figures exactly, the
     environment field by field. Prints what differs and what it means; True if no figure does."""
-    print(f"published: {os.path.relpath(DEMO_REFERENCE)} ({reference['command']})")
+    print(f"published: docs/demo_reference.json ({reference['command']})")
     same = True
     for path in paths:
-        with open(path) as f:
-            summary = json.load(f)
+        summary = read_summary(path)
         published = reference["summaries"].get(str(summary["seed"]))
         if published is None:
             sys.exit(f"repro.py: {path}: seed {summary['seed']} has no published figures")
@@ -363,10 +376,7 @@ def check_demo(paths, reference):
 def publish_demo(paths):
     """Write DEMO_REFERENCE from these runs' summary.json (one environment for all) and return the
     markdown table docs/results.md shows."""
-    summaries = []
-    for path in paths:
-        with open(path) as f:
-            summaries.append(json.load(f))
+    summaries = [read_summary(path) for path in paths]
     environments = {json.dumps(s["environment"], sort_keys=True) for s in summaries}
     if len(environments) != 1:
         sys.exit("repro.py --publish: the runs were measured in different environments")

@@ -128,12 +128,19 @@ def test_the_published_figures_are_the_ones_docs_show():
 
 
 def test_check_demo_command_reads_a_finished_run(tmp_path):
-    """`repro.py --check_demo SUMMARY` exits 0 for the published figures and 1 for moved ones."""
+    """`repro.py --check_demo SUMMARY` exits 0 for the published figures, 1 for moved ones, and 2
+    with one line naming the file for one that is missing or not a summary."""
     ok = run_script([sys.executable, "repro.py", "--check_demo", summary_file(tmp_path / "a.json")])
     assert ok.returncode == 0, ok.stdout + ok.stderr
     moved = summary_file(tmp_path / "b.json", sft_steps_done=published()["summaries"]["0"]["sft_steps_done"] + 250)
     bad = run_script([sys.executable, "repro.py", "--check_demo", moved])
     assert bad.returncode == 1 and "sft_steps_done" in bad.stdout
+    (tmp_path / "list.json").write_text("[1]")
+    for path in (tmp_path / "missing.json", tmp_path / "list.json"):
+        refused = run_script([sys.executable, "repro.py", "--check_demo", str(path)])
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+        assert lines[0].startswith(f"repro.py: {path}: not a train.py summary.json"), lines
 
 
 @pytest.mark.slow  # the demo itself: about 8 minutes alone on two cores
