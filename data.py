@@ -547,7 +547,7 @@ def _word_problem(kind, rng):
                 "foot. How many dollars does it cost to fence the whole garden?",
                 f"2*({length} + {width}) = {perimeter}. {perimeter}*{c} = {perimeter * c}.", perimeter * c)  # fmt: skip
     if kind == "boxes":
-        (item, items), per, boxes, sold = rng.choice(ITEMS), r(6, 24), r(5, 40), r(10, 90)
+        (_, items), per, boxes, sold = rng.choice(ITEMS), r(6, 24), r(5, 40), r(10, 90)
         total = per * boxes
         sold = min(sold, total)
         return (f"A shop gets {boxes} boxes with {per} {items} in each box and sells {sold} {items}. "
