@@ -298,26 +298,45 @@ def run(args):
 
 DEMO_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "demo_reference.json")
 DEMO_FIGURES = ("sft_steps_done", "before_rl_sampled", "before_rl_greedy", "after_rl_sampled", "after_rl_greedy")
+DEMO_SETTINGS = ("algo", "rl_steps", "eval_samples", "temperature", "held_out_problems")  # what makes it the demo
+
+
+def cannot_check(message):
+    """End the command with exit code 2: nothing was compared (1 means a figure differs)."""
+    print(f"repro.py: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def demo_run(args, seed, threads):
-    """summary.json of `python train.py --seed S` at `threads` torch threads (None: torch's default),
-    read back once it exists."""
+    """summary.json of `python train.py --seed S` at `threads` torch threads (None: torch's default)
+    in a new run directory: an existing one may hold older code's figures, so it is refused."""
     out = os.path.abspath(os.path.join(args.out, "demo", f"seed{seed}"))
-    if os.path.exists(os.path.join(out, "summary.json")):
-        print(f"read back: {out}/summary.json (delete {out} to run it again)")
-    else:
-        os.makedirs(out, exist_ok=True)
-        print(f"python train.py --seed {seed} --out_dir {out}  ({threads or 'default'} threads; log: {out}/log.txt)",
-              flush=True)  # fmt: skip
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-        with open(os.path.join(out, "log.txt"), "a") as log:
-            done = subprocess.run([sys.executable, "train.py", "--seed", str(seed), "--out_dir", out], stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)),
-                                  env=env)  # fmt: skip
-        if done.returncode:
-            sys.exit(f"repro.py: the demo with seed {seed} failed; see {out}/log.txt")
+    if os.path.exists(out):
+        cannot_check(f"{out} exists: compare it with --check_demo {out}/summary.json, or delete it to rerun")
+    os.makedirs(out)
+    print(f"python train.py --seed {seed} --out_dir {out}  ({threads or 'default'} threads; log: {out}/log.txt)",
+          flush=True)  # fmt: skip
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    with open(os.path.join(out, "log.txt"), "a") as log:
+        done = subprocess.run([sys.executable, "train.py", "--seed", str(seed), "--out_dir", out], stdout=log,
+                              stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)), env=env)  # fmt: skip
+    if done.returncode:
+        cannot_check(f"the demo with seed {seed} failed; see {out}/log.txt")
     return os.path.join(out, "summary.json")
+
+
+def read_summary(path):
+    """A demo run's summary.json; anything else (missing, unreadable, another run's settings) ends
+    the command naming it, since comparing it would blame the code for a difference of settings."""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as e:
+        cannot_check(f"{path}: not a train.py summary.json ({e})")
+    missing = [k for k in ("seed", *DEMO_FIGURES, *DEMO_SETTINGS) if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        cannot_check(f"{path}: not a train.py summary.json (no {', '.join(missing)})")
+    return summary
 
 
 def environment_differences(published, here):
@@ -326,16 +345,26 @@ def environment_differences(published, here):
     return [f"{k}: {published[k]} -> {here.get(k, 'unknown')}" for k in published if here.get(k) != published[k]]
 
 
-def read_summary(path):
-    """A train.py summary.json; a missing or unreadable file ends the command naming it."""
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-        summary["seed"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"repro.py: {path}: not a train.py summary.json ({type(e).__name__}: {e})", file=sys.stderr)
-        sys.exit(2)  # not 1, which means a figure differs
-    return summary
+def verdict(moved, environment, published):
+    """What a comparison means, in one line (usage.md explains it at length)."""
+    if not moved:
+        return "the published figures, exactly"
+    if environment == published:
+        return ("different figures in the published environment: the code now computes something else than when "
+                "they were published (a regression, or an intended change to republish with --publish)")  # fmt: skip
+    differ = {k for k in published if (environment or {}).get(k) != published[k]}
+    advice = []
+    if differ - {"threads", "cpu_capability", "device", "ranks"}:
+        advice.append("install with -c constraints.txt (torch: its CPU wheel)")
+    if "threads" in differ:
+        advice.append(f"set OMP_NUM_THREADS={published['threads']}")
+    if "cpu_capability" in differ:
+        advice.append(f"torch's {published['cpu_capability']} kernels (ATEN_CPU_CAPABILITY can only lower them)")
+    if differ & {"device", "ranks"}:
+        advice.append(f"{published['device']}, {published['ranks']} process")
+    return ("different figures in another environment: consistent with float rounding, which SFT's stopping "
+            "step amplifies (docs/results.md#how-far-the-figures-move); to tell, rerun in the published one"
+            + (": " + "; ".join(advice) if advice else ""))  # fmt: skip
 
 
 def check_demo(paths, reference):
@@ -347,28 +376,20 @@ def check_demo(paths, reference):
         summary = read_summary(path)
         published = reference["summaries"].get(str(summary["seed"]))
         if published is None:
-            sys.exit(f"repro.py: {path}: seed {summary['seed']} has no published figures")
-        moved = [k for k in DEMO_FIGURES if summary.get(k) != published[k]]
+            cannot_check(f"{path}: seed {summary['seed']} has no published figures")
+        other = [f"{k} {summary[k]} (the demo's: {published[k]})" for k in DEMO_SETTINGS if summary[k] != published[k]]
+        if other:
+            cannot_check(f"{path}: not the demo's settings: {', '.join(other)}")
+        moved = [k for k in DEMO_FIGURES if summary[k] != published[k]]
         changed = environment_differences(reference["environment"], summary.get("environment"))
         print(f"\nseed {summary['seed']}: {path}")
         print(f"{'':<20} {'published':>10} {'here':>10}")
         for k in DEMO_FIGURES:
-            print(f"{k:<20} {published[k]:>10} {str(summary.get(k)):>10}{'   differs' if k in moved else ''}")
-        if "environment" not in summary:
-            print("environment: not recorded (a run older than summary.json's environment field)")
-        else:
-            print("environment: " + ("differs: " + "; ".join(changed) if changed else "the published one"))
-        if not moved:
-            print("result: the published figures, exactly")
-        elif changed or "environment" not in summary:
-            print("result: different figures in another (or unrecorded) environment. Float rounding depends on "
-                  "the versions, the thread count and the CPU, and SFT's stopping step amplifies it: "
-                  "docs/results.md#how-far-the-figures-move says how far the figures move. Install with "
-                  "-c constraints.txt to reproduce them.")  # fmt: skip
-        else:
-            print("result: different figures in the published environment: the code now computes something "
-                  "else than when they were published (a regression, or an intended change whose figures "
-                  "need republishing with --publish).")  # fmt: skip
+            print(f"{k:<20} {published[k]:>10} {summary[k]:>10}{'   differs' if k in moved else ''}")
+        recorded = "environment" in summary
+        print("environment: " + ("; ".join(changed) if changed and recorded else
+                                 "the published one" if recorded else "not recorded (an older run)"))  # fmt: skip
+        print("result: " + verdict(moved, summary.get("environment"), reference["environment"]))
         same = same and not moved
     return same
 
@@ -376,14 +397,15 @@ def check_demo(paths, reference):
 def publish_demo(paths):
     """Write DEMO_REFERENCE from these runs' summary.json (one environment for all) and return the
     markdown table docs/results.md shows."""
-    summaries = [read_summary(path) for path in paths]
-    environments = {json.dumps(s["environment"], sort_keys=True) for s in summaries}
-    if len(environments) != 1:
-        sys.exit("repro.py --publish: the runs were measured in different environments")
+    summaries = sorted((read_summary(path) for path in paths), key=lambda s: s["seed"])
+    if any("environment" not in s for s in summaries):
+        cannot_check("--publish: a run without a recorded environment cannot be published")
+    if len({json.dumps(s["environment"], sort_keys=True) for s in summaries}) != 1:
+        cannot_check("--publish: the runs were measured in different environments")
     reference = {
         "command": f"python train.py --seed S (OMP_NUM_THREADS={summaries[0]['environment']['threads']})",
         "environment": summaries[0]["environment"],
-        "summaries": {str(s["seed"]): {k: s[k] for k in DEMO_FIGURES} for s in summaries},
+        "summaries": {str(s["seed"]): {k: s[k] for k in (*DEMO_FIGURES, *DEMO_SETTINGS)} for s in summaries},
     }
     with open(DEMO_REFERENCE, "w") as f:
         json.dump(reference, f, indent=1)
@@ -406,13 +428,22 @@ def demo_table(reference):
 
 
 def demo(args):
-    """--check_demo and --publish: the exit code."""
+    """--check_demo and --publish: the exit code. The seeds are checked against the published ones
+    before anything runs, since a run takes minutes."""
     reference = None
-    if os.path.exists(DEMO_REFERENCE) or not args.publish:
+    try:
         with open(DEMO_REFERENCE) as f:
             reference = json.load(f)
+    except (OSError, ValueError) as e:
+        if not args.publish:  # --publish replaces it
+            cannot_check(f"no published figures to compare with: {e}")
+    seeds = args.seeds or ([int(k) for k in reference["summaries"]] if args.publish and reference else [0])
+    if reference and not args.publish and not args.check_demo:
+        unknown = [s for s in seeds if str(s) not in reference["summaries"]]
+        if unknown:
+            cannot_check(f"--seeds: no published figures for seed {', '.join(map(str, unknown))}")
     threads = reference["environment"]["threads"] if reference else None
-    paths = args.check_demo or [demo_run(args, seed, threads) for seed in args.seeds or [0]]
+    paths = args.check_demo or [demo_run(args, seed, threads) for seed in seeds]
     if args.publish:
         print(publish_demo(paths))
         return 0
@@ -439,17 +470,21 @@ def main():
     )
     parser.add_argument("--check_demo", nargs="*", metavar="SUMMARY",
                         help="compare the demo's summary.json with the published one (docs/demo_reference.json): "
-                        "the files given, or python train.py run here for --seeds; exit code 1 if a figure differs")
+                        "the files given, or python train.py run here for --seeds; exit code 0: the published "
+                        "figures, 1: a figure differs, 2: nothing could be compared")
     parser.add_argument("--publish", action="store_true",
                         help="with --check_demo: write docs/demo_reference.json from these runs instead "
                         "(after a deliberate change) and print docs/results.md's table")  # fmt: skip
     args = parser.parse_args()
+    args.train_flags = [f for f in args.train_flags if f != "--"]
     if args.check_demo is not None:
+        if args.train_flags or args.starts or (args.seeds and args.check_demo):
+            parser.error("--check_demo takes SUMMARY files or --seeds, and no train.py flags or --starts "
+                         f"(got {' '.join(args.train_flags + args.starts) or '--seeds with files'})")  # fmt: skip
         sys.exit(demo(args))
     if args.publish:
         parser.error("--publish goes with --check_demo")
     args.seeds = args.seeds or [0, 1, 2]
-    args.train_flags = [f for f in args.train_flags if f != "--"]
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be at least 1")
     if args.starts and len(args.starts) != len(args.seeds):

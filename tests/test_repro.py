@@ -100,19 +100,47 @@ def summary_file(path, seed=0, environment=None, **changes):
 def test_check_demo_accepts_exactly_the_published_figures(tmp_path, capsys):
     """--check_demo passes a summary with the published figures and environment, and fails one
     whose figure moved by a hundredth, saying whether the environment explains it: the same
-    environment means the code changed, a different one names the fields that differ."""
+    environment means the code changed; a different one names the fields that differ and how to
+    rerun in the published one."""
     reference = published()
+    threads = reference["environment"]["threads"]
     assert repro.check_demo([summary_file(tmp_path / "same.json")], reference)
     assert "the published figures, exactly" in capsys.readouterr().out
     moved = reference["summaries"]["0"]["after_rl_sampled"] + 0.01
     assert not repro.check_demo([summary_file(tmp_path / "moved.json", after_rl_sampled=moved)], reference)
     out = capsys.readouterr().out
     assert "after_rl_sampled" in out and "differs" in out and "in the published environment" in out
-    other = {**reference["environment"], "torch": "9.9.9", "threads": 7}
+    other = {**reference["environment"], "torch": "9.9.9", "threads": threads + 5}
     path = summary_file(tmp_path / "other.json", environment=other, after_rl_sampled=moved)
-    assert not repro.check_demo([path], reference)
+    assert not repro.check_demo([summary_file(tmp_path / "same.json"), path], reference)
     out = capsys.readouterr().out
-    assert "another (or unrecorded) environment" in out and "-> 9.9.9" in out and "threads: 2 -> 7" in out
+    assert "another environment" in out and "-> 9.9.9" in out and f"threads: {threads} -> {threads + 5}" in out
+    assert f"set OMP_NUM_THREADS={threads}" in out and "install with -c constraints.txt" in out
+
+
+def test_another_runs_settings_are_refused_not_blamed_on_the_code(tmp_path):
+    """A summary.json of other settings than the demo's (here 4 evaluation samples) is not
+    compared: exit code 2, one line naming the setting."""
+    path = summary_file(tmp_path / "four.json", eval_samples=4)
+    done = run_script([sys.executable, "repro.py", "--check_demo", path])
+    assert done.returncode == 2 and "not the demo's settings: eval_samples 4 (the demo's: 1)" in done.stderr
+
+
+def test_publish_then_check_round_trips(tmp_path, monkeypatch, capsys):
+    """--publish writes the reference from runs given in any order (sorted by seed) and the check
+    then passes them; runs from two environments are not published."""
+    env = {**published()["environment"], "threads": 3}
+    paths = [summary_file(tmp_path / f"s{seed}.json", seed=seed, environment=env) for seed in (1, 0)]
+    mixed = [paths[0], summary_file(tmp_path / "s2.json", seed=0)]
+    monkeypatch.setattr(repro, "DEMO_REFERENCE", str(tmp_path / "reference.json"))
+    table = repro.publish_demo(paths)
+    with open(repro.DEMO_REFERENCE) as f:
+        reference = json.load(f)
+    assert list(reference["summaries"]) == ["0", "1"] and reference["environment"] == env
+    assert table.splitlines()[2].startswith("| 0 |") and repro.check_demo(paths, reference)
+    with pytest.raises(SystemExit) as stop:
+        repro.publish_demo(mixed)
+    assert stop.value.code == 2 and "different environments" in capsys.readouterr().err
 
 
 def test_the_published_figures_are_the_ones_docs_show():
@@ -141,6 +169,21 @@ def test_check_demo_command_reads_a_finished_run(tmp_path):
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 2 and len(lines) == 1, refused.stderr
         assert lines[0].startswith(f"repro.py: {path}: not a train.py summary.json"), lines
+
+
+def test_check_demo_refuses_before_any_run_what_it_cannot_check(tmp_path):
+    """Without training anything, exit code 2: a seed with no published figures; a run directory
+    that already exists (it may hold older code's figures); train.py flags or a stray file (which
+    argparse would take for train.py flags), leaving the published file as it was."""
+    before = open(repro.DEMO_REFERENCE).read()
+    (tmp_path / "demo" / "seed0").mkdir(parents=True)
+    for args, said in ((["--seeds", "7"], "no published figures for seed 7"),
+                       (["--out", str(tmp_path)], "exists: compare it with --check_demo"),
+                       (["--publish", "a.json"], "no train.py flags"),
+                       (["--", "--max_steps", "3"], "no train.py flags")):  # fmt: skip
+        done = run_script([sys.executable, "repro.py", "--check_demo", *args], timeout=60)
+        assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
+    assert open(repro.DEMO_REFERENCE).read() == before
 
 
 @pytest.mark.slow  # the demo itself: about 8 minutes alone on two cores
