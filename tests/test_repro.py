@@ -150,7 +150,7 @@ def test_the_published_figures_are_the_ones_docs_show():
     with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
         assert repro.demo_table(reference) in f.read()
     with open(os.path.join(ROOT, "constraints.txt"), encoding="utf-8") as f:
-        pins = dict(line.split("#")[0].strip().split("==") for line in f if "==" in line)
+        pins = dict(line.split("#")[0].strip().split("==") for line in f if "==" in line.split("#")[0])
     for name in launch.VERSIONED:
         assert reference["environment"][name].split("+")[0] == pins[name], name
 
