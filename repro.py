@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.abspath(__file__))  # train.py and eval.py run here
 REPRO_VARIANTS = {  # name -> train.py flags (everything else: the demo's defaults)
     "grpo": ["--algo", "grpo"],
     "gtpo_no_shaping": ["--shaping", "none"],
@@ -68,7 +69,7 @@ def repro_run(args, variant, seed, start):
         started = time.time()
         with open(os.path.join(out, "log.txt"), "a") as log:
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                  cwd=os.path.dirname(__file__) or ".", env=child_env(args))  # fmt: skip
+                                  cwd=ROOT, env=child_env(args))  # fmt: skip
         if done.returncode:
             sys.exit(f"repro.py: {variant} seed {seed} failed; see {out}/log.txt")
         print(f"{variant:<16} seed {seed}: {(time.time() - started) / 60:.1f} min", flush=True)
@@ -296,7 +297,7 @@ def run(args):
 
 # ---------------------------------------------------------------- the demo's published figures
 
-DEMO_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "demo_reference.json")
+DEMO_REFERENCE = os.path.join(ROOT, "docs", "demo_reference.json")
 DEMO_FIGURES = ("sft_steps_done", "before_rl_sampled", "before_rl_greedy", "after_rl_sampled", "after_rl_greedy")
 DEMO_SETTINGS = ("algo", "rl_steps", "eval_samples", "temperature", "held_out_problems")  # what makes it the demo
 
@@ -319,7 +320,7 @@ def demo_run(args, seed, threads):
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(os.path.join(out, "log.txt"), "a") as log:
         done = subprocess.run([sys.executable, "train.py", "--seed", str(seed), "--out_dir", out], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)), env=env)  # fmt: skip
+                              stderr=subprocess.STDOUT, cwd=ROOT, env=env)  # fmt: skip
     if done.returncode:
         cannot_check(f"the demo with seed {seed} failed; see {out}/log.txt")
     return os.path.join(out, "summary.json")
@@ -339,20 +340,14 @@ def read_summary(path):
     return summary
 
 
-def environment_differences(published, here):
-    """The environment fields (launch.environment) that differ, as 'name: published -> here'."""
-    here = here or {}
-    return [f"{k}: {published[k]} -> {here.get(k, 'unknown')}" for k in published if here.get(k) != published[k]]
-
-
-def verdict(moved, environment, published):
-    """What a comparison means, in one line (usage.md explains it at length)."""
+def verdict(moved, differ, published):
+    """What a comparison means, in one line (usage.md explains it at length); differ: the
+    environment fields that differ from the published ones."""
     if not moved:
         return "the published figures, exactly"
-    if environment == published:
+    if not differ:
         return ("different figures in the published environment: the code now computes something else than when "
                 "they were published (a regression, or an intended change to republish with --publish)")  # fmt: skip
-    differ = {k for k in published if (environment or {}).get(k) != published[k]}
     advice = []
     if differ - {"threads", "cpu_capability", "device", "ranks"}:
         advice.append("install with -c constraints.txt (torch: its CPU wheel)")
@@ -381,15 +376,18 @@ def check_demo(paths, reference):
         if other:
             cannot_check(f"{path}: not the demo's settings: {', '.join(other)}")
         moved = [k for k in DEMO_FIGURES if summary[k] != published[k]]
-        changed = environment_differences(reference["environment"], summary.get("environment"))
+        env, published_env = summary.get("environment"), reference["environment"]
+        differ = [k for k in published_env if (env or {}).get(k) != published_env[k]]  # all, if not recorded
         print(f"\nseed {summary['seed']}: {path}")
         print(f"{'':<20} {'published':>10} {'here':>10}")
         for k in DEMO_FIGURES:
             print(f"{k:<20} {published[k]:>10} {summary[k]:>10}{'   differs' if k in moved else ''}")
-        recorded = "environment" in summary
-        print("environment: " + ("; ".join(changed) if changed and recorded else
-                                 "the published one" if recorded else "not recorded (an older run)"))  # fmt: skip
-        print("result: " + verdict(moved, summary.get("environment"), reference["environment"]))
+        if env is None:
+            print("environment: not recorded (an older run)")
+        else:
+            print("environment: " + ("; ".join(f"{k}: {published_env[k]} -> {env.get(k, 'unknown')}" for k in differ)
+                                     or "the published one"))  # fmt: skip
+        print("result: " + verdict(moved, set(differ), published_env))
         same = same and not moved
     return same
 

@@ -18,6 +18,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def requirement_lines(name):
+    """A requirements or constraints file's entries, comments and blank lines left out."""
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
+def constraint_pins():
+    """constraints.txt as {package: exact version}."""
+    return dict(line.split("==") for line in requirement_lines("constraints.txt"))
+
+
 def run_script(args, timeout=300, **kwargs):
     """Run a command in the repository root, one thread per process (as torchrun's ranks)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, constraint_pins, requirement_lines
 
 DOCS = ("README.md", "docs/usage.md", "docs/results.md", "docs/real_run.md")
 SHELL_BLOCKS = {"bash", "sh", "shell", "zsh"}
@@ -223,12 +223,8 @@ def test_constraints_pin_every_requirement_within_its_bounds():
     exact version that requirements.txt's bounds allow; CI installs with it."""
     from packaging.requirements import Requirement
 
-    def lines(name):
-        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
-            return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
-
-    pins = dict(line.split("==") for line in lines("constraints.txt"))
-    for line in lines("requirements.txt"):
+    pins = constraint_pins()
+    for line in requirement_lines("requirements.txt"):
         wanted = Requirement(line)
         assert wanted.name in pins, f"constraints.txt does not pin {wanted.name}"
         assert wanted.specifier.contains(pins[wanted.name]), f"{wanted.name}=={pins[wanted.name]} is not {wanted}"

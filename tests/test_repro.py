@@ -10,7 +10,7 @@ import torch
 
 import launch
 import repro
-from conftest import ROOT, SMALL, run_script
+from conftest import ROOT, SMALL, constraint_pins, run_script
 
 
 @pytest.mark.slow  # about a minute: four train.py and eval.py runs, twice; the README test parses its command
@@ -149,8 +149,7 @@ def test_the_published_figures_are_the_ones_docs_show():
     reference = published()
     with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
         assert repro.demo_table(reference) in f.read()
-    with open(os.path.join(ROOT, "constraints.txt"), encoding="utf-8") as f:
-        pins = dict(line.split("#")[0].strip().split("==") for line in f if "==" in line.split("#")[0])
+    pins = constraint_pins()
     for name in launch.VERSIONED:
         assert reference["environment"][name].split("+")[0] == pins[name], name
 
