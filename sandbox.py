@@ -4,16 +4,19 @@
         session.run("x = 6 * 7")
         result = session.run("x")          # result.stdout == "42\\n" (a bare last expression prints)
 
-Mechanism. A session is one long-lived worker process (this file run as `python -I -u sandbox.py
---worker`) that reads code over a pipe, executes it in one persistent namespace, and answers over
-a second pipe; the code's stdout and stderr are two more pipes that the trainer drains while it
-waits. A warm call costs a pipe round trip and an exec (well under a millisecond); starting a
-worker costs a Python start-up (tens of milliseconds), paid once per trajectory rather than per
-turn, and a fresh `python -c` per call would also lose the state between turns. Standard library
-only.
+Mechanism. A session is one long-lived worker process that reads code over a pipe, executes it
+in one persistent namespace, and answers over a second pipe; the code's stdout and stderr are two
+more pipes that the trainer drains while it waits. A warm call costs a pipe round trip and an
+exec (well under a millisecond). Workers are not started as new Pythons: a template process
+(sandbox_worker.py, started once per trainer process and isolation mode, see Template) has
+imported what a worker needs and forks one per session, which then enters its own namespaces,
+uid, limits and directory; a session starts, answers a first call and closes in about 5 ms
+instead of about 45 (docs/results.md). The template never runs submitted code, so nothing of one
+session reaches the next. A fresh `python -c` per call would also lose the state between turns.
+Standard library only.
 
-Containment, and what it does NOT cover. Where the trainer runs as root and `unshare` works
-(checked once, `isolation()` tells), the worker starts in new network, PID, mount and IPC
+Containment, and what it does NOT cover. Where the trainer runs as root and the kernel lets it
+make namespaces (checked once, `isolation()` tells), the worker starts in new network, PID, mount and IPC
 namespaces:
     - Network: the namespace has only a loopback interface, and it is down: no connection to
       anything, not even to listeners on the host's 127.0.0.1 (abstract unix sockets are per
@@ -41,7 +44,7 @@ dropped with a note, not blamed on the next call; answers on the protocol pipe a
 NOT covered: the limits are per process, not per session (n processes may use n times
 memory_mb; a process that outlives its call keeps using CPU until the session closes, and
 each fork starts a fresh RLIMIT_CPU count); a cgroup per session is what bounds these.
-Fallback, where namespaces are not available (not root, or no `unshare`): the same rlimits on
+Fallback, where namespaces are not available (not root, or the kernel refuses): the same rlimits on
 an ordinary process group in a private temporary directory removed on close, BUT the code runs
 as the trainer's user (it can signal or kill the trainer, and read what that user can read),
 without network isolation, with RLIMIT_NPROC counted against the whole user (and ignored for
@@ -57,30 +60,26 @@ out of group statistics. Everything the code can cause, including killing or cor
 own worker, is the code's fault, so hostile code cannot turn a bad score into an excluded one.
 """
 
-import ast
+import atexit
 import contextlib
-import ctypes
-import errno
 import fcntl
-import itertools
 import json
-import linecache
 import os
-import resource
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-_HEADER = struct.Struct("!I")  # length prefix of every protocol message
+_HEADER = struct.Struct("!I")  # length prefix of every protocol message (as in sandbox_worker.py)
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_worker.py")  # runs sandboxed
 _UID_BASE = 1_000_000  # sandbox uids are _UID_BASE .. _UID_BASE + _UID_COUNT - 1
 _isolation = None
 
@@ -101,24 +100,18 @@ class Result:
 
 
 def isolation():
-    """'namespaces' if workers can get their own network, PID and mount namespaces, else 'process'."""
+    """'namespaces' if workers can get their own network, PID, mount and IPC namespaces, else 'process'."""
     global _isolation
     if _isolation is None:
         _isolation = "process"
-        if os.geteuid() == 0 and _which("unshare"):
+        if os.geteuid() == 0:
             probe = subprocess.run(
-                [*_UNSHARE, "true"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10
-            )
+                [sys.executable, "-I", WORKER, "--probe"], stdin=subprocess.DEVNULL,
+                capture_output=True, timeout=10,
+            )  # fmt: skip
             if probe.returncode == 0:
                 _isolation = "namespaces"
     return _isolation
-
-
-_UNSHARE = ["unshare", "--net", "--pid", "--mount", "--ipc", "--fork", "--kill-child", "--mount-proc"]
-
-
-def _which(name):
-    return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", "").split(":"))
 
 
 class _Capped:
@@ -155,23 +148,23 @@ class Session:
     """
 
     def __init__(self, timeout=5.0, memory_mb=2048, cpu_seconds=None, max_output=8192,
-                 max_file_mb=16, max_processes=64, isolate="auto"):  # fmt: skip
+                 max_file_mb=16, max_processes=64, isolate="auto", template=None):  # fmt: skip
         self.timeout = timeout
         self.max_output = max_output
         self.mode = isolation() if isolate == "auto" else isolate
+        self.template = template  # None: the process-wide one for this mode (see Template)
         self.limits = {
             "memory_mb": memory_mb,
             "cpu_seconds": cpu_seconds or int(timeout + 0.999) + 1,
             "max_file_mb": max_file_mb,
             "max_processes": max_processes,
         }
-        # Every process of the session inherits this tag; tests find survivors by it.
-        self.tag = f"{os.getpid()}-{next(_sessions)}-{os.urandom(4).hex()}"
         self.lock = threading.Lock()
-        self.proc = None
-        self.fds = {}  # the trainer's ends of the pipes: cmd, res, out, err, life
+        self.proc = None  # the live worker (namespace mode: the namespace's init), a _Process
+        self.fds = {}  # the trainer's ends of the pipes: cmd, res, out, err, life, status
         self.workdir = None
         self.uid_lease = None  # (uid, locked fd) in namespace mode
+        self.pid_namespaces = []  # e.g. ["pid:[4026532301]"]: every process of each worker stays in its own
         self.lost_note = None  # why the previous worker ended, told to the next call
 
     # ---------------------------------------------------------------- worker lifecycle
@@ -179,30 +172,25 @@ class Session:
     def _start(self):
         if self.mode == "namespaces" and self.uid_lease is None:
             self.uid_lease = _lease_uid()
-        pipes = {name: os.pipe() for name in ("cmd", "res", "out", "err", "life")}
-        child_ends = {"cmd": pipes["cmd"][0], "res": pipes["res"][1], "life": pipes["life"][0]}
-        config = dict(self.limits, mode=self.mode, uid=self.uid_lease[0] if self.uid_lease else None,
-                      **{f"{k}_fd": fd for k, fd in child_ends.items()})  # fmt: skip
+        pipes = {name: os.pipe() for name in ("cmd", "res", "out", "err", "life", "status")}
+        child_ends = [pipes["cmd"][0], pipes["res"][1], pipes["out"][1], pipes["err"][1], pipes["life"][0],
+                      pipes["status"][1]]  # fmt: skip
+        config = dict(self.limits, mode=self.mode, uid=self.uid_lease[0] if self.uid_lease else None)
         if self.mode == "process":
             self.workdir = config["workdir"] = tempfile.mkdtemp(prefix="gtpo-sandbox-")
-        argv = [sys.executable, "-I", "-u", os.path.abspath(__file__), "--worker", json.dumps(config)]
-        if self.mode == "namespaces":
-            argv = _UNSHARE + argv
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "MALLOC_ARENA_MAX": "2", "GTPO_SANDBOX_TAG": self.tag}  # fmt: skip
         self.fds = {"cmd": pipes["cmd"][1], "res": pipes["res"][0], "out": pipes["out"][0],
-                    "err": pipes["err"][0], "life": pipes["life"][1]}  # fmt: skip
+                    "err": pipes["err"][0], "life": pipes["life"][1], "status": pipes["status"][0]}  # fmt: skip
         try:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=pipes["out"][1], stderr=pipes["err"][1], env=env,
-                pass_fds=tuple(child_ends.values()), start_new_session=True, close_fds=True,
-            )  # fmt: skip
+            template = self.template or _shared_template(self.mode)
+            self.proc = template.spawn(config, child_ends)
         finally:
-            for fd in (*child_ends.values(), pipes["out"][1], pipes["err"][1]):
+            for fd in child_ends:
                 os.close(fd)
         for fd in self.fds.values():
             os.set_blocking(fd, False)
+        if self.mode == "namespaces":
+            with contextlib.suppress(OSError):  # a worker that already died fails the handshake below
+                self.pid_namespaces.append(os.readlink(f"/proc/{self.proc.pid}/ns/pid"))
         ready = self._receive(time.monotonic() + 30, _Capped(self.max_output), _Capped(self.max_output))
         if ready != {"ready": True}:
             raise RuntimeError(f"the sandbox worker did not start ({self.mode} mode): {ready}")
@@ -210,21 +198,17 @@ class Session:
     def _kill(self):
         """End the worker and everything it started; release its pipes and files."""
         if self.proc is not None:
-            # In namespace mode, kill the namespace's init first: unshare returns only once the
-            # kernel has killed every process in the namespace, so nothing outlives close().
-            if self.mode == "namespaces":
-                with contextlib.suppress(OSError, ValueError, subprocess.TimeoutExpired):
-                    with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                        children = [int(pid) for pid in f.read().split()]
-                    for pid in children:
-                        os.kill(pid, signal.SIGKILL)
-                    if children:
-                        self.proc.wait(timeout=5)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            # Namespace mode: killing the namespace's init makes the kernel kill every process in
+            # it, and init is reported dead only once they all are, so nothing outlives close().
+            if self.mode == "process":
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # its group: the worker called setsid()
             with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            self.proc.wait()
+                signal.pidfd_send_signal(self.proc.pidfd, signal.SIGKILL)
+            poller = select.poll()
+            poller.register(self.proc.pidfd, select.POLLIN)  # readable once the process has exited
+            poller.poll(10_000)
+            os.close(self.proc.pidfd)
             self.proc = None
         for fd in self.fds.values():
             with contextlib.suppress(OSError):
@@ -321,12 +305,13 @@ class Session:
                       truncated=bool(out.dropped or err.dropped))  # fmt: skip
 
     def _exit_status(self):
-        if self.proc.poll() is None:
-            try:
-                return self.proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                return None
-        return self.proc.returncode
+        """The worker's exit status as its template reported it, or None if none came within 1 s."""
+        poller = select.poll()
+        poller.register(self.fds["status"], select.POLLIN)
+        if poller.poll(1000):
+            with contextlib.suppress(ValueError):
+                return int(_read(self.fds["status"]))
+        return None
 
     def _receive(self, deadline, out, err):
         """Drain stdout and stderr until one protocol message arrives: the decoded message,
@@ -371,7 +356,6 @@ class Session:
 
 _MAX_MESSAGE = 1 << 16  # an answer is a few bytes; anything longer is forged
 _UID_COUNT = 100_000
-_sessions = itertools.count()
 
 
 def _is_answer(reply):
@@ -495,211 +479,90 @@ class Pool:
         self.close()
 
 
-# ==================================================================== the worker (runs sandboxed)
+@dataclass
+class _Process:
+    """A session's process as the trainer holds it: pid, and a pidfd that signals it race-free."""
+
+    pid: int
+    pidfd: int
 
 
-def _private_mounts(tmpfs_size):
-    """Fresh tmpfs mounts over every world-writable scratch directory and over every directory
-    that the sandbox uid could not traverse on the way to Python itself (e.g. /root, hiding its
-    other contents), with the Python installation, its sys.path and this file bound back."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    ms_nosuid, ms_nodev, ms_bind, ms_rec = 0x2, 0x4, 0x1000, 0x4000
+class Template:
+    """A pre-started Python process that forks each new session's worker.
 
-    def mount(source, target, fstype, flags, data):
-        if libc.mount(source.encode(), target.encode(), fstype, flags, data):
-            raise OSError(ctypes.get_errno(), f"mount {source} on {target} failed")
+    It is `python -I -u sandbox_worker.py --template MODE`: it has imported everything a worker
+    needs, so a session starts with a fork (about a millisecond) instead of a Python start-up. It never runs submitted code: each fork enters its own namespaces, uid,
+    limits and directory exactly as a freshly started worker would, so nothing of one session
+    reaches the next. It reaps the workers it forks and reports each one's exit status on that
+    session's status pipe. It exits when the trainer closes it or dies (its socket closes).
+    One is shared per process and mode (`Session(template=None)`); pass your own to isolate pools.
+    """
 
-    needed = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, *sys.path] if os.path.isdir(p)}
-    keep = {p for p in needed if not any(p.startswith(q + "/") for q in needed)}
-    targets = [p for p in ("/tmp", "/var/tmp", "/run", "/dev/shm") if os.path.isdir(p)]
-    for path in sorted(keep):
-        parts = path.split("/")
-        ancestors = ["/".join(parts[:i]) for i in range(2, len(parts))]
-        targets += [a for a in ancestors if not os.stat(a).st_mode & 0o001][:1]
-    for target in sorted(set(targets), key=len):
-        inside = [p for p in sorted(keep) if p.startswith(target + "/")]
-        handles = [(p, os.open(p, os.O_PATH)) for p in inside]  # survive the overmount
-        mount("tmpfs", target, b"tmpfs", ms_nosuid | ms_nodev, f"size={tmpfs_size},mode=1777".encode())
-        for path, fd in handles:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            mount(f"/proc/self/fd/{fd}", path, None, ms_bind | ms_rec, None)
-            os.close(fd)
+    def __init__(self, mode):
+        self.mode = mode
+        self.lock = threading.Lock()  # one spawn request at a time on the socket
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-I", "-u", WORKER, "--template", mode, str(theirs.fileno())]
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=_WORKER_ENV,
+                                         pass_fds=(theirs.fileno(),), start_new_session=True)  # fmt: skip
+        finally:
+            theirs.close()
+        self.socket = ours
+        self.socket.settimeout(30)
+        try:
+            if self.socket.recv(16) != b"ready":
+                raise RuntimeError(f"the sandbox template did not start: {argv}")
+        except BaseException:
+            self.close()
+            raise
 
+    def spawn(self, config, fds):
+        """Fork a worker with these pipe ends: [cmd, res, out, err, life, status]. A _Process."""
+        with self.lock:
+            socket.send_fds(self.socket, [json.dumps(config).encode()], fds)
+            message, pidfds, _, _ = socket.recv_fds(self.socket, 1 << 16, 1)
+        if not message:
+            raise RuntimeError("the sandbox template has exited")
+        reply = json.loads(message)
+        if "error" in reply:
+            raise RuntimeError(f"the sandbox template could not fork a worker: {reply['error']}")
+        return _Process(reply["pid"], pidfds[0])
 
-def _reap_orphans_as_init(worker_pid, config):
-    """PID 1 of the namespace: reap orphaned processes (zombies would count against the process
-    limit) until the worker exits, then exit with its status, which ends the namespace. Also
-    exit when the trainer's end of the lifeline closes: a trainer that dies takes its sandboxes."""
-    os.close(config["cmd_fd"])
-    os.close(config["res_fd"])  # so the trainer sees end-of-file when the worker dies
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    while True:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                os._exit(1)
-            if pid == 0:
-                break
-            if pid == worker_pid:
-                os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-        readable, _, _ = select.select([config["life_fd"], wake_r], [], [], 1.0)
-        if config["life_fd"] in readable:
-            os._exit(1)
-        with contextlib.suppress(OSError):
-            os.read(wake_r, 4096)
+    def alive(self):
+        return self.proc.poll() is None
 
-
-def _worker_setup(config):
-    """Inside the worker, before any code runs: mounts, an init process, limits, then drop root."""
-    if config["mode"] == "namespaces":
-        _private_mounts(f"{config['max_file_mb'] * 4}m")
-        os.makedirs("/tmp/work")
-        os.chown("/tmp/work", config["uid"], config["uid"])
-        os.chdir("/tmp/work")
-        pid = os.fork()
-        if pid:
-            _reap_orphans_as_init(pid, config)
-    else:
-        os.chdir(config["workdir"])
-    os.close(config["life_fd"])
-    mb = 1 << 20
-    resource.setrlimit(resource.RLIMIT_AS, (config["memory_mb"] * mb,) * 2)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (config["max_file_mb"] * mb,) * 2)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    session_cpu = 100 * config["cpu_seconds"]
-    resource.setrlimit(resource.RLIMIT_CPU, (config["cpu_seconds"], session_cpu))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs cannot raise privileges
-    if config["mode"] == "namespaces":
-        os.setgroups([])
-        os.setgid(config["uid"])
-        os.setuid(config["uid"])  # per-session uid: RLIMIT_NPROC counts this session only
-        resource.setrlimit(resource.RLIMIT_NPROC, (config["max_processes"],) * 2)
-    else:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-        cap = (
-            config["max_processes"] if hard == resource.RLIM_INFINITY else min(hard, config["max_processes"])
-        )
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NPROC, (cap, hard))
-    os.environ["HOME"] = os.getcwd()
+    def close(self):
+        """Stop the template (live sessions are not affected; they end with their own close)."""
+        self.socket.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
-class _CountingStream:
-    """Wraps sys.stdout to know whether the code printed anything (bare-expression echo)."""
-
-    def __init__(self, inner):
-        self.inner, self.written = inner, 0
-
-    def write(self, s):
-        self.written += len(s)
-        return self.inner.write(s)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+_WORKER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "MALLOC_ARENA_MAX": "2"}  # fmt: skip  # all a worker inherits: no secrets
+_templates = {}  # (mode, interpreter) -> the Template sessions share
+_templates_lock = threading.Lock()
 
 
-def _limit_of(exc):
-    if isinstance(exc, MemoryError):
-        return "memory"
-    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
-        return "file_size"
-    if isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
-        return "processes"
-    return None
+def _shared_template(mode):
+    """This process's template for `mode`, started at first use and again if it died."""
+    with _templates_lock:
+        key = (mode, sys.executable)
+        if key not in _templates or not _templates[key].alive():
+            if key in _templates:
+                _templates.pop(key).close()
+            _templates[key] = Template(mode)
+        return _templates[key]
 
 
-def _execute(code, namespace, call, worker_pid):
-    """Run one cell; returns (ok, limit). A bare last expression is printed if nothing else was.
-    A process the cell forked leaves when it reaches the cell's end, quietly: only the worker
-    reports and answers."""
-    filename = f"<cell {call}>"
-    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # for tracebacks
-    stdout = sys.stdout = _CountingStream(sys.__stdout__)
-    try:
-        tree = ast.parse(code, filename)
-        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-        exec(compile(tree, filename, "exec"), namespace)
-        if last is not None:
-            value = eval(compile(ast.Expression(last.value), filename, "eval"), namespace)
-            if value is not None and stdout.written == 0:
-                print(repr(value))
-        return True, None
-    except SystemExit as e:
-        if e.code in (None, 0):
-            return True, None
-        print(f"SystemExit: {e.code}", file=sys.stderr)
-        return False, None
-    except BaseException as e:  # noqa: BLE001 - the code's exception is its result
-        if os.getpid() != worker_pid:
-            sys.__stdout__.flush()
-            os._exit(1)
-        frames = traceback.extract_tb(e.__traceback__)
-        keep = next((i for i, f in enumerate(frames) if f.filename == filename), len(frames))
-        tb = e.__traceback__
-        for _ in range(keep):
-            tb = tb.tb_next
-        traceback.print_exception(type(e), e, tb, file=sys.stderr)
-        return False, _limit_of(e)
-    finally:
-        for stream in (sys.__stdout__, sys.__stderr__):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-
-
-def _worker_main(config):
-    _worker_setup(config)
-    cmd, res = config["cmd_fd"], config["res_fd"]
-
-    def send(message):
-        data = json.dumps(message).encode()
-        os.write(res, _HEADER.pack(len(data)) + data)
-
-    def receive():
-        header = _read_exactly(cmd, _HEADER.size)
-        return json.loads(_read_exactly(cmd, _HEADER.unpack(header)[0])) if header else None
-
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    worker_pid = os.getpid()
-    send({"ready": True})
-    call = 0
-    while True:
-        request = receive()
-        if request is None:  # the trainer closed the pipe: leave now, threads and all
-            os._exit(0)
-        if request.get("reset"):  # a fresh namespace, numbered from cell 1 again
-            namespace, call = {"__name__": "__main__", "__builtins__": __builtins__}, 0
-            send({"ok": True, "limit": None})
-            continue
-        call += 1
-        used = resource.getrusage(resource.RUSAGE_SELF)
-        cpu_used = int(used.ru_utime + used.ru_stime)
-        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-        with contextlib.suppress(ValueError):
-            resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_used + config["cpu_seconds"], hard), hard))
-        ok, limit = _execute(request["code"], namespace, call, worker_pid)
-        if os.getpid() != worker_pid:  # a child the code forked got here: it must not answer
-            os._exit(0)
-        send({"ok": ok, "limit": limit})
-
-
-def _read_exactly(fd, n):
-    data = bytearray()
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return bytes(data)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    _worker_main(json.loads(sys.argv[2]))
+@atexit.register
+def _close_templates():
+    with _templates_lock:
+        for template in _templates.values():
+            template.close()
+        _templates.clear()

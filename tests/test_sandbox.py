@@ -22,18 +22,19 @@ NAMESPACES = sandbox.isolation() == "namespaces"
 needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="needs root and unshare (namespace mode)")
 
 
-def session_processes(tag):
-    """PIDs of live (non-zombie) processes whose environment carries the session's tag."""
+def session_processes(session):
+    """PIDs of live (non-zombie) processes in any PID namespace the session's workers have had:
+    every process a worker starts stays in its namespace, setsid() and daemonising included."""
+    assert session.pid_namespaces, "the session never started a worker in namespace mode"
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read()
+            namespace = os.readlink(f"/proc/{pid}/ns/pid")
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if f"GTPO_SANDBOX_TAG={tag}".encode() in environ and state != "Z":
+        if namespace in session.pid_namespaces and state != "Z":
             found.append(int(pid))
     return found
 
@@ -117,7 +118,7 @@ def test_hostile_code_is_contained(name, code, expect, monkeypatch):
         assert after.ok and after.stdout.endswith("42\n"), after
     finally:
         session.close()
-    assert session_processes(session.tag) == [], f"{name}: processes survived close()"
+    assert session_processes(session) == [], f"{name}: processes survived close()"
     for d in HOST_DIRS + [os.path.expanduser("~")]:
         assert not os.path.exists(os.path.join(d, escape)), f"{name}: wrote {escape} in {d}"
 
@@ -222,6 +223,53 @@ def test_sessions_do_not_see_each_other():
         assert b.run("import os\nos.path.exists('mine.txt')").stdout == "False\n"
 
 
+PLANT = """import builtins, json, os, subprocess, sys
+planted = 'left behind'
+json.planted = builtins.planted = 1
+os.environ['PLANTED'] = '1'
+sys.modules['planted_module'] = json
+sys.path.append('/planted')
+for d in {dirs!r}:
+    try:
+        open(os.path.join(d, 'planted'), 'w').write('x')
+    except OSError:
+        pass
+subprocess.Popen(['sleep', '{marker}'])
+"""
+LOOK = """import builtins, json, os, sys
+found = [name for name, there in [
+    ('variable', 'planted' in globals()), ('module attribute', hasattr(json, 'planted')),
+    ('builtin', hasattr(builtins, 'planted')), ('environment', 'PLANTED' in os.environ),
+    ('module', 'planted_module' in sys.modules), ('sys.path', '/planted' in sys.path)] if there]
+found += [d for d in {dirs!r} if os.path.exists(os.path.join(d, 'planted'))]
+for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+        found += ['process'] if b'{marker}' in open(f'/proc/{{pid}}/cmdline', 'rb').read() else []
+    except OSError:
+        pass
+print(found)
+"""
+
+
+@pytest.mark.parametrize("isolate", ["namespaces", "process"] if NAMESPACES else ["process"])
+def test_nothing_of_one_session_is_visible_to_the_next(isolate):
+    """A session forked from the template after another one planted a variable, a module
+    attribute, a builtin, an environment variable, a module, a sys.path entry, files and a
+    running process finds none of them; nor does the same session after a restart."""
+    # process mode shares /tmp and the like with the host (see sandbox.py): its own directory only
+    dirs = [".", "/tmp", "/var/tmp", "/dev/shm", "/run"] if isolate == "namespaces" else ["."]
+    marker = f"{1000 + int.from_bytes(os.urandom(2), 'little')}.{os.getpid()}"
+    plant, look = PLANT.format(dirs=dirs, marker=marker), LOOK.format(dirs=dirs, marker=marker)
+    with sandbox.Session(timeout=TIMEOUT, isolate=isolate) as first:
+        assert first.run(plant).ok
+        assert first.run(look).stdout != "[]\n", "the planting did not take: the check would prove nothing"
+        assert first.run("while True:\n    pass").timed_out  # restarts the session
+        assert first.run(look).stdout == "[]\n"
+        first.run(plant)
+    with sandbox.Session(timeout=TIMEOUT, isolate=isolate) as second:
+        assert second.run(look).stdout == "[]\n"
+
+
 def test_a_sandbox_that_cannot_start_is_an_infrastructure_error(monkeypatch):
     """When the worker cannot be started, the result is infra_error (not the code's fault)."""
     monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python")
@@ -267,6 +315,8 @@ def test_nothing_is_left_behind_in_the_trainer(isolate):
 
     import threading
 
+    with sandbox.Session(isolate=isolate) as warmup:
+        warmup.run("1")  # starts this process's template: one socket, held until exit, not a leak
     fds, threads = open_fds(), threading.active_count()
     workdirs = []
     for code in ("x = 1", "while True:\n    pass", "import os\nos._exit(1)", "print('after')"):
@@ -370,18 +420,20 @@ def test_a_trainer_that_dies_without_closing_takes_its_sandboxes_with_it(tmp_pat
         "s.run('import threading, subprocess\\n"
         "threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\\n"
         'subprocess.Popen(["sleep", "1000"])\')\n'
-        "print(s.tag, flush=True)\n"
+        "print(*s.pid_namespaces, flush=True)\n"
         "os._exit(0)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.path.dirname(sandbox.__file__))
-    tag = subprocess.run(
+    namespaces = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
-    ).stdout.strip()
-    assert tag
+    ).stdout.split()
+    assert namespaces
+    gone = sandbox.Session()  # stands for the dead trainer's session: only its namespaces are read
+    gone.pid_namespaces = namespaces
     deadline = time.monotonic() + 5
-    while session_processes(tag) and time.monotonic() < deadline:
+    while session_processes(gone) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert session_processes(tag) == []
+    assert session_processes(gone) == []
 
 
 def test_output_written_between_calls_is_not_blamed_on_the_next_call():
