@@ -53,10 +53,11 @@ def _enter_namespaces():
     _libc("mount", b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
 
 
-def _private_mounts(tmpfs_size):
-    """Fresh tmpfs mounts over every world-writable scratch directory and over every directory
-    that the sandbox uid could not traverse on the way to Python itself (e.g. /root, hiding its
-    other contents), with the Python installation, its sys.path and this file bound back."""
+def _mount_plan():
+    """[(directory, [paths inside it to bind back])]: a fresh tmpfs goes over every world-writable
+    scratch directory and over every directory that the sandbox uid could not traverse on the way
+    to Python itself (e.g. /root, hiding its other contents); the Python installation, its
+    sys.path and this file are bound back. The same for every worker: the template makes it once."""
     needed = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, *sys.path] if os.path.isdir(p)}
     keep = {p for p in needed if not any(p.startswith(q + "/") for q in needed)}
     targets = [p for p in ("/tmp", "/var/tmp", "/run", "/dev/shm") if os.path.isdir(p)]
@@ -64,8 +65,12 @@ def _private_mounts(tmpfs_size):
         parts = path.split("/")
         ancestors = ["/".join(parts[:i]) for i in range(2, len(parts))]
         targets += [a for a in ancestors if not os.stat(a).st_mode & 0o001][:1]
-    for target in sorted(set(targets), key=len):
-        inside = [p for p in sorted(keep) if p.startswith(target + "/")]
+    return [(t, [p for p in sorted(keep) if p.startswith(t + "/")]) for t in sorted(set(targets), key=len)]
+
+
+def _private_mounts(plan, tmpfs_size):
+    """Carry out _mount_plan() in the worker's own mount namespace."""
+    for target, inside in plan:
         handles = [(p, os.open(p, os.O_PATH)) for p in inside]  # survive the overmount
         _libc("mount", b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
               f"size={tmpfs_size},mode=1777".encode())  # fmt: skip
@@ -107,7 +112,7 @@ def _worker_setup(config):
     """Inside the worker, before any code runs: mounts, an init process, limits, then drop root."""
     if config["mode"] == "namespaces":
         _enter_namespaces()
-        _private_mounts(f"{config['max_file_mb'] * 4}m")
+        _private_mounts(config["mount_plan"], f"{config['max_file_mb'] * 4}m")
         os.makedirs("/tmp/work")
         os.chown("/tmp/work", config["uid"], config["uid"])
         os.chdir("/tmp/work")
@@ -263,6 +268,8 @@ def _template_main(mode, control_fd):
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a status pipe per live session
     status_fds = {}  # worker pid -> the write end of its session's status pipe
+    mount_plan = _mount_plan() if mode == "namespaces" else None
+    _execute("x = 1", {}, 0, os.getpid())  # lazy first-use work done once here, not in every worker
     gc.freeze()  # a worker's garbage collections then leave the template's objects (and pages) alone
     control.send(b"ready")
     while True:
@@ -281,7 +288,7 @@ def _template_main(mode, control_fd):
                 control.send(json.dumps({"error": str(e)}).encode())
                 continue
             if pid == 0:
-                _forked_worker(json.loads(message), fds)
+                _forked_worker(dict(json.loads(message), mount_plan=mount_plan), fds)
             pidfd = os.pidfd_open(pid)
             socket.send_fds(control, [json.dumps({"pid": pid}).encode()], [pidfd])
             os.close(pidfd)
