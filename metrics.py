@@ -55,7 +55,8 @@ def reduce(step, metric_sums, *, lr, world):
         "zero_adv_groups": total["zero_adv_groups"] / total["groups"], "truncated": total["truncated"] / n,
         "loss": total["loss"] / ranks, "clip_frac": total["clip_frac"], "approx_kl": total["approx_kl"],
         "ratio": total["ratio"], "optimizer_steps": total["optimizer_steps"] / ranks,
-        "kl": total["kl_ref"], "grad_norm": total["grad_norm"] / ranks, "skipped": total["skipped"] / ranks, "lr": lr,
+        "kl": total["kl_ref"], "grad_norm": total["grad_norm"] / ranks, "skipped": total["skipped"] / ranks,
+        "no_signal": total["no_signal"] / ranks, "lr": lr,
         **{k: total[k] / ranks for k in ("t_rollout", "t_reward", "t_old_logp", "t_update")},
     }  # fmt: skip
 
@@ -66,7 +67,8 @@ def log_line(r):
             f"trunc {r['truncated']:.2f} | tool_err {r['tool_errors']:.3f} | fmt_err {r['format_errors']:.3f} | "
             f"shaped {r['shaped']:.2f} | len {r['length']:.0f} | loss {r['loss']:+.4f} | clip {r['clip_frac']:.3f} | "
             f"kl {r['kl']:.4f} | gnorm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | time roll {r['t_rollout']:.1f}s "
-            f"rew {r['t_reward']:.1f}s upd {r['t_old_logp'] + r['t_update']:.1f}s")  # fmt: skip
+            f"rew {r['t_reward']:.1f}s upd " + ("skipped (no signal)" if r["no_signal"] else
+                                                 f"{r['t_old_logp'] + r['t_update']:.1f}s"))  # fmt: skip
 
 
 def log_step(record, run, cfg):

@@ -1,7 +1,8 @@
 """One RL update on fixed trajectories, for tests/test_train.py: run under `python` (one process)
 or `torchrun --nproc_per_node 2` (each rank takes its contiguous share of the groups), it scores
 and updates the tiny policy and saves the resulting parameters, so the test can compare world
-sizes. Usage: python tests/dist_update.py OUT.pt [ddp|fsdp] [group|turn|batch] [MINI_BATCH_SIZE]
+sizes. Usage: python tests/dist_update.py OUT.pt [ddp|fsdp] [group|turn|batch] [MINI_BATCH_SIZE] [signal|none]
+(none: every group's trajectories alike, so that no rank has a token to train).
 """
 
 import os
@@ -22,7 +23,7 @@ import train
 PROBLEMS, GROUP = 4, 3
 
 
-def trajectories(tokenizer):
+def trajectories(tokenizer, signal=True):
     """GROUP trajectories per problem: the teacher's, the teacher's with a wrong final answer, and
     a turn without a tool call (a format penalty): advantages of every sign. The last problem's
     are all alike, so under group normalisation the second rank trains fewer rows, in fewer
@@ -32,14 +33,14 @@ def trajectories(tokenizer):
         for k, p in enumerate(data.toy_problems(PROBLEMS, seed=5, mistake_rate=0.5)):
             prompt = model.chat_prompt_ids(tokenizer, p["problem"], system=None)
             variants = (p["teacher"], p["teacher"][:-1] + ["\\boxed{0}"], ["\\boxed{1}"])
-            for turns in variants if k < PROBLEMS - 1 else [variants[1]] * GROUP:
+            for turns in variants if signal and k < PROBLEMS - 1 else [variants[1]] * GROUP:
                 session.reset()
                 trajs.append(rollout.teacher_trajectory(tokenizer, prompt, turns, session))
                 golds.append(p["answer"])
     return trajs, golds
 
 
-def main(out, parallel, adv_norm, mini_batch_size):
+def main(out, parallel, adv_norm, mini_batch_size, signal):
     # With mini-batches, one row per micro-batch: ranks then run different numbers of micro-batches,
     # and with mini-batches of 2 the second rank's last mini-batches hold only stand-in rows.
     cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=1 if mini_batch_size else 2,
@@ -48,7 +49,7 @@ def main(out, parallel, adv_norm, mini_batch_size):
     derived = train.check_config(cfg, world)
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0)
-    trajs, golds = trajectories(tokenizer)
+    trajs, golds = trajectories(tokenizer, signal)
     n = derived.local_trajectories
     mine = slice(world.rank * n, (world.rank + 1) * n)
     group_index = torch.arange(PROBLEMS).repeat_interleave(GROUP)[mine]
@@ -71,11 +72,11 @@ def main(out, parallel, adv_norm, mini_batch_size):
     in_sync = launch.check_in_sync(wrapped, world)
     if world.main:
         torch.save({"weights": weights, "in_sync": in_sync, "world_size": world.size,
-                    "optimizer_steps": sums["optimizer_steps"]}, out)  # fmt: skip
+                    "optimizer_steps": sums["optimizer_steps"], "no_signal": sums["no_signal"]}, out)  # fmt: skip
     launch.finish(world)
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:] + ["ddp", "group", "0"][len(sys.argv) - 2 :]  # the defaults of what is not given
-    main(args[0], args[1], args[2], int(args[3]))
+    args = sys.argv[1:] + ["ddp", "group", "0", "signal"][len(sys.argv) - 2 :]  # the defaults of what is not given
+    main(args[0], args[1], args[2], int(args[3]), args[4] == "signal")
     launch.exit_now()

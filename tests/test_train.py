@@ -402,6 +402,44 @@ def test_two_process_update_equals_one_process_update(one_process_update, tmp_pa
         torch.testing.assert_close(two["weights"][name], value, atol=1e-5, rtol=0)
 
 
+def test_a_step_without_signal_on_any_rank_does_no_work_and_is_logged_skipped(tmp_path):
+    """When no rank has a trained token (every group's advantages zero), torchrun's two ranks alike
+    skip the forward, backward and optimizer step: no optimizer step, the parameters untouched,
+    `no_signal` logged, and neither rank waits on the other."""
+    out = tmp_path / "two.pt"
+    done = run_script(torchrun("tests/dist_update.py", str(out), "ddp", "group", "0", "none"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = torch.load(out)
+    assert two["world_size"] == 2 and two["no_signal"] == 1 and two["optimizer_steps"] == 0
+    initial = model.tiny_model(model.tiny_tokenizer(), seed=0).state_dict()
+    for name, value in two["weights"].items():
+        assert torch.equal(value, initial[name.removeprefix("policy.")]), f"{name} moved"
+
+
+def test_without_signal_the_update_runs_no_forward_and_the_log_line_says_skipped():
+    """A batch whose groups all lack signal: update() calls no forward and no optimizer step, and
+    the step's log line says `upd skipped (no signal)` where the update time would be."""
+    tokenizer = model.tiny_tokenizer()
+    with sandbox.Session() as session:
+        trajs, _ = single_turn_group(tokenizer, session)
+    world = launch.World(0, 1, torch.device("cpu"))
+    cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4)
+    scored = train.score(trajs, [{"answer": "999"}] * 8, torch.arange(2).repeat_interleave(4),
+                         cfg=cfg, derived=train.check_config(cfg, world), world=world, grader=rewards.Grader())  # fmt: skip
+    assert not scored.trained.any()
+    policy = model.tiny_model(tokenizer, seed=0).train()
+    forwards = []
+    policy.register_forward_pre_hook(lambda *_: forwards.append(1))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    sums, _ = train.update(launch.wrap(policy, world, cfg.parallel), optimizer, trajs,
+                           turn_advantages=scored.turn_advantages, trained=scored.trained, counted=scored.counted,
+                           cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    assert forwards == [] and optimizer.state == {} and sums["optimizer_steps"] == 0 and sums["no_signal"] == 1
+    step_sums = metrics.step_sums(trajs, scored, groups=2, update_sums=sums,
+                                  times=dict.fromkeys(("t_rollout", "t_reward", "t_old_logp", "t_update"), 0.0))
+    assert "upd skipped (no signal)" in metrics.log_line(metrics.reduce(1, step_sums, lr=1e-2, world=world))
+
+
 def torchrun_train(model_dir, out_dir, parallel, max_steps):
     args = ["train.py", "--model", model_dir, "--sft_steps", "0", "--max_steps", str(max_steps), "--save_every", "1",
             "--out_dir", str(out_dir), "--parallel", parallel, *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
