@@ -5,6 +5,8 @@
     python bench.py rollout [--model DIR] # multi-turn rollout vs plain generate; log-prob memory
     python bench.py rewards               # grading throughput and shaping cost vs a rollout step
     python bench.py step [--model DIR]    # one RL step's time split, GTPO vs GRPO on the same rollouts
+    python bench.py peer                  # TRL's GRPOTrainer vs ours, same model, data and reward
+    python bench.py gpu MODEL_DIR         # the GPU check, ready to run (without a GPU: a CPU dry run)
 
 Each benchmark alternates the variants it compares (A, B, A, B, ...) so that load from elsewhere
 on a shared machine falls on both alike. It reports the median of all timed calls (the typical
@@ -14,6 +16,8 @@ cost) and the minimum (the cost with the least interference, as timeit recommend
 import argparse
 import ctypes
 import gc
+import json
+import math
 import os
 import statistics
 import subprocess
@@ -289,7 +293,7 @@ def _bench_rollout_speed(policy, tokenizer, problems, args):
                 label = f"multi-turn, kv_reuse={reuse}, {'prewarmed' if warm else 'cold'} sandboxes"
                 rates.setdefault(label, []).append((tokens, seconds, turns))
             per_row = max(1, tokens // len(prompts))
-            ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
+            ids, mask = (t.to(policy.device) for t in rollout.left_pad(prompts, tokenizer.pad_token_id))
             plain = GenerationConfig(  # transformers' own sampler at the same temperature, nothing else, no stopping
                 do_sample=cfg.temperature > 0, num_beams=1, temperature=cfg.temperature or 1.0, top_p=1.0, top_k=0,
                 min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
@@ -306,6 +310,7 @@ def _bench_rollout_speed(policy, tokenizer, problems, args):
         rate = statistics.median(t / s for t, s, _ in runs)
         print(f"{label:<52}{tokens:>8.0f}{seconds:>9.2f}{rate:>10.1f}{turns:>7.2f}{rate / plain_rate:>7.2f}")
     print("ratio = tokens/s against plain generate (goal: >= 0.7 with 3 turns)")
+    return statistics.median(t / s for t, s, _ in rates["multi-turn, kv_reuse=True, prewarmed sandboxes"]) / plain_rate
 
 
 def _bench_logprob_memory(policy, tokenizer, args):
@@ -501,6 +506,220 @@ def print_step_table(args, *, trajs, times, trained_rows, t_rollout, t_sandboxes
           "zero get no forward pass.")  # fmt: skip
 
 
+QWEN = os.path.expanduser("~/.cache/gtpo/qwen2.5-coder-0.5b-instruct")  # ../shared/tools/get-qwen2.5-coder-0.5b.sh
+
+
+def digit_share(text):
+    """The reward both trainers get in `bench.py peer`: the share of digits in the completion, in
+    [0, 1]. Any reward both can compute would do; this one differs between samples, so every
+    group has signal and both train every sampled token."""
+    return sum(c.isdigit() for c in text) / max(len(text), 1)
+
+
+def peer_reward(record, row):
+    """digit_share as train.py's reward plug-in: --reward_fn bench.py:peer_reward."""
+    return digit_share(record["final_text"])
+
+
+def bench_peer(args):
+    """TRL's GRPOTrainer against `train.py --algo grpo --max_turns 1`: the same local model,
+    prompts, group size, completion length and reward (digit_share); median seconds per step of
+    each, alternating runs, and the ratio. The demo model (untrained, exported), then
+    Qwen2.5-Coder-0.5B-Instruct if present."""
+    try:
+        import trl
+    except ImportError:
+        print("bench.py peer compares with TRL's GRPOTrainer, an optional install (never a requirement of "
+              "gtpo):\n    pip install trl -c constraints.txt\nTRL is not installed here: nothing measured.")  # fmt: skip
+        return
+    import tempfile
+
+    import data
+
+    with tempfile.TemporaryDirectory(prefix="gtpo-peer-") as tmp:
+        demo_dir = os.path.join(tmp, "demo-model")
+        model.save_policy(*model.load_policy("demo", demo_size=(128, 3)), demo_dir)
+        models = [("demo (untrained)", demo_dir)] + ([("Qwen2.5-Coder-0.5B-Instruct", QWEN)] if os.path.isdir(QWEN) else [])
+        problems = [{"problem": p["problem"], "answer": p["answer"]} for p in data.toy_problems(args.prompts, seed=3)]
+        data_file = os.path.join(tmp, "prompts.jsonl")
+        with open(data_file, "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in problems)
+        print(f"TRL {trl.__version__}; {args.prompts} prompts x {args.group_size} completions of at most {args.length} "
+              f"tokens, reward digit_share, {args.steps} steps per run (the first not timed), {args.rounds} rounds; "
+              f"threads={torch.get_num_threads()}")  # fmt: skip
+        for name, path in models:
+            ours, theirs = [], []
+            for k in range(args.rounds):  # alternate, so that both share the machine's state
+                ours += _ours_steps(path, data_file, args, out=os.path.join(tmp, f"ours{k}"))
+                theirs += _trl_steps(path, problems, args, out=os.path.join(tmp, f"trl{k}"))
+            _print_peer(name, ours, theirs)
+
+
+def _print_peer(name, ours, theirs):
+    """Each: [(seconds, sampled tokens)] per timed step."""
+    print(f"\nmodel: {name}")
+    print(f"{'':<36}{'s/step':>8}{'range':>16}{'tokens/step':>13}{'ms/token':>10}")
+    rows = {"train.py --algo grpo --max_turns 1": ours, "TRL GRPOTrainer": theirs}
+    for label, steps in rows.items():
+        seconds, tokens = zip(*steps)
+        print(f"{label:<36}{statistics.median(seconds):>8.2f}{f'{min(seconds):.2f}-{max(seconds):.2f}':>16}"
+              f"{statistics.median(tokens):>13.0f}{1000 * sum(seconds) / sum(tokens):>10.2f}")  # fmt: skip
+    ratio = statistics.median(s for s, _ in ours) / statistics.median(s for s, _ in theirs)
+    per_token = (sum(s for s, _ in ours) / sum(t for _, t in ours)) / (sum(s for s, _ in theirs) / sum(t for _, t in theirs))
+    print(f"ours / TRL: {ratio:.2f} per step, {per_token:.2f} per sampled token (goal: <= 1.0)")
+
+
+def _ours_steps(model_dir, data_file, args, *, out):
+    """[(seconds, sampled tokens)] of train.py's steps after the first, from its metrics.jsonl."""
+    flags = ["--model", model_dir, "--data", data_file, "--algo", "grpo", "--max_turns", "1",
+             "--first_turn_tool_call", "false", "--system_prompt", "none", "--reward_fn", "bench.py:peer_reward",
+             "--sft_steps", "0", "--eval_size", "0", "--prompts_per_step", str(args.prompts),
+             "--group_size", str(args.group_size), "--max_turn_tokens", str(args.length),
+             "--max_total_tokens", str(args.length + 256), "--micro_batch_size", str(args.prompts * args.group_size),
+             "--lr", "1e-6", "--temperature", "1.0", "--max_steps", str(args.steps), "--save_every", str(10**6),
+             "--out_dir", out]  # fmt: skip
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "train.py", *flags], check=True, cwd=here, capture_output=True)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f][1:]
+    parts = ("t_rollout", "t_reward", "t_old_logp", "t_update")
+    return [(sum(r[k] for k in parts), r["length"] * args.prompts * args.group_size) for r in records]
+
+
+def _trl_steps(model_dir, problems, args, *, out):
+    """[(seconds, sampled tokens)] of GRPOTrainer's steps after the first, timed by a callback."""
+    import datasets
+    import transformers
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = model.load_tokenizer(model_dir)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # as train.py: fp32
+    prompts = [tokenizer.decode(model.chat_prompt_ids(tokenizer, p["problem"], None)) for p in problems]
+
+    class StepTimes(transformers.TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.times.append(time.perf_counter() - self.start)
+
+    config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.group_size,
+                        num_generations=args.group_size, max_completion_length=args.length, learning_rate=1e-6,
+                        beta=0.0, num_iterations=1, temperature=1.0, top_p=1.0, loss_type="dapo", max_steps=args.steps,
+                        logging_steps=1, report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
+                        bf16=False, seed=0, shuffle_dataset=False)  # fmt: skip
+    timer = StepTimes()
+    trainer = GRPOTrainer(model=policy, reward_funcs=[lambda completions, **_: [digit_share(c) for c in completions]],
+                          args=config, train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
+                          processing_class=tokenizer, callbacks=[timer])  # fmt: skip
+    trainer.train()
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return [(s, n * args.prompts * args.group_size) for s, n in zip(timer.times[1:], lengths[1:])]
+
+
+def bench_gpu(args):
+    """One command for the first CUDA GPU: the gpu-marked tests, two bf16-autocast RL steps of
+    MODEL_DIR (peak memory beside the README's arithmetic), rollout tokens/s against plain
+    generate on the same batch, and one FSDP2 step under `torchrun --nproc_per_node 1` (NCCL).
+    Without a GPU the same stages run on the CPU (fp32, gloo) as a dry run and the command exits 0
+    if they pass; either way it exits 1 if any stage fails."""
+    import tempfile
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    where = f"CUDA: {torch.cuda.get_device_name()}" if cuda else "no CUDA device: a CPU dry run (fp32, gloo) of the same stages"
+    print(f"bench.py gpu {args.model_dir} — {where}", flush=True)
+    stages = [("gpu-marked tests", _gpu_tests), ("two RL steps, bf16 autocast", _gpu_rl_steps),
+              ("rollout vs plain generate", _gpu_rollout), ("FSDP2 step, torchrun 1 process", _gpu_fsdp_step)]  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gtpo-gpu-check-") as tmp:
+        for name, stage in stages:
+            start = time.perf_counter()
+            try:
+                ok, figure = stage(args, device=device, tmp=tmp)
+            except Exception as e:  # noqa: BLE001 - a failed stage is a row of the table, then exit 1
+                ok, figure = False, f"{type(e).__name__}: {e}"
+            rows.append((name, ok, figure, time.perf_counter() - start))
+            print(f"  {name}: {'ok' if ok else 'FAILED'} ({rows[-1][3]:.0f} s)", flush=True)
+    print(f"\n{'stage':<34}{'result':<8}{'seconds':>8}  figure")
+    for name, ok, figure, seconds in rows:
+        print(f"{name:<34}{'ok' if ok else 'FAILED':<8}{seconds:>8.0f}  {figure}")
+    if not cuda:
+        print("Nothing above ran on a GPU: the stages ran on the CPU to check the command itself.")
+    sys.exit(0 if all(ok for _, ok, _, _ in rows) else 1)
+
+
+GPU_RUN = ["--sft_steps", "0", "--eval_size", "0", "--prompts_per_step", "2", "--group_size", "4",
+           "--max_turns", "2", "--max_turn_tokens", "64", "--max_total_tokens", "512", "--save_every", "1000"]  # fmt: skip
+
+
+def _gpu_tests(args, *, device, tmp):
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                           "tests/test_gpu.py"], capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")  # fmt: skip
+    last = (done.stdout.strip().splitlines() or ["no output"])[-1]
+    return done.returncode == 0, last + ("" if done.returncode == 0 else "\n" + done.stdout[-2000:])
+
+
+def _gpu_rl_steps(args, *, device, tmp):
+    """train.py in this process (its peak memory is this process's), two steps, bf16 autocast on CUDA."""
+    import train
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cfg = train.parse_args(["--model", args.model_dir, "--device", device, "--max_steps", "2",
+                            "--out_dir", os.path.join(tmp, "rl"), *GPU_RUN])  # fmt: skip
+    train.main(cfg)
+    P = parameter_count(args.model_dir)
+    if device == "cuda":
+        peak = f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB allocated"
+    else:
+        peak = f"peak RSS {resource_peak_rss_gb():.2f} GB (CPU, fp32: not the GPU figure)"
+    return True, (f"{peak}; README arithmetic: training state 16 B x {P / 1e6:,.1f}M parameters = "
+                  f"{16 * P / 1e9:.3f} GB, + KV cache + activations")  # fmt: skip
+
+
+def parameter_count(model_dir):
+    """Parameters of the demo model or of a safetensors directory (read from the headers only)."""
+    if model_dir == "demo":
+        return sum(p.numel() for p in model.load_policy("demo")[0].parameters())
+    from safetensors import safe_open
+
+    total = 0
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, name), "pt") as f:
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def resource_peak_rss_gb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def _gpu_rollout(args, *, device, tmp):
+    policy, tokenizer = model.load_policy(args.model_dir, device=device)
+    problems = [f"Compute 12345 * 6789 modulo {97 + i}. Start your reply with a ```python code block." for i in range(8)]
+    settings = argparse.Namespace(batch=8, max_turns=2, max_turn_tokens=64, max_total_tokens=512, temperature=0.7,
+                                  rounds=1)  # fmt: skip
+    ratio = _bench_rollout_speed(policy, tokenizer, problems, settings)
+    return True, f"multi-turn rollout at {ratio:.2f}x plain generate's tokens/s on the same batch"
+
+
+def _gpu_fsdp_step(args, *, device, tmp):
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
+           "--model", args.model_dir, "--device", device, "--parallel", "fsdp", "--max_steps", "1",
+           "--out_dir", os.path.join(tmp, "fsdp"), *GPU_RUN]  # fmt: skip
+    done = subprocess.run(run, capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")
+    if done.returncode:
+        return False, f"exit {done.returncode}: {done.stderr.strip()[-1500:]}"
+    return True, f"one RL step, fully_shard over 1 rank ({'nccl' if device == 'cuda' else 'gloo'})"
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -552,9 +771,19 @@ def main():
     stp.add_argument("--group_size", type=int, default=8, help="trajectories per problem (G)")
     stp.add_argument("--micro_batch_size", type=int, default=16, help="trajectories per forward/backward")
     stp.add_argument("--rounds", type=int, default=3, help="rounds alternating the variants")
+    peer = sub.add_parser("peer", help="TRL's GRPOTrainer vs train.py --algo grpo --max_turns 1, same model, "
+                          "prompts, group, length and reward (needs: pip install trl)")  # fmt: skip
+    peer.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    peer.add_argument("--group_size", type=int, default=4, help="completions per prompt (G)")
+    peer.add_argument("--length", type=int, default=64, help="completion tokens at most")
+    peer.add_argument("--steps", type=int, default=4, help="steps per run; the first is not timed")
+    peer.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
+    gpu = sub.add_parser("gpu", help="the GPU check: gpu tests, bf16 RL steps and their peak memory, rollout "
+                         "vs generate, an FSDP2 step (without a GPU: a CPU dry run)")  # fmt: skip
+    gpu.add_argument("model_dir", help="a Qwen2.5 directory (safetensors), or 'demo' for the tiny model")
     args = parser.parse_args()
     benches = {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout,
-               "rewards": bench_rewards, "step": bench_step}  # fmt: skip
+               "rewards": bench_rewards, "step": bench_step, "peer": bench_peer, "gpu": bench_gpu}  # fmt: skip
     benches[args.bench](args)
 
 

@@ -328,9 +328,10 @@ def compute_dtype(device):
 
 def wrap(policy, world, parallel="ddp"):
     """LogProbs(policy), data parallel under torchrun: DDP, or FSDP2 with each decoder layer
-    and the rest (embeddings, final norm, head) as shards."""
+    and the rest (embeddings, final norm, head) as shards. One process is left unwrapped, except
+    FSDP2 under torchrun, which shards over its one rank (as `bench.py gpu` checks it)."""
     module = LogProbs(policy)
-    if world.size == 1:
+    if world.size == 1 and not (parallel == "fsdp" and dist.is_initialized()):
         return module
     if parallel == "ddp":
         ids = [world.device.index] if world.device.type == "cuda" else None
