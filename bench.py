@@ -18,11 +18,13 @@ import ctypes
 import gc
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from transformers import GenerationConfig
@@ -539,7 +541,9 @@ def bench_peer(args):
     with tempfile.TemporaryDirectory(prefix="gtpo-peer-") as tmp:
         demo_dir = os.path.join(tmp, "demo-model")
         model.save_policy(*model.load_policy("demo", demo_size=(128, 3)), demo_dir)
-        models = [("demo (untrained)", demo_dir)] + ([("Qwen2.5-Coder-0.5B-Instruct", QWEN)] if os.path.isdir(QWEN) else [])
+        models = [("demo (untrained)", demo_dir)] if args.model in ("auto", "demo") else [(args.model, args.model)]
+        if args.model == "auto" and os.path.isdir(QWEN):
+            models.append(("Qwen2.5-Coder-0.5B-Instruct", QWEN))
         problems = [{"problem": p["problem"], "answer": p["answer"]} for p in data.toy_problems(args.prompts, seed=3)]
         data_file = os.path.join(tmp, "prompts.jsonl")
         with open(data_file, "w") as f:
@@ -551,7 +555,8 @@ def bench_peer(args):
             ours, theirs = [], []
             for k in range(args.rounds):  # alternate, so that both share the machine's state
                 ours += _ours_steps(path, data_file, args, out=os.path.join(tmp, f"ours{k}"))
-                theirs += _trl_steps(path, problems, args, out=os.path.join(tmp, f"trl{k}"))
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:  # as ours
+                    theirs += fresh.submit(_trl_steps, path, problems, args, out=os.path.join(tmp, f"trl{k}")).result()
             _print_peer(name, ours, theirs)
 
 
@@ -587,7 +592,8 @@ def _ours_steps(model_dir, data_file, args, *, out):
 
 
 def _trl_steps(model_dir, problems, args, *, out):
-    """[(seconds, sampled tokens)] of GRPOTrainer's steps after the first, timed by a callback."""
+    """[(seconds, sampled tokens)] of GRPOTrainer's steps after the first, timed by a callback (run
+    in a new process, as train.py is)."""
     import datasets
     import transformers
     from trl import GRPOConfig, GRPOTrainer
@@ -610,11 +616,12 @@ def _trl_steps(model_dir, problems, args, *, out):
                         num_generations=args.group_size, max_completion_length=args.length, learning_rate=1e-6,
                         beta=0.0, num_iterations=1, temperature=1.0, top_p=1.0, loss_type="dapo", max_steps=args.steps,
                         logging_steps=1, report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
-                        bf16=False, seed=0, shuffle_dataset=False)  # fmt: skip
+                        bf16=False, seed=0, shuffle_dataset=False, disable_tqdm=True)  # fmt: skip
     timer = StepTimes()
     trainer = GRPOTrainer(model=policy, reward_funcs=[lambda completions, **_: [digit_share(c) for c in completions]],
                           args=config, train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
                           processing_class=tokenizer, callbacks=[timer])  # fmt: skip
+    trainer.remove_callback(transformers.PrinterCallback)  # its per-step log lines
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return [(s, n * args.prompts * args.group_size) for s, n in zip(timer.times[1:], lengths[1:])]
@@ -773,6 +780,8 @@ def main():
     stp.add_argument("--rounds", type=int, default=3, help="rounds alternating the variants")
     peer = sub.add_parser("peer", help="TRL's GRPOTrainer vs train.py --algo grpo --max_turns 1, same model, "
                           "prompts, group, length and reward (needs: pip install trl)")  # fmt: skip
+    peer.add_argument("--model", default="auto", help="'demo', a model directory, or 'auto': the demo model, then "
+                      f"Qwen2.5-Coder-0.5B-Instruct if {QWEN} exists")  # fmt: skip
     peer.add_argument("--prompts", type=int, default=2, help="prompts per step")
     peer.add_argument("--group_size", type=int, default=4, help="completions per prompt (G)")
     peer.add_argument("--length", type=int, default=64, help="completion tokens at most")

@@ -315,9 +315,10 @@ class LogProbs(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, input_ids, attention_mask, temperature=1.0):
+    def forward(self, input_ids, attention_mask, temperature=1.0, needed=None):
         with compute_dtype(input_ids.device):
-            return policies.token_logprobs(self.policy, input_ids, attention_mask, temperature=temperature)  # (B, L)
+            return policies.token_logprobs(self.policy, input_ids, attention_mask, temperature=temperature,
+                                           needed=needed)  # (B, L) fmt: skip
 
 
 def compute_dtype(device):

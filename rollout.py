@@ -13,8 +13,9 @@ the batch size changes memory and speed, not the trajectories. With kv_reuse (th
 default), a turn continues from the previous turn's KV cache: only the observation tokens are
 encoded, appended after the cached rows with masked padding between (positions follow the
 attention mask, so the gaps do not shift them); without it, each turn re-encodes every row's
-whole history. `bench.py rollout` measures both. Sandbox calls of a turn run concurrently, in
-sessions started while the first turn is sampled.
+whole history. `bench.py rollout` measures both. Sandbox calls of a turn run concurrently; a
+trajectory's session is a prewarmed spare of the pool if there is one, else it starts (in a few
+milliseconds) at its first call, so a trajectory that never calls the tool costs no sandbox.
 
 Shapes: B rows in a generation batch, W their padded width, V vocabulary size.
 """
@@ -289,7 +290,7 @@ def rollout(model, tokenizer, prompts, pool, cfg, seeds=None):
 def rollout_batch(model, tokenizer, prompts, *, pool, cfg, seeds):
     """rollout() of prompts generated together, all unfinished rows in one generate call per turn."""
     trajs = [Trajectory.start(p) for p in prompts]
-    sessions = [pool.session(start=True) for _ in prompts]  # warm up while turn 1 is sampled
+    sessions = [pool.session() for _ in prompts]  # started by their first call, unless prewarmed
     pending = {}  # trajectory -> observation tokens to feed before its next turn
     state, state_rows = None, []  # what the previous generate left, when reusing its KV cache
     try:

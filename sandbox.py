@@ -425,7 +425,6 @@ def status_text(status):
 class Pool:
     """Many sessions at once with at most max_workers calls running concurrently.
 
-    session(start=True) starts a worker in the pool's threads so it is warm by its first call;
     prewarm(n) starts n spare workers ahead of time (e.g. while the trainer updates the policy),
     which session() hands out first. run(sessions, codes) returns when the slowest call has.
     """
@@ -437,15 +436,14 @@ class Pool:
         self.spares = []  # (session, future of its start)
         self.lock = threading.Lock()
 
-    def session(self, start=False):
-        """A session owned by the pool (closed with it): a prewarmed spare if there is one."""
+    def session(self):
+        """A session owned by the pool (closed with it): a prewarmed spare if there is one, else a
+        new one that starts at its first call."""
         with self.lock:
             if self.spares:
                 return self.spares.pop()[0]
             session = Session(**self.session_kwargs)
             self.sessions.append(session)
-        if start:
-            self.executor.submit(session.start)
         return session
 
     def prewarm(self, n, wait=False):
@@ -491,11 +489,12 @@ class Template:
     """A pre-started Python process that forks each new session's worker.
 
     It is `python -I -u sandbox_worker.py --template MODE`: it has imported everything a worker
-    needs, so a session starts with a fork (about a millisecond) instead of a Python start-up. It never runs submitted code: each fork enters its own namespaces, uid,
-    limits and directory exactly as a freshly started worker would, so nothing of one session
-    reaches the next. It reaps the workers it forks and reports each one's exit status on that
-    session's status pipe. It exits when the trainer closes it or dies (its socket closes).
-    One is shared per process and mode (`Session(template=None)`); pass your own to isolate pools.
+    needs, so a session starts with a fork (about a millisecond) instead of a Python start-up.
+    It never runs submitted code: each fork enters its own namespaces, uid, limits and directory
+    exactly as a freshly started worker would, so nothing of one session reaches the next. It
+    reaps the workers it forks and reports each one's exit status on that session's status pipe,
+    and exits when the trainer closes it or dies (its socket closes). One is shared per process
+    and mode (`Session(template=None)`); pass your own to give a pool its own.
     """
 
     def __init__(self, mode):

@@ -320,7 +320,7 @@ def _forked_worker(config, fds):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
         config.update(cmd_fd=cmd, res_fd=res, life_fd=life)
-        sys.argv = [sys.argv[0], "--worker", json.dumps(config)]
+        sys.argv = [sys.argv[0], "--worker", json.dumps(config)]  # as the code would see it
         _worker_main(config)
     except BaseException:  # noqa: BLE001 - reported on the session's stderr; the trainer sees it die
         traceback.print_exc()

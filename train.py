@@ -301,7 +301,8 @@ def old_logprobs(wrapped, batch, *, size, trim, count, temperature):
     out = torch.zeros(batch["input_ids"].shape, device=batch["input_ids"].device)
     with torch.no_grad():
         for s, micro in micro_batches(batch, size=size, trim=trim, count=count):
-            logp = wrapped(micro["input_ids"], micro["attention_mask"], temperature=temperature)
+            logp = wrapped(micro["input_ids"], micro["attention_mask"], temperature=temperature,
+                           needed=micro["loss_mask"])  # fmt: skip
             if s is not None:
                 out[s : s + size, : logp.shape[1]] = logp
     return out
@@ -351,7 +352,8 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
         for mb in plan:
             for k, (_, micro) in enumerate(micro_batches(mb.batch, size=size, trim=trim, count=mb.micro_batches)):
                 with gradient_sync(wrapped, enabled=k == mb.micro_batches - 1):
-                    logp = wrapped(micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature)  # (m, L)
+                    logp = wrapped(micro["input_ids"], micro["attention_mask"], temperature=cfg.temperature,
+                                   needed=micro["loss_mask"])  # (m, L) fmt: skip
                     loss, stats = gtpo.policy_loss(
                         logp=logp, old_logp=micro.get("old_logp", logp.detach()), advantages=micro["advantages"],
                         loss_mask=micro["loss_mask"],
@@ -391,7 +393,8 @@ def rl_step(step, run, *, cfg, derived, world):
         run.policy.eval()
         trajs = rollout.rollout(run.policy, run.tokenizer, [p for p in prompts for _ in range(G)], pool=run.pool,
                                 cfg=rollout_config(cfg, cfg.temperature), seeds=seeds)  # fmt: skip
-    run.pool.prewarm(len(trajs))  # the next step's sandboxes start while this one trains
+    used = sum(any(turn.result is not None for turn in t.turns) for t in trajs)
+    run.pool.prewarm(used)  # as many sandboxes as this step used start for the next while this one trains
     t1 = time.perf_counter()
     if hasattr(run.embedder, "new_step"):
         run.embedder.new_step()

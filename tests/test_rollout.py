@@ -212,6 +212,29 @@ def test_recomputed_logprobs_match_the_samplers_own(tokenizer, memorised, which,
     torch.testing.assert_close(logp[loss_mask], sampler[loss_mask], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("chunk_tokens", [3, 100_000])
+def test_logprobs_of_the_needed_positions_only_are_those_of_all_positions(tokenizer, chunk_tokens):
+    """token_logprobs with `needed` gives, at the needed positions, the values and gradients it
+    gives without it, and 0 elsewhere; with no position needed it computes them all."""
+    policy = model.tiny_model(tokenizer)
+    ids = torch.randint(0, len(tokenizer), (3, 40))
+    attention = torch.ones_like(ids)
+    attention[0, :5] = 0  # a left-padded row
+    needed = torch.zeros_like(ids, dtype=torch.bool)
+    needed[0, 20:30], needed[2, 35:] = True, True  # row 1 needs nothing
+    every = model.token_logprobs(policy, ids, attention, temperature=0.9, chunk_tokens=chunk_tokens)
+    some = model.token_logprobs(policy, ids, attention, temperature=0.9, chunk_tokens=chunk_tokens, needed=needed)
+    torch.testing.assert_close(some[needed], every[needed], atol=1e-6, rtol=0)
+    assert torch.equal(some[~needed], torch.zeros(int((~needed).sum())))
+    weight = policy.get_output_embeddings().weight
+    (g1,) = torch.autograd.grad(some[needed].sum(), weight)
+    (g2,) = torch.autograd.grad(every[needed].sum(), weight)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+    none = torch.zeros_like(needed)
+    assert torch.equal(model.token_logprobs(policy, ids, attention, temperature=0.9, needed=none),
+                       model.token_logprobs(policy, ids, attention, temperature=0.9))  # fmt: skip
+
+
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 64, 100_000])
 def test_chunked_logprobs_equal_unchunked_ones(tokenizer, chunk_tokens):
     """token_logprobs gives the same values and gradients for any chunk size as a plain
