@@ -30,6 +30,7 @@ import torch
 from transformers import GenerationConfig
 
 import gtpo
+import launch
 import model
 import rewards
 import rollout
@@ -162,9 +163,8 @@ def bench_sandbox(args):
         f"throughput: {args.batch} calls over {args.sessions} sessions, {args.workers} workers"
     )
     warm, fresh, cold, own = [], [], [], []
-    with sandbox.Session(timeout=10) as session:
-        session.run("x = 0")
-        warm = _times_ms(lambda: session.run("x += 1"), args.calls)
+    live = sandbox.Session(timeout=10)
+    live.run("x = 0")
 
     def start_and_call(template=None):
         with sandbox.Session(timeout=10, template=template) as s:
@@ -175,10 +175,12 @@ def bench_sandbox(args):
         start_and_call(template)
         template.close()
 
-    for _ in range(args.starts):  # the three alternate, so that they share the machine's state
+    for _ in range(args.starts):  # all alternate, so that they share the machine's state
+        warm += _times_ms(lambda: live.run("x += 1"), args.calls // args.starts)
         cold += _times_ms(start_and_call, 1)
         own += _times_ms(own_template, 1)
         fresh += _times_ms(lambda: subprocess.run([sys.executable, "-I", "-c", "x = 1"], check=True), 1)
+    live.close()
 
     with sandbox.Pool(max_workers=args.workers, timeout=10) as pool:
         sessions = [pool.session() for _ in range(args.sessions)]
@@ -429,7 +431,6 @@ def bench_step(args):
     import dataclasses
 
     import data
-    import launch
     import train
 
     world = launch.World(0, 1, torch.device("cpu"))
@@ -599,7 +600,8 @@ def _trl_steps(model_dir, problems, args, *, out):
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = model.load_tokenizer(model_dir)
-    policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # as train.py: fp32
+    # as train.py: fp32 weights (with bf16 autocast on CUDA, as TRL's bf16=True)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     prompts = [tokenizer.decode(model.chat_prompt_ids(tokenizer, p["problem"], None)) for p in problems]
 
     class StepTimes(transformers.TrainerCallback):
@@ -616,7 +618,7 @@ def _trl_steps(model_dir, problems, args, *, out):
                         num_generations=args.group_size, max_completion_length=args.length, learning_rate=1e-6,
                         beta=0.0, num_iterations=1, temperature=1.0, top_p=1.0, loss_type="dapo", max_steps=args.steps,
                         logging_steps=1, report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
-                        bf16=False, seed=0, shuffle_dataset=False, disable_tqdm=True)  # fmt: skip
+                        bf16=torch.cuda.is_available(), seed=0, shuffle_dataset=False, disable_tqdm=True)  # fmt: skip
     timer = StepTimes()
     trainer = GRPOTrainer(model=policy, reward_funcs=[lambda completions, **_: [digit_share(c) for c in completions]],
                           args=config, train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
@@ -659,8 +661,16 @@ def bench_gpu(args):
     sys.exit(0 if all(ok for _, ok, _, _ in rows) else 1)
 
 
-GPU_RUN = ["--sft_steps", "0", "--eval_size", "0", "--prompts_per_step", "2", "--group_size", "4",
-           "--max_turns", "2", "--max_turn_tokens", "64", "--max_total_tokens", "512", "--save_every", "1000"]  # fmt: skip
+GPU_RUN = ["--sft_steps", "0", "--eval_size", "0", "--prompts_per_step", "2", "--group_size", "4", "--max_turns", "2",
+           "--max_turn_tokens", "64", "--max_total_tokens", "512", "--save_every", "1000",
+           "--reward_fn", "bench.py:peer_reward"]  # fmt: skip  # every group has signal: every step trains
+
+
+def trained_every_step(out_dir, steps):
+    """Whether a run's metrics.jsonl has `steps` steps, each with an optimizer step."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return len(records) == steps and all(r["optimizer_steps"] >= 1 and not r["no_signal"] for r in records)
 
 
 def _gpu_tests(args, *, device, tmp):
@@ -679,6 +689,8 @@ def _gpu_rl_steps(args, *, device, tmp):
     cfg = train.parse_args(["--model", args.model_dir, "--device", device, "--max_steps", "2",
                             "--out_dir", os.path.join(tmp, "rl"), *GPU_RUN])  # fmt: skip
     train.main(cfg)
+    if not trained_every_step(cfg.out_dir, 2):
+        return False, "a step took no optimizer step (see its metrics.jsonl)"
     P = parameter_count(args.model_dir)
     if device == "cuda":
         peak = f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB allocated"
@@ -712,8 +724,9 @@ def _gpu_rollout(args, *, device, tmp):
     policy, tokenizer = model.load_policy(args.model_dir, device=device)
     problems = [f"Compute 12345 * 6789 modulo {97 + i}. Start your reply with a ```python code block." for i in range(8)]
     settings = argparse.Namespace(batch=8, max_turns=2, max_turn_tokens=64, max_total_tokens=512, temperature=0.7,
-                                  rounds=1)  # fmt: skip
-    ratio = _bench_rollout_speed(policy, tokenizer, problems, settings)
+                                  rounds=2)  # fmt: skip
+    with launch.compute_dtype(device):  # as train.py's rollouts
+        ratio = _bench_rollout_speed(policy, tokenizer, problems, settings)
     return True, f"multi-turn rollout at {ratio:.2f}x plain generate's tokens/s on the same batch"
 
 
@@ -724,6 +737,8 @@ def _gpu_fsdp_step(args, *, device, tmp):
     done = subprocess.run(run, capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")
     if done.returncode:
         return False, f"exit {done.returncode}: {done.stderr.strip()[-1500:]}"
+    if not trained_every_step(os.path.join(tmp, "fsdp"), 1):
+        return False, "the step took no optimizer step (see its metrics.jsonl)"
     return True, f"one RL step, fully_shard over 1 rank ({'nccl' if device == 'cuda' else 'gloo'})"
 
 

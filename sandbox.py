@@ -46,7 +46,8 @@ memory_mb; a process that outlives its call keeps using CPU until the session cl
 each fork starts a fresh RLIMIT_CPU count); a cgroup per session is what bounds these.
 Fallback, where namespaces are not available (not root, or the kernel refuses): the same rlimits on
 an ordinary process group in a private temporary directory removed on close, BUT the code runs
-as the trainer's user (it can signal or kill the trainer, and read what that user can read),
+as the trainer's user (it can signal or kill the trainer, or the template, which makes sessions
+starting at that moment infrastructure errors; and read what that user can read),
 without network isolation, with RLIMIT_NPROC counted against the whole user (and ignored for
 root), with /tmp shared, and with children that call setsid() or setpgid() able to outlive the
 session. Use a container or VM there.
@@ -153,6 +154,8 @@ class Session:
         self.max_output = max_output
         self.mode = isolation() if isolate == "auto" else isolate
         self.template = template  # None: the process-wide one for this mode (see Template)
+        if template is not None and template.mode != self.mode:
+            raise ValueError(f"a {template.mode!r} template cannot start {self.mode!r} sessions")
         self.limits = {
             "memory_mb": memory_mb,
             "cpu_seconds": cpu_seconds or int(timeout + 0.999) + 1,
@@ -166,6 +169,7 @@ class Session:
         self.uid_lease = None  # (uid, locked fd) in namespace mode
         self.pid_namespaces = []  # e.g. ["pid:[4026532301]"]: every process of each worker stays in its own
         self.lost_note = None  # why the previous worker ended, told to the next call
+        self.unkilled = False  # a worker outlived SIGKILL by 10 s (a process stuck in the kernel)
 
     # ---------------------------------------------------------------- worker lifecycle
 
@@ -200,14 +204,12 @@ class Session:
         if self.proc is not None:
             # Namespace mode: killing the namespace's init makes the kernel kill every process in
             # it, and init is reported dead only once they all are, so nothing outlives close().
-            if self.mode == "process":
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)  # its group: the worker called setsid()
+            # Process mode: the template kills the worker's process group as it reaps the worker.
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.proc.pidfd, signal.SIGKILL)
-            poller = select.poll()
-            poller.register(self.proc.pidfd, select.POLLIN)  # readable once the process has exited
-            poller.poll(10_000)
+            dead = _wait_readable(self.proc.pidfd, 10.0)  # a pidfd is readable once its process exited
+            _wait_readable(self.fds["status"], 5.0)  # the template has reaped it (data, or its end closed)
+            self.unkilled = self.unkilled or not dead
             os.close(self.proc.pidfd)
             self.proc = None
         for fd in self.fds.values():
@@ -222,7 +224,7 @@ class Session:
         """End the worker and everything it started; remove its files. Safe to call twice."""
         with self.lock:
             self._kill()
-            if self.uid_lease:
+            if self.uid_lease and not self.unkilled:  # a uid whose processes may live is kept leased
                 os.close(self.uid_lease[1])
                 self.uid_lease = None
 
@@ -306,9 +308,7 @@ class Session:
 
     def _exit_status(self):
         """The worker's exit status as its template reported it, or None if none came within 1 s."""
-        poller = select.poll()
-        poller.register(self.fds["status"], select.POLLIN)
-        if poller.poll(1000):
+        if _wait_readable(self.fds["status"], 1.0):
             with contextlib.suppress(ValueError):
                 return int(_read(self.fds["status"]))
         return None
@@ -405,6 +405,13 @@ def _write_all(fd, data, deadline):
     return True
 
 
+def _wait_readable(fd, seconds):
+    """True once fd is readable or its writers are gone; False after `seconds`."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(int(seconds * 1000)))
+
+
 def _read(fd):
     try:
         return os.read(fd, 1 << 16)
@@ -488,7 +495,7 @@ class _Process:
 class Template:
     """A pre-started Python process that forks each new session's worker.
 
-    It is `python -I -u sandbox_worker.py --template MODE`: it has imported everything a worker
+    It is `python -I -u sandbox_worker.py --template MODE FD`: it has imported everything a worker
     needs, so a session starts with a fork (about a millisecond) instead of a Python start-up.
     It never runs submitted code: each fork enters its own namespaces, uid, limits and directory
     exactly as a freshly started worker would, so nothing of one session reaches the next. It
@@ -519,8 +526,14 @@ class Template:
     def spawn(self, config, fds):
         """Fork a worker with these pipe ends: [cmd, res, out, err, life, status]. A _Process."""
         with self.lock:
-            socket.send_fds(self.socket, [json.dumps(config).encode()], fds)
-            message, pidfds, _, _ = socket.recv_fds(self.socket, 1 << 16, 1)
+            try:
+                socket.send_fds(self.socket, [json.dumps(config).encode()], fds)
+                message, pidfds, _, _ = socket.recv_fds(self.socket, 1 << 16, 1)
+            except BaseException:  # a late reply would answer the next request: this template is done
+                self.close()
+                raise
+        for fd in pidfds:
+            os.set_inheritable(fd, False)  # received fds are inheritable; nothing we fork needs it
         if not message:
             raise RuntimeError("the sandbox template has exited")
         reply = json.loads(message)

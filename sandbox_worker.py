@@ -91,6 +91,9 @@ def _reap_orphans_as_init(worker_pid, config):
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    poller = select.poll()  # not select(): the fds may be numbered above 1023
+    for fd in (config["life_fd"], wake_r):
+        poller.register(fd, select.POLLIN)
     while True:
         while True:
             try:
@@ -101,8 +104,7 @@ def _reap_orphans_as_init(worker_pid, config):
                 break
             if pid == worker_pid:
                 os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-        readable, _, _ = select.select([config["life_fd"], wake_r], [], [], 1.0)
-        if config["life_fd"] in readable:
+        if any(fd == config["life_fd"] for fd, _ in poller.poll(1000)):
             os._exit(1)
         with contextlib.suppress(OSError):
             os.read(wake_r, 4096)
@@ -297,13 +299,14 @@ def _template_main(mode, control_fd):
             status_fds[pid] = fds[-1]
         with contextlib.suppress(OSError):
             os.read(wake_r, 4096)
-        while status_fds:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
+        while status_fds and (exited := os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)):
+            if mode == "process":  # the worker's group, while its unreaped leader keeps the number in use
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(exited.si_pid, signal.SIGKILL)
+            _, status = os.waitpid(exited.si_pid, 0)
             with contextlib.suppress(OSError):  # the session may be gone already
-                os.write(status_fds[pid], str(os.waitstatus_to_exitcode(status)).encode())
-            os.close(status_fds.pop(pid))
+                os.write(status_fds[exited.si_pid], str(os.waitstatus_to_exitcode(status)).encode())
+            os.close(status_fds.pop(exited.si_pid))
 
 
 def _forked_worker(config, fds):
@@ -313,9 +316,10 @@ def _forked_worker(config, fds):
         cmd, res, out, err, life, _status = fds
         os.dup2(out, 1)
         os.dup2(err, 2)
-        keep = sorted({0, 1, 2, cmd, res, life})
-        for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")]):
-            os.closerange(low + 1, high)  # the template's socket and every other session's status pipe
+        for fd in map(int, os.listdir("/proc/self/fd")):  # the template's socket, others' status pipes
+            if fd not in (0, 1, 2, cmd, res, life):
+                with contextlib.suppress(OSError):  # the listing's own fd is already gone
+                    os.close(fd)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()

@@ -322,9 +322,10 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
     zero get no forward pass (their surrogate is exactly 0), unless kl_coef > 0; counted rows
     make up each mini-batch's denominator. Old log-probs are computed once, before the first
     optimizer step (skipped when there is only one, see needs_old_logprobs); a mini-batch with no
-    forwarded token on any rank takes no step, and a batch without any does no work at all. Returns (stat sums: means over the optimizer steps
-    taken, seconds spent on old and reference log-probs); a non-finite gradient norm skips the
-    optimizer step with a warning, on every rank alike."""
+    forwarded token on any rank takes no step, and a batch without any does no work at all.
+    Returns (stat sums: means over the optimizer steps taken, seconds spent on old and reference
+    log-probs); a non-finite gradient norm skips the optimizer step with a warning, on every rank
+    alike. Log-probs are projected at loss-masked positions only (model.token_logprobs)."""
     forwarded = counted if cfg.kl_coef > 0 else trained
     plan = plan_minibatches(trajs, forwarded=forwarded, counted=counted, mini_batch_size=cfg.mini_batch_size,
                             micro_batch_size=cfg.micro_batch_size, world=world, pad=pad)  # fmt: skip
@@ -344,7 +345,7 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
     t_old = time.perf_counter() - t0
     steps = cfg.ppo_epochs * len(plan)
     sums = dict.fromkeys(("loss", "clip_frac", "approx_kl", "ratio", "kl_ref", "grad_norm", "skipped"), 0.0)
-    # No mini-batch left means no trained token on any rank (forwarded_tokens is a global count):
+    # No mini-batch left means no forwarded token on any rank (forwarded_tokens is a global count):
     # every rank alike skips the forward, backward and optimizer step, and the step is logged so.
     sums["optimizer_steps"], sums["no_signal"] = steps, float(not plan)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # see trainable_parameters

@@ -500,3 +500,17 @@ def test_prewarmed_spares_are_handed_out_first_and_work():
         assert cold.proc is None and cold not in warm
         results = pool.run(warm + [cold], ["1", "2", "3"])
         assert [r.stdout for r in results] == ["1\n", "2\n", "3\n"]
+
+
+def test_a_template_that_died_is_replaced_and_live_sessions_still_close_cleanly():
+    """Killing the template a session was forked from leaves that session usable and closable,
+    and the next session starts from a new template."""
+    with sandbox.Session(timeout=TIMEOUT) as before:
+        assert before.run("x = 1").ok
+        template = sandbox._shared_template(before.mode)
+        template.proc.kill()
+        template.proc.wait()
+        assert before.run("print(x + 1)").stdout == "2\n"
+        with sandbox.Session(timeout=TIMEOUT) as after:
+            assert after.run("print('fresh')").stdout == "fresh\n"
+        assert sandbox._shared_template(before.mode) is not template
