@@ -175,11 +175,12 @@ def bench_sandbox(args):
         start_and_call(template)
         template.close()
 
-    for _ in range(args.starts):  # all alternate, so that they share the machine's state
-        warm += _times_ms(lambda: live.run("x += 1"), args.calls // args.starts)
-        cold += _times_ms(start_and_call, 1)
-        own += _times_ms(own_template, 1)
-        fresh += _times_ms(lambda: subprocess.run([sys.executable, "-I", "-c", "x = 1"], check=True), 1)
+    block = 5  # each variant runs `block` times in a row, as a trainer starts sessions in bursts
+    for _ in range(args.starts // block):  # the blocks alternate, so that all share the machine's state
+        warm += _times_ms(lambda: live.run("x += 1"), args.calls * block // args.starts)
+        cold += _times_ms(start_and_call, block)
+        own += _times_ms(own_template, block)
+        fresh += _times_ms(lambda: subprocess.run([sys.executable, "-I", "-c", "x = 1"], check=True), block)
     live.close()
 
     with sandbox.Pool(max_workers=args.workers, timeout=10) as pool:

@@ -208,7 +208,8 @@ class Session:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.proc.pidfd, signal.SIGKILL)
             dead = _wait_readable(self.proc.pidfd, 10.0)  # a pidfd is readable once its process exited
-            _wait_readable(self.fds["status"], 5.0)  # the template has reaped it (data, or its end closed)
+            if self.mode == "process":  # the template has reaped it and killed its group (data, or EOF)
+                _wait_readable(self.fds["status"], 5.0)
             self.unkilled = self.unkilled or not dead
             os.close(self.proc.pidfd)
             self.proc = None

@@ -290,7 +290,8 @@ def _template_main(mode, control_fd):
                 control.send(json.dumps({"error": str(e)}).encode())
                 continue
             if pid == 0:
-                _forked_worker(dict(json.loads(message), mount_plan=mount_plan), fds)
+                held = [*fds, *status_fds.values(), control.fileno(), wake_r, wake_w, own_pid_namespace or 0]
+                _forked_worker(dict(json.loads(message), mount_plan=mount_plan), fds, highest=max(held))
             pidfd = os.pidfd_open(pid)
             socket.send_fds(control, [json.dumps({"pid": pid}).encode()], [pidfd])
             os.close(pidfd)
@@ -309,17 +310,17 @@ def _template_main(mode, control_fd):
             os.close(status_fds.pop(exited.si_pid))
 
 
-def _forked_worker(config, fds):
-    """In the template's child: keep only this session's pipe ends (stdout and stderr on 1 and 2),
-    forget the template's signal handling, and become the worker. Never returns."""
+def _forked_worker(config, fds, highest):
+    """In the template's child: keep only this session's pipe ends (stdout and stderr on 1 and 2;
+    `highest` is the template's highest fd), forget the template's signal handling, and become
+    the worker. Never returns."""
     try:
         cmd, res, out, err, life, _status = fds
         os.dup2(out, 1)
         os.dup2(err, 2)
-        for fd in map(int, os.listdir("/proc/self/fd")):  # the template's socket, others' status pipes
-            if fd not in (0, 1, 2, cmd, res, life):
-                with contextlib.suppress(OSError):  # the listing's own fd is already gone
-                    os.close(fd)
+        keep = sorted({2, cmd, res, life})  # and 0, 1
+        for low, high in zip(keep, [*keep[1:], highest + 1]):  # up to the template's highest fd only
+            os.closerange(low + 1, high)  # the template's socket and every other session's status pipe
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
