@@ -586,7 +586,9 @@ def _ours_steps(model_dir, data_file, args, *, out):
              "--lr", "1e-6", "--temperature", "1.0", "--max_steps", str(args.steps), "--save_every", str(10**6),
              "--out_dir", out]  # fmt: skip
     here = os.path.dirname(os.path.abspath(__file__))
-    subprocess.run([sys.executable, "train.py", *flags], check=True, cwd=here, capture_output=True)
+    done = subprocess.run([sys.executable, "train.py", *flags], cwd=here, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"train.py {' '.join(flags)} failed:\n{done.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f][1:]
     parts = ("t_rollout", "t_reward", "t_old_logp", "t_update")
