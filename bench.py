@@ -175,7 +175,7 @@ def bench_sandbox(args):
         start_and_call(template)
         template.close()
 
-    block = 5  # each variant runs `block` times in a row, as a trainer starts sessions in bursts
+    block = args.block  # each variant runs `block` times in a row (a trainer starts sessions in bursts)
     for _ in range(args.starts // block):  # the blocks alternate, so that all share the machine's state
         warm += _times_ms(lambda: live.run("x += 1"), args.calls * block // args.starts)
         cold += _times_ms(start_and_call, block)
@@ -762,6 +762,8 @@ def main():
     sbx = sub.add_parser("sandbox", help="sandbox latency, start-up and throughput vs python -c")
     sbx.add_argument("--calls", type=int, default=1000, help="warm calls timed in one session")
     sbx.add_argument("--starts", type=int, default=20, help="cold starts and fresh processes timed")
+    sbx.add_argument("--block", type=int, default=5, help="starts of one variant in a row before the next "
+                     "(1: each start right after the others, its caches cold)")  # fmt: skip
     sbx.add_argument("--batch", type=int, default=256, help="short calls in the throughput test")
     sbx.add_argument("--sessions", type=int, default=32, help="concurrent sessions in the throughput test")
     sbx.add_argument("--workers", type=int, default=8, help="Pool max_workers in the throughput test")
