@@ -37,6 +37,7 @@ import rollout
 import sandbox
 import sft
 
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the scripts bench.py runs (train.py, the tests) are here
 
 def _times_ms(fn, repeats):
     times = []
@@ -251,16 +252,21 @@ def peak_rss_increase_mb(fn):
     return status("VmHWM:") - before
 
 
+def rollout_problems(n):
+    """n problems worded so that an instruct model calls the tool at once, and again to check."""
+    return [
+        f"Compute 12345 * 6789 modulo {97 + i}. Start your reply with a ```python code block and nothing "
+        "before it; after seeing its output, check the result with a second code block, then give "
+        "the \\boxed{} answer."
+        for i in range(n)
+    ]
+
+
 def bench_rollout(args):
     """The demo model always; then the checkpoint given with --model, if any."""
     for name in ["demo"] + ([args.model] if args.model != "demo" else []):
         torch.manual_seed(0)
-        problems = [  # worded so that an instruct model calls the tool at once, and again to check
-            f"Compute 12345 * 6789 modulo {97 + i}. Start your reply with a ```python code block and nothing "
-            "before it; after seeing its output, check the result with a second code block, then give "
-            "the \\boxed{} answer."
-            for i in range(args.batch)
-        ]
+        problems = rollout_problems(args.batch)
         if name == "demo":
             tokenizer = model.tiny_tokenizer()
             policy = memorised_tiny_policy(tokenizer, problems, args.hidden_size)
@@ -585,8 +591,7 @@ def _ours_steps(model_dir, data_file, args, *, out):
              "--max_total_tokens", str(args.length + 256), "--micro_batch_size", str(args.prompts * args.group_size),
              "--lr", "1e-6", "--temperature", "1.0", "--max_steps", str(args.steps), "--save_every", str(10**6),
              "--out_dir", out]  # fmt: skip
-    here = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, "train.py", *flags], cwd=here, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"train.py {' '.join(flags)} failed:\n{done.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -678,7 +683,7 @@ def trained_every_step(out_dir, steps):
 
 def _gpu_tests(args, *, device, tmp):
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           "tests/test_gpu.py"], capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")  # fmt: skip
+                           "tests/test_gpu.py"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     last = (done.stdout.strip().splitlines() or ["no output"])[-1]
     return done.returncode == 0, last + ("" if done.returncode == 0 else "\n" + done.stdout[-2000:])
 
@@ -725,7 +730,7 @@ def resource_peak_rss_gb():
 
 def _gpu_rollout(args, *, device, tmp):
     policy, tokenizer = model.load_policy(args.model_dir, device=device)
-    problems = [f"Compute 12345 * 6789 modulo {97 + i}. Start your reply with a ```python code block." for i in range(8)]
+    problems = rollout_problems(8)
     settings = argparse.Namespace(batch=8, max_turns=2, max_turn_tokens=64, max_total_tokens=512, temperature=0.7,
                                   rounds=2)  # fmt: skip
     with launch.compute_dtype(device):  # as train.py's rollouts
@@ -737,7 +742,7 @@ def _gpu_fsdp_step(args, *, device, tmp):
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
            "--model", args.model_dir, "--device", device, "--parallel", "fsdp", "--max_steps", "1",
            "--out_dir", os.path.join(tmp, "fsdp"), *GPU_RUN]  # fmt: skip
-    done = subprocess.run(run, capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".")
+    done = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         return False, f"exit {done.returncode}: {done.stderr.strip()[-1500:]}"
     if not trained_every_step(os.path.join(tmp, "fsdp"), 1):

@@ -237,9 +237,10 @@ def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk
     ).last_hidden_state  # (B, L, H)
     hidden = hidden[:, :-1].reshape(B * (L - 1), -1)  # (B(L-1), H) predicts the next token
     targets = input_ids[:, 1:].reshape(-1)  # (B(L-1),)
-    rows = None
-    if needed is not None and needed[:, 1:].any():  # with none, all: the head stays in the graph (DDP)
-        rows = needed[:, 1:].reshape(-1).nonzero().squeeze(1)  # (n,) the positions projected
+    rows = None if needed is None else needed[:, 1:].reshape(-1).nonzero().squeeze(1)  # (n,) projected
+    if rows is not None and rows.numel() == 0:  # none needed: all, so that the head stays in the graph (DDP)
+        rows = None
+    if rows is not None:
         hidden, targets = hidden[rows], targets[rows]
     weight = model.get_output_embeddings().weight  # (V, H)
     chunk_tokens = chunk_tokens or max(1024, (1 << 24) // weight.shape[0])

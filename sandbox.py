@@ -16,8 +16,8 @@ session reaches the next. A fresh `python -c` per call would also lose the state
 Standard library only.
 
 Containment, and what it does NOT cover. Where the trainer runs as root and the kernel lets it
-make namespaces (checked once, `isolation()` tells), the worker starts in new network, PID, mount and IPC
-namespaces:
+make namespaces (checked once, `isolation()` tells), the worker starts in new network, PID,
+mount and IPC namespaces:
     - Network: the namespace has only a loopback interface, and it is down: no connection to
       anything, not even to listeners on the host's 127.0.0.1 (abstract unix sockets are per
       network namespace; socket files are unreachable, see Files).
@@ -44,8 +44,8 @@ dropped with a note, not blamed on the next call; answers on the protocol pipe a
 NOT covered: the limits are per process, not per session (n processes may use n times
 memory_mb; a process that outlives its call keeps using CPU until the session closes, and
 each fork starts a fresh RLIMIT_CPU count); a cgroup per session is what bounds these.
-Fallback, where namespaces are not available (not root, or the kernel refuses): the same rlimits on
-an ordinary process group in a private temporary directory removed on close, BUT the code runs
+Fallback, where namespaces are not available (not root, or the kernel refuses): the same rlimits
+on an ordinary process group in a private temporary directory removed on close, BUT the code runs
 as the trainer's user (it can signal or kill the trainer, or the template, which makes sessions
 starting at that moment infrastructure errors; and read what that user can read),
 without network isolation, with RLIMIT_NPROC counted against the whole user (and ignored for
@@ -167,7 +167,7 @@ class Session:
         self.fds = {}  # the trainer's ends of the pipes: cmd, res, out, err, life, status
         self.workdir = None
         self.uid_lease = None  # (uid, locked fd) in namespace mode
-        self.pid_namespaces = []  # e.g. ["pid:[4026532301]"]: every process of each worker stays in its own
+        self.pid_namespaces = []  # e.g. ["pid:[4026532301]"]: each worker's processes all stay in it
         self.lost_note = None  # why the previous worker ended, told to the next call
         self.unkilled = False  # a worker outlived SIGKILL by 10 s (a process stuck in the kernel)
 
