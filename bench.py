@@ -7,6 +7,7 @@
     python bench.py step [--model DIR]    # one RL step's time split, GTPO vs GRPO on the same rollouts
     python bench.py peer                  # TRL's GRPOTrainer vs ours, same model, data and reward
     python bench.py gpu MODEL_DIR         # the GPU check, ready to run (without a GPU: a CPU dry run)
+    python bench.py dtype [--model DIR]   # fp32 vs bf16 compute: a rollout and an update pass
 
 Each benchmark alternates the variants it compares (A, B, A, B, ...) so that load from elsewhere
 on a shared machine falls on both alike. It reports the median of all timed calls (the typical
@@ -637,20 +638,77 @@ def _trl_steps(model_dir, problems, args, *, out):
     return [(s, n * args.prompts * args.group_size) for s, n in zip(timer.times[1:], lengths[1:])]
 
 
+def cpu_bf16_instructions():
+    """The CPU's bf16 matrix instructions torch can use ("none": bf16 is emulated, and slow)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return ", ".join(sorted({"avx512_bf16", "amx_bf16"} & set(flags))) or "none"
+
+
+def bench_dtype(args):
+    """fp32 against bf16 compute over the same fp32 weights (--compute_dtype), side by side: a
+    rollout (--rows trajectories, one turn of --new_tokens) and an update pass (forward and
+    backward of --rows sequences of --update_tokens), alternating fp32, bf16, fp32, ... over
+    --rounds after a warm-up of each."""
+    names = [args.model] if args.model != "auto" else ["demo"] + ([QWEN] if os.path.isdir(QWEN) else [])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device {device}; CPU kernels {torch.backends.cpu.get_cpu_capability()}, bf16 instructions: "
+          f"{cpu_bf16_instructions()}; {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'model':<34}{'phase':<9}{'fp32 s':>9}{'bf16 s':>9}{'bf16/fp32':>11}  tokens fp32 / bf16")
+    for name in names:
+        policy, tokenizer = model.load_policy(name, device, dtype=torch.float32, demo_size=(128, 3))
+        prompts = [model.chat_prompt_ids(tokenizer, p, model.SYSTEM_PROMPT) for p in rollout_problems(args.rows)]
+        settings = rollout.RolloutConfig(max_turns=1, max_turn_tokens=args.new_tokens, temperature=1.0,
+                                         max_total_tokens=max(map(len, prompts)) + args.new_tokens + 1)  # fmt: skip
+        ids = torch.randint(0, len(tokenizer), (args.rows, args.update_tokens), device=device,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+        times = {dtype: {"rollout": [], "update": [], "tokens": []} for dtype in (torch.float32, torch.bfloat16)}
+        with sandbox.Pool(max_workers=4, timeout=10) as pool:
+            for r in range(args.rounds + 1):  # round 0 warms up
+                for dtype, out in times.items():
+                    start = time.perf_counter()
+                    with torch.no_grad(), launch.mixed_precision(policy, dtype):
+                        trajs = rollout.rollout(policy, tokenizer, prompts, pool, settings,
+                                                seeds=list(range(args.rows)))
+                    middle = time.perf_counter()
+                    logp = launch.LogProbs(policy, dtype, len(tokenizer))(ids, torch.ones_like(ids))  # (rows, L)
+                    logp.sum().backward()
+                    policy.zero_grad(set_to_none=True)
+                    if r:
+                        out["rollout"].append(middle - start)
+                        out["update"].append(time.perf_counter() - middle)
+                        out["tokens"].append(sum(sum(t.loss_mask) for t in trajs))
+        label = "demo (128x3)" if name == "demo" else os.path.basename(name.rstrip("/"))
+        for phase in ("rollout", "update"):
+            a, b = (statistics.median(times[dtype][phase]) for dtype in times)
+            tokens = " / ".join(str(sum(times[dtype]["tokens"])) for dtype in times) if phase == "rollout" else ""
+            print(f"{label:<34}{phase:<9}{a:>9.2f}{b:>9.2f}{b / a:>11.2f}  {tokens}")
+        del policy
+        gc.collect()
+
+
 def bench_gpu(args):
-    """One command for the first CUDA GPU: the gpu-marked tests, two bf16-autocast RL steps of
-    MODEL_DIR (peak memory beside the README's arithmetic), rollout tokens/s against plain
-    generate on the same batch, and one FSDP2 step under `torchrun --nproc_per_node 1` (NCCL).
-    Without a GPU the same stages run on the CPU (fp32, gloo) as a dry run and the command exits 0
-    if they pass; either way it exits 1 if any stage fails."""
+    """One command for a CUDA machine: the gpu-marked tests, two RL steps of MODEL_DIR in the
+    compute dtype auto picks (bf16 on CUDA; peak memory beside the memory arithmetic), rollout
+    tokens/s against plain generate on the same batch, one FSDP2 step under `torchrun
+    --nproc_per_node 1` (NCCL) and, with two GPUs or more, one DDP and one FSDP2 step over 2
+    processes with real problem groups (score's gathers run), each GPU's peak memory beside the
+    arithmetic. Without a GPU the same stages run on the CPU (fp32, gloo) as a dry run and the
+    command exits 0 if they pass; either way it exits 1 if any stage fails."""
     import tempfile
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     where = f"CUDA: {torch.cuda.get_device_name()}" if cuda else "no CUDA device: a CPU dry run (fp32, gloo) of the same stages"
     print(f"bench.py gpu {args.model_dir} — {where}", flush=True)
-    stages = [("gpu-marked tests", _gpu_tests), ("two RL steps, bf16 autocast", _gpu_rl_steps),
+    stages = [("gpu-marked tests", _gpu_tests), ("two RL steps, compute dtype auto", _gpu_rl_steps),
               ("rollout vs plain generate", _gpu_rollout), ("FSDP2 step, torchrun 1 process", _gpu_fsdp_step)]  # fmt: skip
+    if not cuda or torch.cuda.device_count() > 1:
+        two = lambda parallel: lambda *a, **k: _gpu_two_processes(parallel, *a, **k)
+        stages += [("DDP step, torchrun 2 processes", two("ddp")), ("FSDP2 step, torchrun 2 processes", two("fsdp"))]
     rows = []
     with tempfile.TemporaryDirectory(prefix="gtpo-gpu-check-") as tmp:
         for name, stage in stages:
@@ -661,9 +719,9 @@ def bench_gpu(args):
                 ok, figure = False, f"{type(e).__name__}: {e}"
             rows.append((name, ok, figure, time.perf_counter() - start))
             print(f"  {name}: {'ok' if ok else 'FAILED'} ({rows[-1][3]:.0f} s)", flush=True)
-    print(f"\n{'stage':<34}{'result':<8}{'seconds':>8}  figure")
+    print(f"\n{'stage':<36}{'result':<8}{'seconds':>8}  figure")
     for name, ok, figure, seconds in rows:
-        print(f"{name:<34}{'ok' if ok else 'FAILED':<8}{seconds:>8.0f}  {figure}")
+        print(f"{name:<36}{'ok' if ok else 'FAILED':<8}{seconds:>8.0f}  {figure}")
     if not cuda:
         print("Nothing above ran on a GPU: the stages ran on the CPU to check the command itself.")
     sys.exit(0 if all(ok for _, ok, _, _ in rows) else 1)
@@ -689,7 +747,7 @@ def _gpu_tests(args, *, device, tmp):
 
 
 def _gpu_rl_steps(args, *, device, tmp):
-    """train.py in this process (its peak memory is this process's), two steps, bf16 autocast on CUDA."""
+    """train.py in this process (its peak memory is this process's), two steps in the compute dtype auto picks."""
     import train
 
     if device == "cuda":
@@ -704,7 +762,7 @@ def _gpu_rl_steps(args, *, device, tmp):
         peak = f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB allocated"
     else:
         peak = f"peak RSS {resource_peak_rss_gb():.2f} GB (CPU, fp32: not the GPU figure)"
-    return True, (f"{peak}; README arithmetic: training state 16 B x {P / 1e6:,.1f}M parameters = "
+    return True, (f"{peak}; arithmetic: training state 16 B x {P / 1e6:,.1f}M parameters = "
                   f"{16 * P / 1e9:.3f} GB, + KV cache + activations")  # fmt: skip
 
 
@@ -729,25 +787,47 @@ def resource_peak_rss_gb():
 
 
 def _gpu_rollout(args, *, device, tmp):
-    policy, tokenizer = model.load_policy(args.model_dir, device=device)
+    policy, tokenizer = model.load_policy(args.model_dir, device=device, dtype=torch.float32)
     problems = rollout_problems(8)
     settings = argparse.Namespace(batch=8, max_turns=2, max_turn_tokens=64, max_total_tokens=512, temperature=0.7,
                                   rounds=2)  # fmt: skip
-    with launch.compute_dtype(device):  # as train.py's rollouts
+    with launch.mixed_precision(policy, launch.resolve_dtype("auto", device)):  # as train.py's rollouts
         ratio = _bench_rollout_speed(policy, tokenizer, problems, settings)
     return True, f"multi-turn rollout at {ratio:.2f}x plain generate's tokens/s on the same batch"
 
 
-def _gpu_fsdp_step(args, *, device, tmp):
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
-           "--model", args.model_dir, "--device", device, "--parallel", "fsdp", "--max_steps", "1",
-           "--out_dir", os.path.join(tmp, "fsdp"), *GPU_RUN]  # fmt: skip
+def torchrun_step(args, *, device, out_dir, parallel, ranks):
+    """One RL step of train.py under torchrun; (None, summary.json) or (the reason it failed, None)."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "train.py",
+           "--model", args.model_dir, "--device", device, "--parallel", parallel, "--max_steps", "1",
+           "--out_dir", out_dir, *GPU_RUN]  # fmt: skip
     done = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
-        return False, f"exit {done.returncode}: {done.stderr.strip()[-1500:]}"
-    if not trained_every_step(os.path.join(tmp, "fsdp"), 1):
-        return False, "the step took no optimizer step (see its metrics.jsonl)"
-    return True, f"one RL step, fully_shard over 1 rank ({'nccl' if device == 'cuda' else 'gloo'})"
+        return f"exit {done.returncode}: {done.stderr.strip()[-1500:]}", None
+    if not trained_every_step(out_dir, 1):
+        return "the step took no optimizer step (see its metrics.jsonl)", None
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        return None, json.load(f)
+
+
+def _gpu_fsdp_step(args, *, device, tmp):
+    error, _ = torchrun_step(args, device=device, out_dir=os.path.join(tmp, "fsdp"), parallel="fsdp", ranks=1)
+    return error is None, error or f"one RL step, fully_shard over 1 rank ({'nccl' if device == 'cuda' else 'gloo'})"
+
+
+def _gpu_two_processes(parallel, args, *, device, tmp):
+    """One RL step over 2 ranks, each rank's peak memory beside the arithmetic of docs/results.md
+    (training state 16P per GPU under DDP; under FSDP2 the larger of 16P/2 and 12P/2 + 2P)."""
+    out_dir = os.path.join(tmp, f"{parallel}2")
+    error, summary = torchrun_step(args, device=device, out_dir=out_dir, parallel=parallel, ranks=2)
+    if error:
+        return False, error
+    P = parameter_count(args.model_dir)
+    state = 16 * P if parallel == "ddp" else max(8 * P, 6 * P + 2 * P)
+    kind = "allocated" if device == "cuda" else "RSS (CPU, fp32: not the GPU figure)"
+    peaks = ", ".join(f"{g:.2f}" for g in summary["peak_memory_gb"])
+    return True, (f"peak {kind} per rank {peaks} GB; arithmetic: training state {state / 1e9:.3f} GB per rank, "
+                  "+ KV cache + activations")  # fmt: skip
 
 
 def main():
@@ -815,9 +895,17 @@ def main():
     gpu = sub.add_parser("gpu", help="the GPU check: gpu tests, bf16 RL steps and their peak memory, rollout "
                          "vs generate, an FSDP2 step (without a GPU: a CPU dry run)")  # fmt: skip
     gpu.add_argument("model_dir", help="a Qwen2.5 directory (safetensors), or 'demo' for the tiny model")
+    dty = sub.add_parser("dtype", help="fp32 vs bf16 compute over fp32 weights: a rollout and an update pass")
+    dty.add_argument("--model", default="auto", help="'demo', a model directory, or 'auto': the demo model, then "
+                     f"Qwen2.5-Coder-0.5B-Instruct if {QWEN} exists")  # fmt: skip
+    dty.add_argument("--rows", type=int, default=2, help="trajectories in the rollout and sequences in the update")
+    dty.add_argument("--new_tokens", type=int, default=16, help="tokens sampled per rollout trajectory")
+    dty.add_argument("--update_tokens", type=int, default=64, help="tokens per sequence of the update pass")
+    dty.add_argument("--rounds", type=int, default=2, help="timed rounds, each fp32 then bf16")
     args = parser.parse_args()
     benches = {"advantages": bench_advantages, "sandbox": bench_sandbox, "rollout": bench_rollout,
-               "rewards": bench_rewards, "step": bench_step, "peer": bench_peer, "gpu": bench_gpu}  # fmt: skip
+               "rewards": bench_rewards, "step": bench_step, "peer": bench_peer, "gpu": bench_gpu,
+               "dtype": bench_dtype}  # fmt: skip
     benches[args.bench](args)
 
 

@@ -108,15 +108,16 @@ def save(step, run, *, cfg, world):
 
 
 def load(step, run, *, cfg, world):
-    """Restore into the run what save() wrote, including this rank's RNG states."""
+    """Restore into the run what save() wrote, including this rank's RNG states. Rank 0 alone
+    reads the weights; every rank gets them (its shard under FSDP2) by broadcast."""
     path = os.path.join(cfg.out_dir, "checkpoints", f"step_{step}")
     weights = {}
-    for name in sorted(os.listdir(path)):
+    for name in sorted(os.listdir(path)) if world.main else []:  # read once: rank 0 broadcasts it
         if name.endswith(".safetensors"):
             weights.update(load_file(os.path.join(path, name)))
-    if getattr(run.policy.config, "tie_word_embeddings", False):
+    if world.main and getattr(run.policy.config, "tie_word_embeddings", False):
         weights.setdefault("lm_head.weight", weights.get("model.embed_tokens.weight"))
-    full = StateDictOptions(full_state_dict=True)
+    full = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.size > 1)
     set_model_state_dict(run.wrapped, {f"policy.{k}": v for k, v in weights.items()}, options=full)
     with open(os.path.join(path, "trainer.json")) as f:
         trainer = json.load(f)

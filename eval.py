@@ -42,8 +42,8 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    ConfigError, arg, broadcast_object, check_fields, environment, finish, gather_objects, parse_config,
-    parse_demo_size, run_command, setup_distributed,
+    COMPUTE_DTYPES, ConfigError, arg, broadcast_object, check_fields, environment, finish, gather_objects,
+    mixed_precision, parse_config, parse_demo_size, replicate, run_command, setup_distributed,
 )  # fmt: skip
 
 
@@ -72,10 +72,14 @@ class Config:
     )
     seed: int = arg(0, "sampling seed (each batch is seeded from it, the set and the batch number)",
                     valid="[0, 2147483647]")
-    batch_size: int = arg(64, "trajectories per generation batch (whole problems; part of the seeding)", valid=">= 1")
+    batch_size: int = arg(64, "trajectories per batch (whole problems; part of the seeding)", valid=">= 1")
+    rollout_batch_size: int = arg(None, "trajectories of a batch generated at once (0: all; default: "
+                                  "training's, else 0); bounds the KV cache, not the result", valid=">= 0")
     limit: int = arg(0, "evaluate only the first N problems of each set (0: all)", valid=">= 0")
     demo_size: str = arg("128x3", "hidden size x layers of --model demo")
     device: str = arg("auto", "where to run (auto: cuda if available)", valid=("auto", "cuda", "cpu"))
+    compute_dtype: str = arg("auto", "dtype of the weights and forward passes; auto: bf16 on CUDA, fp32 on "
+                             "the CPU", valid=COMPUTE_DTYPES)
     sandbox_workers: int = arg(8, "tool calls run at once per rank", valid=">= 1")
     sandbox_timeout: float = arg(10.0, "seconds per tool call", valid="> 0")
     # --- the other modes
@@ -92,7 +96,7 @@ INPUT_ERRORS = (ConfigError, data.DataError, rewards.RewardFnError, OSError)  # 
 # Settings that change what the evaluation produces: a resumed run must match them exactly.
 RESULT_SETTINGS = ("model", "data", "problem_key", "answer_key", "reward_fn", "samples", "temperature", "top_p",
                    "max_turns", "max_turn_tokens", "max_total_tokens", "system_prompt", "seed", "batch_size",
-                   "limit", "demo_size", "sandbox_timeout")  # fmt: skip
+                   "limit", "demo_size", "sandbox_timeout", "compute_dtype")  # fmt: skip
 
 
 # ---------------------------------------------------------------- settings
@@ -145,7 +149,8 @@ def resolve(cfg):
         )
     if cfg.reward_fn == "auto":
         cfg.reward_fn = trained.get("reward_fn", "none") if trained else "none"
-    for name, default in (("max_turns", 4), ("max_turn_tokens", 512), ("max_total_tokens", 2048)):
+    for name, default in (("max_turns", 4), ("max_turn_tokens", 512), ("max_total_tokens", 2048),
+                          ("rollout_batch_size", 0)):  # fmt: skip
         if getattr(cfg, name) is None:
             setattr(cfg, name, trained[name] if trained else default)
     if cfg.system_prompt == "auto" and trained and "system_prompt" not in trained:
@@ -219,8 +224,8 @@ def evaluate_batch(batch, *, policy, tokenizer, pool, grader, cfg, reward_fn=Non
     torch.manual_seed(batch_seed(cfg.seed, name, b))
     run_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                                     max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
-                                    top_p=cfg.top_p)  # fmt: skip
-    with torch.no_grad():
+                                    top_p=cfg.top_p, batch_size=cfg.rollout_batch_size)  # fmt: skip
+    with torch.no_grad(), mixed_precision(policy, policy.dtype):
         trajs = rollout.rollout(policy, tokenizer, prompts, pool=pool, cfg=run_cfg)
     rows = [p for _, p in items for _ in range(k)]
     scores = rewards.outcome_scores(trajs, rows, grader=grader, reward_fn=reward_fn)  # (N,)
@@ -353,9 +358,11 @@ def run_evaluation(cfg, settings, world):
     per_batch = max(1, cfg.batch_size // cfg.samples)
     todo = [t for t in batches(sets, per_batch) if any(f"{t[0]}/{i}" not in done_keys for i, _ in t[2])]
     torch.manual_seed(cfg.seed)
-    policy, tokenizer = policies.load_policy(
-        cfg.model, world.device, demo_size=parse_demo_size(cfg.demo_size), seed=cfg.seed
+    policy, tokenizer = policies.load_policy(  # in the compute dtype: no master weights to keep
+        cfg.model, world.device if world.main else "meta", dtype=world.dtype,  # read once, by rank 0
+        demo_size=parse_demo_size(cfg.demo_size), seed=cfg.seed,
     )
+    replicate(policy, world)
     policy.eval()
     pool, grader = sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout), rewards.Grader()
     total = sum(len(items) for _, _, items in todo)
@@ -675,7 +682,7 @@ def plot(paths, out):
 def main(cfg):
     """One mode: evaluate (--data), --compare, --show or --plot. On an error the process group is
     left without a barrier (every rank raises the same error, see on_every_rank)."""
-    world = setup_distributed(cfg.device)
+    world = setup_distributed(cfg.device, cfg.compute_dtype)
     settings = resolve(cfg)
     if cfg.compare:
         if len(cfg.compare) != 2:

@@ -19,6 +19,7 @@ batch into mini- and micro-batches that keeps every rank in step.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import importlib
 import math
 import os
@@ -170,28 +171,47 @@ def parse_config(config_cls, prog, description, argv=None):
 
 @dataclass
 class World:
+    """This process's place in the run: its rank, the number of ranks, the device it computes on
+    (every tensor handed to torch.distributed is moved there first: NCCL takes CUDA tensors only)
+    and the compute dtype of its forward passes (weights stay fp32)."""
+
     rank: int
     size: int
     device: torch.device
+    dtype: torch.dtype = torch.float32
 
     @property
     def main(self):
         return self.rank == 0
 
 
-def setup_distributed(device_flag):
-    """The same file under python (one process) and torchrun (RANK set): nccl on CUDA, gloo on CPU."""
+COMPUTE_DTYPES = ("auto", "bf16", "fp32")
+TIMEOUT_MINUTES = 60  # a collective's wait: long enough for rank 0 to write a 7B checkpoint
+
+
+def resolve_dtype(flag, device):
+    """--compute_dtype as a torch dtype: auto is bf16 on CUDA and fp32 on the CPU, where bf16 is
+    only faster with AVX-512 bf16 or AMX (docs/results.md#bf16-on-the-cpu)."""
+    if flag == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[flag]
+
+
+def setup_distributed(device_flag, dtype_flag="auto", timeout_minutes=TIMEOUT_MINUTES):
+    """The same file under python (one process) and torchrun (RANK set): nccl on CUDA, gloo on
+    CPU, every collective waiting up to timeout_minutes."""
     cuda = torch.cuda.is_available() and device_flag != "cpu"
     if device_flag == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    dtype = resolve_dtype(dtype_flag, device)
     if cuda:
         torch.cuda.set_device(device)
     if "RANK" not in os.environ:
-        return World(0, 1, device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), device)
+        return World(0, 1, device, dtype)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    return World(dist.get_rank(), dist.get_world_size(), device, dtype)
 
 
 VERSIONED = ("torch", "transformers", "tokenizers", "safetensors", "numpy")  # what a figure's floats go through
@@ -215,21 +235,49 @@ def environment(world):
     }
 
 
+def on_device(t, world):
+    """t as torch.distributed may take it: on the run's device (NCCL refuses CPU tensors, gloo
+    takes both, so CPU runs alone cannot show a miss), contiguous. Every collective's tensor
+    comes from here."""
+    return t.to(world.device).contiguous()
+
+
+def peak_memory_gb(world):
+    """This process's peak memory: CUDA memory allocated on its GPU, else its peak RSS."""
+    if world.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(world.device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
 def all_reduce(values, world, op=None):
     """Element-wise sum (or op) over ranks of a list of floats (float64, so counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    t = on_device(torch.tensor(values, dtype=torch.float64), world)
     if world.size > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
 
 
 def all_gather_rows(t, world):
-    """Concatenate every rank's equally shaped tensor along dim 0, in rank order."""
+    """Concatenate every rank's equally shaped tensor along dim 0, in rank order, on t's device."""
     if world.size == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(world.size)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    mine = on_device(t, world)
+    parts = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(parts, mine)
+    return torch.cat(parts).to(t.device)
+
+
+def broadcast_tensors(tensors, world):
+    """Rank 0's values copied into every rank's tensors of the same shapes, in place."""
+    if world.size == 1:
+        return
+    for t in tensors:
+        box = on_device(t.detach(), world)
+        dist.broadcast(box, src=0)
+        with torch.no_grad():
+            t.copy_(box.to(t.device))
 
 
 def gather_objects(obj, world):
@@ -308,30 +356,71 @@ def run_command(main, cfg, prog, input_errors, same_on_every_rank=False):
 
 
 class LogProbs(nn.Module):
-    """The policy as a module whose forward is model.token_logprobs, so that DDP and FSDP2 wrap
-    exactly the pass that is trained (and its gradient sync hooks see it)."""
+    """The policy as a module whose forward is model.token_logprobs in the compute dtype, so that
+    DDP and FSDP2 wrap exactly the pass that is trained (and its gradient sync hooks see it)."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, dtype=torch.float32, vocab_size=None):
         super().__init__()
-        self.policy = policy
+        self.policy, self.dtype, self.vocab_size = policy, dtype, vocab_size
 
     def forward(self, input_ids, attention_mask, temperature=1.0, needed=None):
-        with compute_dtype(input_ids.device):
+        with mixed_precision(self.policy, self.dtype):
             return policies.token_logprobs(self.policy, input_ids, attention_mask, temperature=temperature,
-                                           needed=needed)  # (B, L) fmt: skip
+                                           needed=needed, vocab_size=self.vocab_size)  # (B, L) fmt: skip
 
 
-def compute_dtype(device):
-    """bf16 compute on CUDA over fp32 master weights: pure-bf16 weights would round updates of
-    lr 1e-6 away (bf16 keeps 8 bits of mantissa). The CPU computes in fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+@contextlib.contextmanager
+def mixed_precision(policy, dtype):
+    """Forward passes of policy in dtype over its fp32 weights (autocast; nothing for fp32): pure
+    bf16 weights would round updates of lr 1e-6 away (bf16 keeps 8 bits of mantissa). RoPE's cos
+    and sin are cast to dtype as well: they follow the fp32 hidden states, and would make the
+    cached keys fp32 beside bf16 values (a KV cache 1.5x its size, every key cast at each step)."""
+    if dtype == torch.float32:
+        yield
+        return
+    rotary = getattr(getattr(policy, "model", None), "rotary_emb", None)
+    cast = lambda module, args, out: tuple(t.to(dtype) for t in out)  # (cos, sin)
+    hook = rotary.register_forward_hook(cast) if rotary is not None else None
+    try:
+        with torch.autocast(policy.device.type, dtype=dtype):
+            yield
+    finally:
+        if hook:
+            hook.remove()
 
 
-def wrap(policy, world, parallel="ddp"):
-    """LogProbs(policy), data parallel under torchrun: DDP, or FSDP2 with each decoder layer
-    and the rest (embeddings, final norm, head) as shards. One process is left unwrapped, except
-    FSDP2 under torchrun, which shards over its one rank (as `bench.py gpu` checks it)."""
-    module = LogProbs(policy)
+def materialize(module, device):
+    """Allocate (uninitialised) on device the parameters and buffers of a module built on the meta
+    device, keeping tied parameters tied (nn.Module.to_empty unties them)."""
+    made = {}
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) not in made:
+                made[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            m._parameters[name] = made[id(p)]
+        for name, b in m.named_buffers(recurse=False):
+            m._buffers[name] = torch.empty_like(b, device=device)
+    return module
+
+
+def replicate(module, world):
+    """Rank 0's parameters and buffers on every rank. Only rank 0 reads the weights from disk (8
+    ranks reading a 7B checkpoint would hold 8 fp32 copies in host memory); the others build the
+    module on the meta device, and it is allocated on their device here."""
+    if world.size == 1:
+        return module
+    if any(t.is_meta for t in module.state_dict(keep_vars=True).values()):
+        materialize(module, world.device)
+    broadcast_tensors([*module.parameters(), *module.buffers()], world)
+    return module
+
+
+def wrap(policy, world, parallel="ddp", vocab_size=None):
+    """LogProbs(policy) in world.dtype over vocab_size tokens, data parallel under torchrun: DDP,
+    or FSDP2 with each decoder layer and the rest (embeddings, final norm, head) as shards; every
+    rank starts from rank 0's weights (replicate). One process is left unwrapped, except FSDP2
+    under torchrun, which shards over its one rank (as `bench.py gpu` checks it)."""
+    module = replicate(LogProbs(policy, world.dtype, vocab_size), world)
     if world.size == 1 and not (parallel == "fsdp" and dist.is_initialized()):
         return module
     if parallel == "ddp":
@@ -341,8 +430,7 @@ def wrap(policy, world, parallel="ddp"):
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    compute = torch.bfloat16 if world.device.type == "cuda" else torch.float32  # gathered; shards stay fp32
-    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=world.dtype, reduce_dtype=torch.float32)  # gathered; shards stay fp32
     for layer in policy.model.layers:
         fully_shard(layer, mp_policy=mp)
     module = fully_shard(module, mp_policy=mp)
@@ -385,18 +473,14 @@ def full_parameters(wrapped):
 
 @contextlib.contextmanager
 def gradient_sync(wrapped, enabled):
-    """Accumulate without communicating on all but the last micro-batch."""
-    if enabled or not hasattr(wrapped, "no_sync") and not hasattr(wrapped, "set_requires_gradient_sync"):
+    """DDP: accumulate without communicating on all but the last micro-batch (no_sync). FSDP2
+    reduce-scatters every micro-batch: without the sync it would hold unsharded fp32 gradients
+    until the last one, 4 bytes per parameter more on every GPU."""
+    if enabled or not hasattr(wrapped, "no_sync"):
         yield
-    elif hasattr(wrapped, "no_sync"):  # DDP
+    else:
         with wrapped.no_sync():
             yield
-    else:  # FSDP2
-        wrapped.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            wrapped.set_requires_gradient_sync(True)
 
 
 def check_in_sync(wrapped, world):
@@ -407,7 +491,7 @@ def check_in_sync(wrapped, world):
     if world.size == 1:
         return True
     sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in wrapped.parameters()])
-    everyone = all_gather_rows(sums[None].to(world.device), world)  # (ranks, P, 2)
+    everyone = all_gather_rows(sums[None], world)  # (ranks, P, 2)
     return bool((everyone == everyone[0]).all())
 
 

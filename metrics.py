@@ -103,12 +103,12 @@ def write_samples(path, *, trajs, problems, scored, group_size, count=2):
         json.dump({"kind": "samples", "problems": records}, f, indent=1)
 
 
-def write_summary(evaluation, *, cfg, held_out, in_sync, started, environment):
+def write_summary(evaluation, *, cfg, held_out, in_sync, started, environment, peak_memory_gb):
     summary = {
         "accuracy_before_rl": evaluation["before_rl_sampled"], "accuracy_after_rl": evaluation["after_rl_sampled"],
         **evaluation, "temperature": cfg.temperature, "held_out_problems": held_out, "eval_samples": cfg.eval_samples,
         "seed": cfg.seed, "algo": cfg.algo, "rl_steps": cfg.max_steps, "ranks_in_sync": in_sync,
-        "minutes": (time.time() - started) / 60, "environment": environment,
+        "minutes": (time.time() - started) / 60, "environment": environment, "peak_memory_gb": peak_memory_gb,
     }  # fmt: skip
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

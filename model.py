@@ -21,7 +21,9 @@ import sys
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM,
+)  # fmt: skip
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -100,10 +102,11 @@ def tiny_tokenizer(vocab_size=512):
     return tokenizer
 
 
-def tiny_model(tokenizer, seed=0, hidden_size=64, num_hidden_layers=2, dtype=torch.float32):
-    """A randomly initialised Qwen2 (about 0.1M parameters at the defaults) for tokenizer's vocabulary."""
+def tiny_model(tokenizer, seed=0, hidden_size=64, num_hidden_layers=2, dtype=torch.float32, vocab_size=None):
+    """A randomly initialised Qwen2 (about 0.1M parameters at the defaults) for tokenizer's
+    vocabulary; vocab_size: more head rows than the tokenizer has entries, as Qwen2.5's."""
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_hidden_layers,
@@ -161,14 +164,25 @@ def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False, 
                 tokenizer=None):  # fmt: skip
     """(model, tokenizer) from "demo" (tiny, built in code: demo_size = (hidden size, layers),
     initialised from seed), a local directory, or a hub id (see load_tokenizer; pass the
-    tokenizer if it is loaded already). A local directory must hold safetensors weights."""
+    tokenizer if it is loaded already). A local directory must hold safetensors weights. On the
+    meta device only the architecture is built and no weight is read (ranks other than 0, which
+    get rank 0's weights by broadcast: launch.replicate)."""
     dtype = dtype or default_dtype(device)
     tokenizer = tokenizer or load_tokenizer(name)
+    meta = torch.device(device).type == "meta"
     if name == "demo":
-        model = tiny_model(tokenizer, seed, *demo_size, dtype=dtype)
+        with torch.device("meta" if meta else "cpu"):  # CPU: the same initial weights on any device
+            model = tiny_model(tokenizer, seed, *demo_size, dtype=dtype)
     else:
+        path = _model_path(name)
         try:
-            model = AutoModelForCausalLM.from_pretrained(_model_path(name), dtype=dtype)
+            if meta:
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+                if os.path.isfile(os.path.join(path, "generation_config.json")):
+                    model.generation_config = GenerationConfig.from_pretrained(path)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as e:
             raise OSError(f"could not load the model {name!r} (local directory or hub id): {e}") from e
     if activation_checkpointing:
@@ -213,8 +227,11 @@ def _chunk_logprobs(hidden, targets, weight, temperature):
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (C,)
 
 
-def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk_tokens=None, needed=None):
+def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk_tokens=None, needed=None,
+                   vocab_size=None):  # fmt: skip
     """log p(input_ids[b, t] | input_ids[b, :t]) under the logits / temperature, as sampled: (B, L).
+    vocab_size: the tokenizer's length; the head's rows beyond it (Qwen2.5 has 271 or more) are
+    never sampled (rollout.KnownTokens), so they are left out of the softmax too.
 
     Position 0 has no prediction and holds 0. The hidden states are computed once; the
     vocabulary projection and log-softmax run over chunks of chunk_tokens positions, each
@@ -242,7 +259,7 @@ def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk
         rows = None
     if rows is not None:
         hidden, targets = hidden[rows], targets[rows]
-    weight = model.get_output_embeddings().weight  # (V, H)
+    weight = model.get_output_embeddings().weight[:vocab_size]  # (V, H)
     chunk_tokens = chunk_tokens or max(1024, (1 << 24) // weight.shape[0])
     chunks = []
     for start in range(0, targets.numel(), chunk_tokens):

@@ -26,6 +26,7 @@ step calls outcome_scores, then shape_outcomes, then turn_reward_matrix.
 Shapes: N trajectories, K max turns, D embedding width.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import numbers
@@ -146,8 +147,8 @@ class MeanPooledEmbedder:
     """Mean-pooled last hidden states of a Hugging Face encoder (or of the policy itself),
     batched, with a cache by text that new_step() clears."""
 
-    def __init__(self, encoder, tokenizer, batch_size=32, max_length=512):
-        self.encoder, self.tokenizer = encoder, tokenizer
+    def __init__(self, encoder, tokenizer, batch_size=32, max_length=512, gathered=contextlib.nullcontext):
+        self.encoder, self.tokenizer, self.gathered = encoder, tokenizer, gathered  # gathered(): a context
         self.batch_size, self.max_length = batch_size, max_length
         self.cache = {}
 
@@ -161,7 +162,8 @@ class MeanPooledEmbedder:
         )
         batch = {k: v.to(self.encoder.device) for k, v in batch.items()}
         base = getattr(self.encoder, "model", self.encoder)  # a causal LM's body, or the encoder
-        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        with self.gathered():  # the policy's parameters whole, where FSDP2 shards them
+            hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).double().cpu()  # (B, H)
 
@@ -176,15 +178,16 @@ class MeanPooledEmbedder:
         return torch.stack([self.cache[t] if t else zero for t in texts])  # (N, H)
 
 
-def make_embedder(spec, tokenizer=None, policy=None):
+def make_embedder(spec, tokenizer=None, policy=None, gathered=contextlib.nullcontext):
     """'tokens' (the default: free, and it measures what the paper's shaping rewards — shared
-    code — without a second model), 'hf:<path>' (a local Hugging Face encoder), or 'policy'."""
+    code — without a second model), 'hf:<path>' (a local Hugging Face encoder), or 'policy'
+    (run inside gathered(), which makes its parameters whole)."""
     if spec == "tokens":
         return TokenCountEmbedder(tokenizer)
     if spec == "policy":
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return MeanPooledEmbedder(policy, tokenizer)
+        return MeanPooledEmbedder(policy, tokenizer, gathered=gathered)
     if spec.startswith("hf:"):
         from transformers import AutoModel, AutoTokenizer
 

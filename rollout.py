@@ -22,6 +22,7 @@ Shapes: B rows in a generation batch, W their padded width, V vocabulary size.
 
 import ast
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -193,6 +194,20 @@ class SeededSampler(LogitsProcessor):
         return scores - torch.log(-torch.log(gumbel))  # u = 0 gives -inf: never picked
 
 
+class KnownTokens(LogitsProcessor):
+    """No id the tokenizer lacks is ever chosen: Qwen2.5's head has more rows (151,936 or 152,064)
+    than its tokenizer has entries (151,665), and a row beyond them, sampled or greedy, would be
+    an id nothing can decode (token_logprobs leaves them out of the softmax alike)."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[1] == self.vocab_size:
+            return scores
+        return scores.index_fill(1, torch.arange(self.vocab_size, scores.shape[1], device=scores.device), -math.inf)
+
+
 def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache=None, seeds=None):
     """Sample one turn for each row of a left-padded batch (B, W), continuing from `cache` (the
     KV cache of all but the last of those W positions) when given; seeds: one per row (ignored
@@ -207,10 +222,10 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     eos_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None})
     stop = CodeBlockStop(tokenizer, W, B, model.device)
     greedy = cfg.temperature == 0
-    sampler = []
+    processors = [KnownTokens(len(tokenizer))]
     if not greedy:
-        sampler = [SeededSampler(seeds, real_lengths=attention_mask.sum(dim=1).tolist(), prompt_width=W,
-                                 temperature=cfg.temperature, top_p=cfg.top_p)]  # fmt: skip
+        processors.append(SeededSampler(seeds, real_lengths=attention_mask.sum(dim=1).tolist(), prompt_width=W,
+                                        temperature=cfg.temperature, top_p=cfg.top_p))  # fmt: skip
     generation = sampling_config(
         cfg, max_new_tokens=max(budgets), eos_token_id=eos_ids, pad_token_id=pad,
         return_dict_in_generate=True, output_logits=cfg.record_logprobs,
@@ -221,7 +236,7 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     out = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
         cache=cache, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
-        logits_processor=LogitsProcessorList(sampler), synced_gpus=False,
+        logits_processor=LogitsProcessorList(processors), synced_gpus=False,
     )  # fmt: skip
     new = out.sequences[:, W:].tolist()  # (B, steps)
     mask = torch.cat([attention_mask, torch.ones(B, len(new[0]), dtype=torch.long)], dim=1)  # (B, W + steps)
@@ -243,7 +258,8 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
         if cfg.record_logprobs:
             temperature = 1.0 if greedy else cfg.temperature
             logps = [
-                float((out.logits[k][row].float() / temperature).log_softmax(-1)[ids[k]]) for k in range(cut)
+                float((out.logits[k][row, : len(tokenizer)].float() / temperature).log_softmax(-1)[ids[k]])
+                for k in range(cut)
             ]
         rows.append((ids[:cut], reason, logps))
     return rows, (out.sequences.cpu(), mask, out.cache)

@@ -4,7 +4,8 @@
 
 rows are {problem, answer, turns}; each row's turns are run in a sandbox (so tool outputs are
 real) and tokenised exactly as an RL rollout would be, tool outputs masked. The loss is the mean
-negative log-likelihood of the assistant's tokens over every rank's batch. Every
+negative log-likelihood of the assistant's tokens over every rank's batch, accumulated over
+micro-batches of --micro_batch_size as RL's. Every
 cfg.sft_check_every steps validate() (greedy accuracy on held-back problems, the same on every
 rank) is logged to sft_checks.jsonl and may end SFT at cfg.sft_stop_at.
 
@@ -21,13 +22,32 @@ from tqdm import tqdm
 import model as policies
 import rollout
 import sandbox
-from launch import all_reduce, trainable_parameters
+from launch import all_reduce, gradient_sync, micro_batches, trainable_parameters
 
 
 def nll(logp, loss_mask, num_tokens=None):
     """Mean negative log-likelihood of the trained tokens (loss_mask True), logp (N, L); divided
     by num_tokens when given (the global count under data parallelism), else by this batch's."""
     return -(logp * loss_mask).sum() / (num_tokens if num_tokens is not None else loss_mask.sum().clamp(min=1))
+
+
+def accumulate(wrapped, trajs, *, pad, micro_batch_size, world):
+    """Forward and backward of this rank's trajectories in micro-batches of micro_batch_size
+    (longest first, each cut to its own width; the same count on every rank, as FSDP2 needs), the
+    vocabulary projected at trained positions only, as in RL; gradients summed over every rank's
+    batch. Returns this rank's share of the mean NLL over all ranks' trained tokens."""
+    batch = rollout.collate(sorted(trajs, key=lambda t: -len(t.input_ids)), pad)
+    batch = {k: v.to(world.device) for k, v in batch.items()}
+    num_tokens = all_reduce([float(batch["loss_mask"].sum())], world)[0]
+    count = math.ceil(len(trajs) / micro_batch_size)
+    total = 0.0
+    for k, (_, micro) in enumerate(micro_batches(batch, size=micro_batch_size, trim=True, count=count)):
+        with gradient_sync(wrapped, enabled=k == count - 1):
+            logp = wrapped(micro["input_ids"], micro["attention_mask"], needed=micro["loss_mask"])  # (m, L)
+            loss = nll(logp, micro["loss_mask"], num_tokens)
+            (loss * world.size).backward()  # DDP averages gradients over ranks; this makes it a sum
+        total += float(loss.detach())
+    return total
 
 
 def teacher_trajectories(rows, tokenizer, *, system_prompt, timeout):
@@ -80,15 +100,13 @@ def run(wrapped, tokenizer, rows, *, cfg, world, system_prompt=None, validate=No
     bar = tqdm(picked, desc="sft", disable=not world.main, dynamic_ncols=True)
     for step, picks in enumerate(bar, start=1):
         mine = [trajs[k] for k in picks[world.rank * local :][:local]]
-        batch = {k: v.to(world.device) for k, v in rollout.collate(mine, tokenizer.pad_token_id).items()}
-        num_tokens = all_reduce([float(batch["loss_mask"].sum())], world)[0]
-        loss = nll(wrapped(batch["input_ids"], batch["attention_mask"]), batch["loss_mask"], num_tokens)
-        (loss * world.size).backward()  # DDP averages gradients over ranks; this makes it a sum
+        loss = accumulate(wrapped, mine, pad=tokenizer.pad_token_id, micro_batch_size=cfg.micro_batch_size,
+                          world=world)  # fmt: skip
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)  # 0: no clipping
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
-        bar.set_postfix(nll=f"{all_reduce([float(loss.detach())], world)[0]:.3f}", gnorm=f"{float(grad_norm):.2f}")
+        bar.set_postfix(nll=f"{all_reduce([loss], world)[0]:.3f}", gnorm=f"{float(grad_norm):.2f}")
         if validate and cfg.sft_check_every and step % cfg.sft_check_every == 0:
             stop = check(step, validate(), cfg=cfg, world=world)
             wrapped.train()

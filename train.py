@@ -41,9 +41,10 @@ import rollout
 import sandbox
 import sft
 from launch import (
-    ConfigError, LogProbs, all_gather_rows, all_reduce, arg, barrier, check_fields, check_in_sync, compute_dtype,
-    environment, finish, full_parameters, gradient_sync, micro_batches, parse_config, parse_demo_size, plan_minibatches,
-    run_command, setup_distributed, trainable_parameters, wrap,
+    COMPUTE_DTYPES, TIMEOUT_MINUTES, ConfigError, LogProbs, all_gather_rows, all_reduce, arg, barrier, check_fields,
+    check_in_sync, environment, finish, full_parameters, gather_objects, gradient_sync, micro_batches, mixed_precision,
+    parse_config, parse_demo_size, peak_memory_gb, plan_minibatches, replicate, run_command, setup_distributed,
+    trainable_parameters, wrap,
 )  # fmt: skip
 
 
@@ -95,9 +96,10 @@ class Config:
     temperature: float = arg(1.0, "sampling temperature of RL rollouts (and of every log-prob of the loss)",
                              valid="> 0")
     top_p: float = arg(1.0, "nucleus sampling of RL rollouts", valid="(0, 1]")
-    rollout_batch_size: int = arg(0, "trajectories generated at once per rank (0: all); bounds the KV cache, "
-                                  "not the result (each trajectory has its own seeded stream; up to float "
-                                  "rounding, which differs with the batch's padding)", valid=">= 0")
+    rollout_batch_size: int = arg(0, "trajectories generated at once per rank, in RL and in held-out "
+                                  "evaluation (0: all); bounds the KV cache, not the result (each trajectory "
+                                  "has its own seeded stream; up to float rounding, which differs with the "
+                                  "batch's padding)", valid=">= 0")
     # --- RL: rewards and advantages
     algo: str = arg("gtpo", "gtpo (turn rewards, returns, shaping) or grpo (the baseline)", valid=("gtpo", "grpo"))
     gamma: float = arg(0.9, "discount of turn rewards in the returns", valid="[0, 1]")
@@ -134,6 +136,11 @@ class Config:
     kl_coef: float = arg(0.0, "k3 KL to the frozen policy RL started from (0: no reference model)", valid=">= 0")
     # --- machine
     device: str = arg("auto", "where to run (auto: cuda if available)", valid=("auto", "cuda", "cpu"))
+    compute_dtype: str = arg("auto", "dtype of forward passes (rollouts, log-probs, SFT, FSDP2's gathered "
+                             "weights) over fp32 weights; auto: bf16 on CUDA, fp32 on the CPU",
+                             valid=COMPUTE_DTYPES)
+    dist_timeout: float = arg(TIMEOUT_MINUTES, "minutes a rank waits in a collective (rank 0 writing a "
+                              "checkpoint keeps the others waiting)", valid="> 0")
     parallel: str = arg("ddp", "ddp (a copy per GPU) or fsdp (FSDP2 fully_shard)", valid=("ddp", "fsdp"))
     activation_checkpointing: bool = arg(False, "recompute decoder layers in backward to save memory")
     sandbox_workers: int = arg(8, "sandbox calls run at once per rank", valid=">= 1")
@@ -390,7 +397,7 @@ def rl_step(step, run, *, cfg, derived, world):
 
     t0 = time.perf_counter()
     seeds = rollout.rollout_seeds(cfg.seed, step, first=position * G, count=n_local * G)
-    with torch.no_grad(), full_parameters(run.wrapped), compute_dtype(world.device):
+    with torch.no_grad(), full_parameters(run.wrapped), mixed_precision(run.policy, world.dtype):
         run.policy.eval()
         trajs = rollout.rollout(run.policy, run.tokenizer, [p for p in prompts for _ in range(G)], pool=run.pool,
                                 cfg=rollout_config(cfg, cfg.temperature), seeds=seeds)  # fmt: skip
@@ -434,16 +441,13 @@ def evaluate(run, problems, *, cfg, derived, world, temperature):
     mine = [p for p in problems[world.rank :: world.size] for _ in range(samples)]
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 7919 * (world.rank + 1))
-    settings = dataclasses.replace(rollout_config(cfg, temperature), batch_size=0)
-    correct = 0.0
-    with torch.no_grad(), full_parameters(run.wrapped), compute_dtype(world.device):
+    with torch.no_grad(), full_parameters(run.wrapped), mixed_precision(run.policy, world.dtype):
         run.policy.eval()
-        for s in range(0, len(mine), 64):
-            chunk = mine[s : s + 64]
-            prompts = [policies.chat_prompt_ids(run.tokenizer, p["problem"], derived.system_prompt) for p in chunk]
-            trajs = rollout.rollout(run.policy, run.tokenizer, prompts, pool=run.pool, cfg=settings)
-            scores = rewards.outcome_scores(trajs, chunk, grader=run.grader, reward_fn=run.reward_fn)  # (n,)
-            correct += float((scores >= 1).sum())
+        prompts = [policies.chat_prompt_ids(run.tokenizer, p["problem"], derived.system_prompt) for p in mine]
+        trajs = rollout.rollout(run.policy, run.tokenizer, prompts, pool=run.pool,
+                                cfg=rollout_config(cfg, temperature))  # --rollout_batch_size at a time
+    scores = rewards.outcome_scores(trajs, mine, grader=run.grader, reward_fn=run.reward_fn)  # (n,)
+    correct = float((scores >= 1).sum())
     torch.set_rng_state(rng)
     total, n = all_reduce([correct, float(len(mine))], world)
     return total / n
@@ -453,7 +457,7 @@ def evaluate(run, problems, *, cfg, derived, world, temperature):
 
 
 def main(cfg):
-    world = setup_distributed(cfg.device)
+    world = setup_distributed(cfg.device, cfg.compute_dtype, cfg.dist_timeout)
     check_config(cfg, world)  # bad flags fail before any data is read; again below once sft_steps is known
     reward_fn = rewards.load_reward_fn(cfg.reward_fn)
     started = time.time()
@@ -474,13 +478,15 @@ def main(cfg):
         print(checkpoint.write_config(cfg, derived))
         resumes_at = (checkpoint.steps(cfg.out_dir) or [0])[-1]  # a missing package fails here, before any work
         tracker = metrics.open_tracker(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg), start_step=resumes_at)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    policy, tokenizer = policies.load_policy(cfg.model, world.device, dtype=torch.float32,  # fp32 master weights
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = policies.load_policy(cfg.model, world.device if world.main else "meta",  # read once
+                                             dtype=torch.float32,  # fp32 master weights
                                              activation_checkpointing=cfg.activation_checkpointing,
                                              demo_size=parse_demo_size(cfg.demo_size), seed=cfg.seed,
                                              tokenizer=tokenizer)  # fmt: skip
+    wrapped = wrap(policy, world, cfg.parallel, vocab_size=len(tokenizer))  # rank 0's weights on every rank
     torch.manual_seed(cfg.seed + world.rank)
-    run = RunState(policy=policy, tokenizer=tokenizer, wrapped=wrap(policy, world, cfg.parallel), problems=sets.train,
+    run = RunState(policy=policy, tokenizer=tokenizer, wrapped=wrapped, problems=sets.train,
                    pool=sandbox.Pool(cfg.sandbox_workers, timeout=cfg.sandbox_timeout), grader=rewards.Grader(),
                    tracker=tracker, reward_fn=reward_fn)  # fmt: skip
     try:
@@ -490,6 +496,11 @@ def main(cfg):
         run.grader.close()
         tracker.close()
     finish(world)  # not on an error: the other ranks may be waiting in a collective (see run_command)
+
+
+def shaping_embedder(cfg, tokenizer, policy, wrapped):
+    """Step 3's embedder; the policy's own runs with its parameters gathered (FSDP2 shards them)."""
+    return rewards.make_embedder(cfg.embedder, tokenizer, policy, gathered=lambda: full_parameters(wrapped))
 
 
 def check_prompts(sets, tokenizer, *, cfg, derived):
@@ -524,15 +535,16 @@ def train(run, sets, *, cfg, derived, world, started):
         done = [0]
     start = done[-1]
     checkpoint.load(start, run, cfg=cfg, world=world)
-    if cfg.kl_coef > 0:
-        reference = policies.load_policy(os.path.join(cfg.out_dir, "checkpoints", "step_0"), world.device)[0]
-        run.ref = LogProbs(reference.eval().requires_grad_(False))  # bf16 on CUDA: it is never updated
+    if cfg.kl_coef > 0:  # in the compute dtype: it is never updated
+        step_0 = os.path.join(cfg.out_dir, "checkpoints", "step_0")
+        reference = policies.load_policy(step_0, world.device if world.main else "meta", dtype=world.dtype)[0]
+        run.ref = replicate(LogProbs(reference.eval().requires_grad_(False), world.dtype, len(run.tokenizer)), world)
     if world.main:
         checkpoint.trim_metrics(cfg.out_dir, start)
         if start:
             print(f"resumed from {cfg.out_dir}/checkpoints/step_{start}")
     run.pool.prewarm(derived.local_trajectories)
-    run.embedder = rewards.make_embedder(cfg.embedder, run.tokenizer, run.policy) if derived.shaped else None
+    run.embedder = shaping_embedder(cfg, run.tokenizer, run.policy, run.wrapped) if derived.shaped else None
     bar = tqdm(range(start + 1, cfg.max_steps + 1), desc="rl", disable=not world.main, dynamic_ncols=True,
                initial=start, total=cfg.max_steps)  # fmt: skip
     for step in bar:
@@ -549,9 +561,10 @@ def train(run, sets, *, cfg, derived, world, started):
     bar.close()
     in_sync = check_in_sync(run.wrapped, world)
     run.evaluation |= {"after_rl_sampled": held_out(cfg.temperature), "after_rl_greedy": held_out(0.0)}
+    peaks = gather_objects(peak_memory_gb(world), world)  # GB per rank
     if world.main:
         metrics.write_summary(run.evaluation, cfg=cfg, held_out=len(sets.held_out), in_sync=in_sync, started=started,
-                              environment=environment(world))  # fmt: skip
+                              environment=environment(world), peak_memory_gb=peaks)  # fmt: skip
     if in_sync is False:
         raise RuntimeError("parameters differ between ranks after training")
 

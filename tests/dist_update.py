@@ -2,7 +2,8 @@
 or `torchrun --nproc_per_node 2` (each rank takes its contiguous share of the groups), it scores
 and updates the tiny policy and saves the resulting parameters, so the test can compare world
 sizes. Usage: python tests/dist_update.py OUT.pt [ddp|fsdp] [group|turn|batch] [MINI_BATCH_SIZE] [signal|none]
-(none: every group's trajectories alike, so that no rank has a token to train).
+[fp32|bf16] [tokens|policy] (none: every group's trajectories alike, so that no rank has a token to train;
+bf16: the compute dtype; policy: step 3 embeds code with the policy itself).
 """
 
 import os
@@ -40,24 +41,39 @@ def trajectories(tokenizer, signal=True):
     return trajs, golds
 
 
-def main(out, parallel, adv_norm, mini_batch_size, signal):
+def gradient_record(wrapped, records):
+    """Before every forward with gradients, whether each parameter's gradient is missing, or its
+    local size (a shard's under FSDP2), beside the parameter's local size."""
+    local = lambda t: tuple(t.to_local().shape if hasattr(t, "to_local") else t.shape)
+
+    def record(*_):
+        if torch.is_grad_enabled():
+            records.append([(None if p.grad is None else local(p.grad), local(p)) for p in wrapped.parameters()])
+
+    wrapped.register_forward_pre_hook(record, prepend=True)  # before FSDP2 gathers the parameters
+
+
+def main(out, parallel, adv_norm, mini_batch_size, signal, compute_dtype, embedder):
     # With mini-batches, one row per micro-batch: ranks then run different numbers of micro-batches,
     # and with mini-batches of 2 the second rank's last mini-batches hold only stand-in rows.
     cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=1 if mini_batch_size else 2,
-                       ppo_epochs=2, parallel=parallel, lr=0.5, adv_norm=adv_norm, mini_batch_size=mini_batch_size)  # fmt: skip
-    world = launch.setup_distributed("cpu")
+                       ppo_epochs=2, parallel=parallel, lr=0.5, adv_norm=adv_norm, mini_batch_size=mini_batch_size,
+                       compute_dtype=compute_dtype, embedder=embedder)  # fmt: skip
+    world = launch.setup_distributed("cpu", cfg.compute_dtype)
     derived = train.check_config(cfg, world)
     tokenizer = model.tiny_tokenizer()
-    policy = model.tiny_model(tokenizer, seed=0)
+    policy = model.tiny_model(tokenizer, seed=0 if world.main else 1)  # wrap gives every rank rank 0's weights
     trajs, golds = trajectories(tokenizer, signal)
     n = derived.local_trajectories
     mine = slice(world.rank * n, (world.rank + 1) * n)
     group_index = torch.arange(PROBLEMS).repeat_interleave(GROUP)[mine]
     wrapped = launch.wrap(policy, world, cfg.parallel)
+    gradients = []
+    gradient_record(wrapped, gradients)
     # SGD: the update is the gradient itself. (Adam divides by sqrt(v), which turns float noise
     # in a near-zero gradient element into a full-size step, whatever the world size.)
     optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
-    embedder = rewards.make_embedder(cfg.embedder, tokenizer)
+    embedder = train.shaping_embedder(cfg, tokenizer, policy, wrapped)
     grader = rewards.Grader()
     scored = train.score(trajs[mine], [{"answer": g} for g in golds[mine]], group_index, cfg=cfg, derived=derived,
                          world=world, grader=grader, embedder=embedder)
@@ -71,12 +87,14 @@ def main(out, parallel, adv_norm, mini_batch_size, signal):
     weights = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     in_sync = launch.check_in_sync(wrapped, world)
     if world.main:
-        torch.save({"weights": weights, "in_sync": in_sync, "world_size": world.size,
-                    "optimizer_steps": sums["optimizer_steps"], "no_signal": sums["no_signal"]}, out)  # fmt: skip
+        torch.save({"weights": weights, "in_sync": in_sync, "world_size": world.size, "gradients": gradients,
+                    "optimizer_steps": sums["optimizer_steps"], "no_signal": sums["no_signal"],
+                    "shaped": int(((~scored.correct) & (scored.outcomes > scored.scores)).sum())}, out)  # fmt: skip
     launch.finish(world)
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:] + ["ddp", "group", "0", "signal"][len(sys.argv) - 2 :]  # the defaults of what is not given
-    main(args[0], args[1], args[2], int(args[3]), args[4] == "signal")
+    defaults = ["ddp", "group", "0", "signal", "fp32", "tokens"]
+    args = sys.argv[1:] + defaults[len(sys.argv) - 2 :]  # the defaults of what is not given
+    main(args[0], args[1], args[2], int(args[3]), args[4] == "signal", args[5], args[6])
     launch.exit_now()

@@ -3,6 +3,7 @@ resumption are exact, and bad input is one clear error line."""
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -362,44 +363,65 @@ def test_rollout_seeds_depend_on_the_position_in_the_stream_only():
 
 @pytest.fixture(scope="module")
 def one_process_update(tmp_path_factory):
-    """The 1-process result of tests/dist_update.py, per normalisation mode (computed once)."""
+    """The 1-process result of tests/dist_update.py, per setting (computed once)."""
     results = {}
 
-    def get(adv_norm, mini_batch_size):
-        if (adv_norm, mini_batch_size) not in results:
+    def get(*settings):
+        if settings not in results:
             out = tmp_path_factory.mktemp("update") / "one.pt"
-            done = run_script([sys.executable, "tests/dist_update.py", str(out), "ddp", adv_norm, str(mini_batch_size)])
+            args = [sys.executable, "tests/dist_update.py", str(out), "ddp", *map(str, settings)]
+            done = run_script(args)
             assert done.returncode == 0, done.stderr[-3000:]
-            results[adv_norm, mini_batch_size] = torch.load(out)
-        return results[adv_norm, mini_batch_size]
+            results[settings] = torch.load(out)
+        return results[settings]
 
     return get
 
 
 @pytest.mark.parametrize(
-    "parallel, adv_norm, mini_batch_size", [("ddp", "group", 0), ("fsdp", "group", 0), ("ddp", "batch", 0),
-                                            ("ddp", "group", 4), ("fsdp", "group", 4), ("ddp", "group", 2),
-                                            ("fsdp", "group", 2)]
+    "parallel, adv_norm, mini_batch_size, compute_dtype, embedder",
+    [("ddp", "group", 0, "fp32", "tokens"), ("ddp", "batch", 0, "fp32", "tokens"),
+     ("fsdp", "group", 4, "fp32", "policy"), ("ddp", "group", 2, "fp32", "tokens"),
+     ("fsdp", "group", 2, "fp32", "tokens"), ("fsdp", "group", 4, "bf16", "policy"),
+     # covered by the cases above (the same paths with fewer mini-batches, or in fp32), slow-marked for time
+     pytest.param("fsdp", "group", 0, "fp32", "tokens", marks=pytest.mark.slow),
+     pytest.param("ddp", "group", 4, "fp32", "tokens", marks=pytest.mark.slow),
+     pytest.param("ddp", "group", 2, "bf16", "tokens", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_two_process_update_equals_one_process_update(one_process_update, tmp_path, parallel, adv_norm,
-                                                      mini_batch_size):  # fmt: skip
+                                                      mini_batch_size, compute_dtype, embedder):  # fmt: skip
     """Fed the same trajectories (each rank its share of the groups, the second rank fewer trained
-    rows in fewer micro-batches), the 2-process update (DDP, or FSDP2 fully_shard) gives the
-    1-process parameters to 1e-5, and DDP's ranks end identical: gradient sync, gradient
-    clipping, the global token count of each mini-batch (one; three of 4 trajectories; or six
-    of 2, where the second rank has nothing to train in three and joins with a stand-in row;
-    two epochs over them) and batch-wide normalisation are exact."""
+    rows in fewer micro-batches, and its own initial weights until wrap gives it rank 0's), the
+    2-process update (DDP, or FSDP2 fully_shard) gives the 1-process parameters (fp32: to 1e-5;
+    bf16 compute: to 2e-3, where FSDP2 also gathers bf16 weights), and DDP's ranks end
+    identical: gradient sync, gradient clipping, the global token count of each mini-batch
+    (one; three of 4 trajectories; or six of 2, where the second rank has nothing to train in
+    three and joins with a stand-in row; two epochs over them) and batch-wide normalisation are
+    exact. Step 3 gives credit with the policy's own embedder under FSDP2 too. Under FSDP2 each
+    micro-batch's gradients are reduce-scattered at once: before every forward but a
+    mini-batch's first, every gradient is there at its shard's size."""
+    settings = (adv_norm, mini_batch_size, "signal", compute_dtype, embedder)
     out = tmp_path / "two.pt"
-    done = run_script(torchrun("tests/dist_update.py", str(out), parallel, adv_norm, str(mini_batch_size)))
+    done = run_script(torchrun("tests/dist_update.py", str(out), parallel, *map(str, settings)))
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = one_process_update(adv_norm, mini_batch_size), torch.load(out)
+    one, two = one_process_update(*settings), torch.load(out)
     assert one["optimizer_steps"] == two["optimizer_steps"] == 2 * (12 // (mini_batch_size or 12))
     assert two["world_size"] == 2 and two["in_sync"] is (True if parallel == "ddp" else None)
+    assert one["shaped"] > 0 and two["shaped"] > 0  # failed trajectories got similarity credit
     initial = model.tiny_model(model.tiny_tokenizer(), seed=0).state_dict()
+    atol = 1e-5 if compute_dtype == "fp32" else 2e-3
     for name, value in one["weights"].items():
         moved = (value - initial[name.removeprefix("policy.")]).abs().max()
         assert moved > 1e-5, f"{name} was not trained"
-        torch.testing.assert_close(two["weights"][name], value, atol=1e-5, rtol=0)
+        torch.testing.assert_close(two["weights"][name], value, atol=atol, rtol=0)
+    if parallel == "fsdp":
+        records = two["gradients"]  # per forward with gradients: [(gradient's local size, parameter's)]
+        present = [r for r in records if all(g is not None for g, _ in r)]
+        assert len(present) == len(records) - two["optimizer_steps"]
+        assert all(g == p for r in present for g, p in r)
+        if mini_batch_size != 2:  # mini-batches of one row per rank have one micro-batch
+            whole = sum(p.numel() for p in model.tiny_model(model.tiny_tokenizer(), seed=0).parameters())
+            assert present and sum(math.prod(p) for _, p in present[0]) < whole  # shards, not whole tensors
 
 
 def test_a_step_without_signal_on_any_rank_does_no_work_and_is_logged_skipped(tmp_path):
@@ -440,25 +462,33 @@ def test_without_signal_the_update_runs_no_forward_and_the_log_line_says_skipped
     assert "upd skipped (no signal)" in metrics.log_line(metrics.reduce(1, step_sums, lr=1e-2, world=world))
 
 
-def torchrun_train(model_dir, out_dir, parallel, max_steps):
-    args = ["train.py", "--model", model_dir, "--sft_steps", "0", "--max_steps", str(max_steps), "--save_every", "1",
-            "--out_dir", str(out_dir), "--parallel", parallel, *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
+def torchrun_train(model_dir, out_dir, parallel, max_steps, *flags):
+    """tests/dist_train.py (train.py, counting each rank's weight reads) under a 2-process torchrun."""
+    args = ["tests/dist_train.py", "--model", model_dir, "--sft_steps", "0", "--max_steps", str(max_steps),
+            "--save_every", "1", "--out_dir", str(out_dir), "--parallel", parallel,
+            *[f"--{k}={v}" for k, v in SMALL.items()], *flags]  # fmt: skip
     done = run_script(torchrun(*args), timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_model, tmp_path, parallel):
+@pytest.mark.parametrize("parallel, compute_dtype", [("ddp", "fp32"), ("fsdp", "bf16"),
+                                                     pytest.param("fsdp", "fp32", marks=pytest.mark.slow)])
+def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_model, tmp_path, parallel, compute_dtype):
     """`torchrun --nproc_per_node 2 train.py` (gloo; DDP, or FSDP2 with parameters gathered for
-    generation) trains, saves (the optimizer sharded by torch.distributed.checkpoint), stops and
-    resumes; under DDP every rank ends with the same parameters (train.py compares them and
-    records it in summary.json, with the number of ranks; FSDP2's ranks hold different shards by
-    design, and its exactness is the update test's)."""
-    torchrun_train(sft_model, tmp_path, parallel, max_steps=1)
+    generation; fp32 or bf16 compute) trains, saves (the optimizer sharded by
+    torch.distributed.checkpoint), stops and resumes; only rank 0 reads the weights (at the
+    start and at the resume), the other gets them by broadcast; under DDP every rank ends with
+    the same parameters (train.py compares them and records it in summary.json, with the number
+    of ranks; FSDP2's ranks hold different shards by design, and its exactness is the update
+    test's)."""
+    torchrun_train(sft_model, tmp_path, parallel, 1, f"--compute_dtype={compute_dtype}")
     assert os.listdir(tmp_path / "checkpoints" / "step_1" / "optimizer")
-    done = torchrun_train(sft_model, tmp_path, parallel, max_steps=2)
+    done = torchrun_train(sft_model, tmp_path, parallel, 2, f"--compute_dtype={compute_dtype}")
     assert f"resumed from {tmp_path}/checkpoints/step_1" in done.stdout
+    reads = [json.load(open(tmp_path / f"reads_rank{r}.json")) for r in (0, 1)]
+    assert reads[0]["from_pretrained"] == 1 and reads[0]["safetensors"] >= 1
+    assert reads[1] == {"from_pretrained": 0, "safetensors": 0}
     with open(tmp_path / "summary.json") as f:
         summary = json.load(f)
     assert summary["ranks_in_sync"] is (True if parallel == "ddp" else None) and summary["environment"]["ranks"] == 2
@@ -468,14 +498,18 @@ def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_mode
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_resuming_gives_bit_identical_parameters(sft_model, tmp_path):
-    """4 steps straight and 2 steps, stop, resume, 2 steps give bit-identical parameters (model,
-    optimizer, scheduler, RNG and data position are all restored)."""
+@pytest.mark.parametrize("compute_dtype, steps", [("fp32", 2), ("bf16", 2),
+                                                  pytest.param("fp32", 4, marks=pytest.mark.slow)])
+def test_resuming_gives_bit_identical_parameters(sft_model, tmp_path, compute_dtype, steps):
+    """N steps straight and N/2 steps, stop, resume, N/2 steps give bit-identical parameters
+    (model, optimizer, scheduler, RNG and data position are all restored), in fp32 and in bf16
+    compute alike."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train.main(config(sft_model, straight, max_steps=4, save_every=2))
-    train.main(config(sft_model, resumed, max_steps=2, save_every=2))
-    train.main(config(sft_model, resumed, max_steps=4, save_every=2))
-    a, b = weights(straight / "checkpoints" / "step_4"), weights(resumed / "checkpoints" / "step_4")
+    half = dict(save_every=steps // 2, compute_dtype=compute_dtype)
+    train.main(config(sft_model, straight, max_steps=steps, **half))
+    train.main(config(sft_model, resumed, max_steps=steps // 2, **half))
+    train.main(config(sft_model, resumed, max_steps=steps, **half))
+    a, b = weights(straight / "checkpoints" / f"step_{steps}"), weights(resumed / "checkpoints" / f"step_{steps}")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], weights(sft_model)[k]) for k in a)
     lines = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]
@@ -513,7 +547,7 @@ def test_resuming_on_another_number_of_ranks_is_refused(tmp_path):
 def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
     """SIGKILL during training, then the same command: it resumes from the newest checkpoint,
     redoes only the lost steps and finishes with one metrics record per step."""
-    args = [sys.executable, "train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "6",
+    args = [sys.executable, "train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "4",
             "--save_every", "2", "--out_dir", str(tmp_path), *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -529,8 +563,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
     done = run_script(args, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {tmp_path}/checkpoints/step_{saved[-1]}" in done.stdout
-    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
-    assert json.load(open(tmp_path / "summary.json"))["rl_steps"] == 6
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert json.load(open(tmp_path / "summary.json"))["rl_steps"] == 4
 
 
 def test_held_out_accuracy_is_the_mean_over_eval_samples_trajectories_per_problem(sft_model, monkeypatch):
@@ -609,19 +643,21 @@ def test_sft_ends_at_the_first_check_that_reaches_sft_stop_at(tmp_path, monkeypa
         (["--loss_denominator", "all"], r"--loss_denominator 'all': must be one of sampled, signal"),
     ],
 )
-def test_bad_input_is_one_error_line_without_a_traceback(tmp_path, flags, message):
+def test_bad_input_is_one_error_line_without_a_traceback(tmp_path, capsys, flags, message):
     """Bad JSONL, a missing model path and invalid flags exit non-zero with exactly one error
-    line naming the input, and no traceback."""
+    line naming the input, and no traceback (train.py's command in this process; the real
+    command is test_flags.py's test_a_bad_flag_stops_the_command_before_any_work)."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": oops}\n')
     flags = [str(bad) if f == "BAD" else f for f in flags]
-    done = run_script(
-        [sys.executable, "train.py", "--out_dir", str(tmp_path / "run"), "--sft_steps", "0", *flags]
-    )
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and re.search(message.replace("BAD", str(bad)), errors[0]), done.stderr
+    with pytest.raises(SystemExit) as done:
+        argv = ["--out_dir", str(tmp_path / "run"), "--sft_steps", "0", *flags]
+        launch.run_command(train.main, train.parse_args(argv), prog="train.py", input_errors=train.INPUT_ERRORS)
+    stderr = capsys.readouterr().err
+    assert done.value.code != 0
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and re.search(message.replace("BAD", str(bad)), errors[0]), stderr
 
 
 def test_problem_stream_is_a_permutation_per_epoch_and_resumable():
