@@ -41,7 +41,8 @@ from launch import ConfigError, barrier
 # Settings that may change when a run resumes: they change neither its samples nor its updates
 # (micro- and rollout batch sizes only up to float rounding). Any other difference is refused.
 RESUMABLE = ("out_dir", "max_steps", "save_every", "keep_checkpoints", "sample_every", "sandbox_workers",
-             "micro_batch_size", "rollout_batch_size", "activation_checkpointing", "device", "report_to")  # fmt: skip
+             "micro_batch_size", "rollout_batch_size", "activation_checkpointing", "device", "report_to",
+             "dist_timeout")  # fmt: skip
 
 
 def steps(out_dir):

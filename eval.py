@@ -152,7 +152,7 @@ def resolve(cfg):
     for name, default in (("max_turns", 4), ("max_turn_tokens", 512), ("max_total_tokens", 2048),
                           ("rollout_batch_size", 0)):  # fmt: skip
         if getattr(cfg, name) is None:
-            setattr(cfg, name, trained[name] if trained else default)
+            setattr(cfg, name, trained.get(name, default) if trained else default)
     if cfg.system_prompt == "auto" and trained and "system_prompt" not in trained:
         raise ConfigError("the training config.json does not record its system prompt: give --system_prompt")
     if cfg.system_prompt == "auto":

@@ -162,17 +162,19 @@ class MeanPooledEmbedder:
         )
         batch = {k: v.to(self.encoder.device) for k, v in batch.items()}
         base = getattr(self.encoder, "model", self.encoder)  # a causal LM's body, or the encoder
-        with self.gathered():  # the policy's parameters whole, where FSDP2 shards them
-            hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).double().cpu()  # (B, H)
 
     def __call__(self, texts):
         todo = sorted({t for t in texts if t and t not in self.cache})
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            for text, vector in zip(chunk, self._embed(chunk)):
-                self.cache[text] = vector
+        # Entered once per call on every rank, whatever its texts: under FSDP2 gathering is a
+        # collective, and ranks with different numbers of chunks would wait on each other.
+        with self.gathered():  # the policy's parameters whole, where FSDP2 shards them
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                for text, vector in zip(chunk, self._embed(chunk)):
+                    self.cache[text] = vector
         width = next(iter(self.cache.values())).shape[0] if self.cache else 1
         zero = torch.zeros(width, dtype=torch.float64)
         return torch.stack([self.cache[t] if t else zero for t in texts])  # (N, H)

@@ -296,7 +296,7 @@ def rollout(model, tokenizer, prompts, pool, cfg, seeds=None):
         seeds = torch.randint(2**62, (len(prompts),)).tolist() if cfg.temperature > 0 else [0] * len(prompts)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    size = cfg.batch_size or len(prompts)
+    size = cfg.batch_size or max(len(prompts), 1)
     trajs = []
     for s in range(0, len(prompts), size):
         trajs += rollout_batch(model, tokenizer, prompts[s : s + size], pool=pool, cfg=cfg, seeds=seeds[s : s + size])

@@ -4,6 +4,7 @@ scored, SFT and evaluation keep to their batch sizes, a process group waits long
 bf16 compute (the autocast path GPUs run) caches keys and values in one dtype."""
 
 import ast
+import contextlib
 import datetime
 import glob
 import os
@@ -345,3 +346,40 @@ def test_compute_dtype_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
     assert launch.resolve_dtype("auto", "cpu") == torch.float32
     assert launch.resolve_dtype("bf16", "cpu") == torch.bfloat16 and launch.resolve_dtype("fp32", "cuda") == torch.float32
     assert launch.setup_distributed("cpu", "bf16").dtype == torch.bfloat16
+
+
+def test_the_policy_embedder_gathers_once_per_call_on_every_rank_whatever_its_texts():
+    """Step 3's policy embedder enters its gathering context (a collective under FSDP2) exactly
+    once per call, for no code text, for one chunk's worth and for several chunks alike, so ranks with
+    different trajectories never wait on each other."""
+    tokenizer = model.tiny_tokenizer()
+    entered = []
+
+    @contextlib.contextmanager
+    def gathered():
+        entered.append(1)
+        yield
+
+    embedder = rewards.make_embedder("policy", tokenizer, model.tiny_model(tokenizer, seed=0), gathered=gathered)
+    for texts in ([""] * 3, ["print(1)"], [f"print({k})" for k in range(70)]):
+        entered.clear()
+        assert embedder(texts).shape[0] == len(texts)
+        assert entered == [1], len(texts)
+
+
+def test_a_rank_without_held_out_problems_evaluates_nothing_and_joins_the_sum(monkeypatch):
+    """With fewer held-out problems than ranks, a rank with none rolls nothing out and still
+    takes part in the reduction (no crash while the other ranks wait)."""
+    sums = []  # what this rank adds; the other rank had one problem, solved
+    monkeypatch.setattr(train, "all_reduce", lambda values, world: sums.append(values) or [v + 1 for v in values])
+    tokenizer = model.tiny_tokenizer()
+    policy = model.tiny_model(tokenizer, seed=0)
+    world = launch.World(1, 2, torch.device("cpu"))
+    cfg = train.Config(prompts_per_step=2, max_turns=1, max_turn_tokens=8)
+    with sandbox.Pool(2) as pool:
+        run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=launch.LogProbs(policy), pool=pool,
+                             grader=rewards.Grader(), problems=[])  # fmt: skip
+        accuracy = train.evaluate(run, data.toy_held_out(1), cfg=cfg, derived=train.check_config(cfg, world),
+                                  world=world, temperature=0.0)  # fmt: skip
+        run.grader.close()
+    assert sums == [[0.0, 0.0]] and accuracy == 1.0
