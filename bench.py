@@ -758,10 +758,8 @@ def _gpu_rl_steps(args, *, device, tmp):
     if not trained_every_step(cfg.out_dir, 2):
         return False, "a step took no optimizer step (see its metrics.jsonl)"
     P = parameter_count(args.model_dir)
-    if device == "cuda":
-        peak = f"peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB allocated"
-    else:
-        peak = f"peak RSS {resource_peak_rss_gb():.2f} GB (CPU, fp32: not the GPU figure)"
+    with open(os.path.join(cfg.out_dir, "summary.json")) as f:
+        peak = f"peak {peak_kind(device)} {json.load(f)['peak_memory_gb'][0]:.2f} GB"
     return True, (f"{peak}; arithmetic: training state 16 B x {P / 1e6:,.1f}M parameters = "
                   f"{16 * P / 1e9:.3f} GB, + KV cache + activations")  # fmt: skip
 
@@ -780,10 +778,9 @@ def parameter_count(model_dir):
     return total
 
 
-def resource_peak_rss_gb():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+def peak_kind(device):
+    """What train.py's peak_memory_gb measures on device (launch.peak_memory_gb)."""
+    return "allocated" if device == "cuda" else "RSS (CPU, fp32: not the GPU figure)"
 
 
 def _gpu_rollout(args, *, device, tmp):
@@ -823,10 +820,9 @@ def _gpu_two_processes(parallel, args, *, device, tmp):
     if error:
         return False, error
     P = parameter_count(args.model_dir)
-    state = 16 * P if parallel == "ddp" else max(8 * P, 6 * P + 2 * P)
-    kind = "allocated" if device == "cuda" else "RSS (CPU, fp32: not the GPU figure)"
+    state = 16 * P if parallel == "ddp" else 8 * P  # FSDP2 over 2: max(16P/2, 12P/2 + 2P) = 8P
     peaks = ", ".join(f"{g:.2f}" for g in summary["peak_memory_gb"])
-    return True, (f"peak {kind} per rank {peaks} GB; arithmetic: training state {state / 1e9:.3f} GB per rank, "
+    return True, (f"peak {peak_kind(device)} per rank {peaks} GB; arithmetic: training state {state / 1e9:.3f} GB per rank, "
                   "+ KV cache + activations")  # fmt: skip
 
 
