@@ -1,11 +1,18 @@
-"""One RL update on fixed trajectories, for tests/test_train.py: run under `python` (one process)
+"""RL updates on fixed trajectories, for tests/test_train.py: run under `python` (one process)
 or `torchrun --nproc_per_node 2` (each rank takes its contiguous share of the groups), it scores
-and updates the tiny policy and saves the resulting parameters, so the test can compare world
-sizes. Usage: python tests/dist_update.py OUT.pt [ddp|fsdp] [group|turn|batch] [MINI_BATCH_SIZE] [signal|none]
-[fp32|bf16] [tokens|policy] (none: every group's trajectories alike, so that no rank has a token to train;
-bf16: the compute dtype; policy: step 3 embeds code with the policy itself).
+and updates the tiny policy once per setting, from the same start, and saves the resulting
+parameters, so the test can compare world sizes. Several settings share one launch (a process
+start costs more than an update of the tiny model).
+
+Usage: python tests/dist_update.py OUT.pt SETTING [SETTING ...], each SETTING
+PARALLEL:ADV_NORM:MINI_BATCH_SIZE:SIGNAL:DTYPE:EMBEDDER, e.g. fsdp:group:4:signal:bf16:policy
+(parallel ddp|fsdp; adv_norm group|turn|batch; signal|none: none makes every group's
+trajectories alike, so that no rank has a token to train; dtype fp32|bf16, the compute dtype;
+embedder tokens|policy: policy embeds code with the policy itself). OUT.pt holds one result per
+setting, in order.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -53,17 +60,17 @@ def gradient_record(wrapped, records):
     wrapped.register_forward_pre_hook(record, prepend=True)  # before FSDP2 gathers the parameters
 
 
-def main(out, parallel, adv_norm, mini_batch_size, signal, compute_dtype, embedder):
+def update_once(world, trajs, golds, parallel, adv_norm, mini_batch_size, compute_dtype, embedder):
+    """One setting's score and update from the tiny policy's seed-0 weights: its result record."""
     # With mini-batches, one row per micro-batch: ranks then run different numbers of micro-batches,
     # and with mini-batches of 2 the second rank's last mini-batches hold only stand-in rows.
     cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=1 if mini_batch_size else 2,
                        ppo_epochs=2, parallel=parallel, lr=0.5, adv_norm=adv_norm, mini_batch_size=mini_batch_size,
                        compute_dtype=compute_dtype, embedder=embedder)  # fmt: skip
-    world = launch.setup_distributed("cpu", cfg.compute_dtype)
+    world = dataclasses.replace(world, dtype=launch.resolve_dtype(compute_dtype, world.device))
     derived = train.check_config(cfg, world)
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0 if world.main else 1)  # wrap gives every rank rank 0's weights
-    trajs, golds = trajectories(tokenizer, signal)
     n = derived.local_trajectories
     mine = slice(world.rank * n, (world.rank + 1) * n)
     group_index = torch.arange(PROBLEMS).repeat_interleave(GROUP)[mine]
@@ -86,15 +93,26 @@ def main(out, parallel, adv_norm, mini_batch_size, signal, compute_dtype, embedd
 
     weights = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     in_sync = launch.check_in_sync(wrapped, world)
+    return {"weights": weights, "in_sync": in_sync, "world_size": world.size, "gradients": gradients,
+            "optimizer_steps": sums["optimizer_steps"], "no_signal": sums["no_signal"],
+            "shaped": int(((~scored.correct) & (scored.outcomes > scored.scores)).sum())}  # fmt: skip
+
+
+def main(out, settings):
+    world = launch.setup_distributed("cpu")
+    tokenizer = model.tiny_tokenizer()
+    trajs = {signal: trajectories(tokenizer, signal == "signal") for signal in {s.split(":")[3] for s in settings}}
+    results = []
+    for setting in settings:
+        parallel, adv_norm, mini_batch_size, signal, compute_dtype, embedder = setting.split(":")
+        results.append(update_once(world, *trajs[signal], parallel=parallel, adv_norm=adv_norm,
+                                   mini_batch_size=int(mini_batch_size), compute_dtype=compute_dtype,
+                                   embedder=embedder))  # fmt: skip
     if world.main:
-        torch.save({"weights": weights, "in_sync": in_sync, "world_size": world.size, "gradients": gradients,
-                    "optimizer_steps": sums["optimizer_steps"], "no_signal": sums["no_signal"],
-                    "shaped": int(((~scored.correct) & (scored.outcomes > scored.scores)).sum())}, out)  # fmt: skip
+        torch.save(results, out)
     launch.finish(world)
 
 
 if __name__ == "__main__":
-    defaults = ["ddp", "group", "0", "signal", "fp32", "tokens"]
-    args = sys.argv[1:] + defaults[len(sys.argv) - 2 :]  # the defaults of what is not given
-    main(args[0], args[1], args[2], int(args[3]), args[4] == "signal", args[5], args[6])
+    main(sys.argv[1], sys.argv[2:])
     launch.exit_now()

@@ -11,6 +11,17 @@ import torch
 from conftest import run_script
 
 
+GPU_STAGES = ["gpu-marked tests", "two RL steps, compute dtype auto", "rollout vs plain generate",
+              "FSDP2 step, torchrun 1 process", "DDP step, torchrun 2 processes", "FSDP2 step, torchrun 2 processes"]  # fmt: skip
+
+
+def gpu_table(out):
+    """The rows of `bench.py gpu`'s table: [(stage, result, figure)]."""
+    rows = out[out.index("stage  ") :].splitlines()[1 : 1 + len(GPU_STAGES)]
+    return [(line[:36].strip(), line[36:44].strip(), line[54:]) for line in rows]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the command runs for real")
 def test_the_gpu_check_without_a_gpu_is_a_passing_cpu_dry_run_of_every_stage():
     """`bench.py gpu demo` on a machine without CUDA says so, runs each of its six stages on the
@@ -19,16 +30,36 @@ def test_the_gpu_check_without_a_gpu_is_a_passing_cpu_dry_run_of_every_stage():
     stage ok, and exits 0."""
     done = run_script([sys.executable, "bench.py", "gpu", "demo"], timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
-    assert "no CUDA device: a CPU dry run" in out and "Nothing above ran on a GPU" in out
-    table = out[out.index("stage  ") :].splitlines()[1:7]
-    assert [line.split("  ")[0].strip() for line in table] == [
-        "gpu-marked tests", "two RL steps, compute dtype auto", "rollout vs plain generate",
-        "FSDP2 step, torchrun 1 process", "DDP step, torchrun 2 processes", "FSDP2 step, torchrun 2 processes",
-    ]  # fmt: skip
-    assert all(line[36:44].strip() == "ok" for line in table), table
-    assert "skipped" in table[0] and "arithmetic" in table[1] and "gloo" in table[3]
-    assert all(re.search(r"per rank \d+\.\d\d, \d+\.\d\d GB", line) for line in table[4:]), table
+    assert "no CUDA device: a CPU dry run" in done.stdout and "Nothing above ran on a GPU" in done.stdout
+    table = gpu_table(done.stdout)
+    assert [name for name, _, _ in table] == GPU_STAGES and all(ok == "ok" for _, ok, _ in table), table
+    assert "skipped" in table[0][2] and "arithmetic" in table[1][2] and "gloo" in table[3][2]
+    assert all(re.search(r"per rank \d+\.\d\d, \d+\.\d\d GB", figure) for _, _, figure in table[4:]), table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the command runs for real")
+def test_the_gpu_check_passes_its_own_stages_on_the_cpu(capsys):
+    """`bench.py gpu demo` run here in this process, the stages that only relaunch what other
+    tests run left out (pytest on tests/test_gpu.py; torchrun over 1 rank; DDP over 2), passes
+    the others on the CPU: two RL steps and the rollout with their figures, and the FSDP2 step
+    over two processes with both ranks' peak memory beside the arithmetic; it exits 0. (The slow
+    test above runs the command whole.)"""
+    import bench
+
+    left_out = lambda *_, **__: (True, "left out")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "_gpu_tests", left_out)
+        patch.setattr(bench, "_gpu_fsdp_step", left_out)
+        real = bench._gpu_two_processes
+        patch.setattr(bench, "_gpu_two_processes", lambda parallel, *a, **k: left_out() if parallel == "ddp"
+                      else real(parallel, *a, **k))  # fmt: skip
+        with pytest.raises(SystemExit) as done:
+            bench.bench_gpu(argparse.Namespace(model_dir="demo"))
+    table = gpu_table(capsys.readouterr().out)
+    assert done.value.code == 0, table
+    assert [name for name, _, _ in table] == GPU_STAGES and all(ok == "ok" for _, ok, _ in table), table
+    assert "arithmetic: training state 16 B x" in table[1][2] and "plain generate" in table[2][2]
+    assert re.search(r"per rank \d+\.\d\d, \d+\.\d\d GB; arithmetic: training state", table[5][2]), table
 
 
 def test_the_gpu_check_exits_1_when_a_stage_fails(capsys):
@@ -49,9 +80,12 @@ def test_the_gpu_check_exits_1_when_a_stage_fails(capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is not None, reason="TRL is installed here")
-def test_the_peer_comparison_without_trl_says_how_to_install_it_and_exits_0():
+def test_the_peer_comparison_without_trl_says_how_to_install_it_and_exits_0(capsys, monkeypatch):
     """`bench.py peer` where TRL is not installed measures nothing, prints the install command,
-    and exits 0: TRL is never a requirement."""
-    done = run_script([sys.executable, "bench.py", "peer"], timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "pip install trl" in done.stdout and "nothing measured" in done.stdout
+    and exits 0 (run in this process): TRL is never a requirement."""
+    import bench
+
+    monkeypatch.setattr(sys, "argv", ["bench.py", "peer"])
+    bench.main()  # returns, where a failure would raise or exit non-zero
+    out = capsys.readouterr().out
+    assert "pip install trl" in out and "nothing measured" in out

@@ -107,7 +107,7 @@ def memorised(tmp_path_factory):
             )
     train.main(
         train.Config(
-            out_dir=str(out), sft_data=str(out / "teacher.jsonl"), sft_steps=400, max_steps=0, **SMALL
+            out_dir=str(out), sft_data=str(out / "teacher.jsonl"), sft_steps=200, max_steps=0, **{**SMALL, "lr": 6e-4}
         )
     )
     return str(out / "checkpoints" / "step_0")

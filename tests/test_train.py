@@ -38,11 +38,24 @@ def config(sft_model, out_dir, **overrides):
     return train.Config(model=sft_model, sft_steps=0, out_dir=str(out_dir), **{**SMALL, **overrides})
 
 
-def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, tmp_path):
+# A run of two RL steps with a KL term, a checkpoint and a sample dump per step: what one run checks
+# (every parameter trained, the metrics) and the straight run that a resumed fp32 run must equal.
+TWO_STEPS = dict(max_steps=2, save_every=1, sample_every=1, kl_coef=0.05)
+
+
+@pytest.fixture(scope="module")
+def two_steps(sft_model, tmp_path_factory):
+    """The out_dir of TWO_STEPS's run (fp32, made once)."""
+    out = tmp_path_factory.mktemp("two_steps")
+    train.main(config(sft_model, out, compute_dtype="fp32", **TWO_STEPS))
+    return out
+
+
+def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, two_steps):
     """Two RL steps (with a KL term) move every parameter tensor of the policy, log finite metrics
     with every field, and leave a summary with the seed and the environment it ran in; the checkpoint is a loadable HF model;
     the sample dumps hold each turn's reward, return and advantage, consistent with gamma."""
-    train.main(config(sft_model, tmp_path, max_steps=2, save_every=2, sample_every=1, kl_coef=0.05))
+    tmp_path = two_steps
     before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     assert not unchanged, f"not trained: {unchanged}"
@@ -361,35 +374,50 @@ def test_rollout_seeds_depend_on_the_position_in_the_stream_only():
     assert rollout.rollout_seeds(4, step=5, first=80, count=16) != whole
 
 
+# dist_update.py's settings (parallel, adv_norm, mini_batch_size, compute_dtype, embedder) of the
+# default suite, all run in one launch per world size; the slow ones cover the same paths with
+# fewer mini-batches, or in fp32.
+UPDATES = [("ddp", "group", 0, "fp32", "tokens"), ("ddp", "batch", 0, "fp32", "tokens"),
+           ("fsdp", "group", 4, "fp32", "policy"), ("ddp", "group", 2, "fp32", "tokens"),
+           ("fsdp", "group", 2, "fp32", "tokens"), ("fsdp", "group", 4, "bf16", "policy")]  # fmt: skip
+SLOW_UPDATES = [("fsdp", "group", 0, "fp32", "tokens"), ("ddp", "group", 4, "fp32", "tokens"),
+                ("ddp", "group", 2, "bf16", "tokens")]  # fmt: skip
+NO_SIGNAL = "ddp:group:0:none:fp32:tokens"
+
+
+def update_setting(parallel, adv_norm, mini_batch_size, compute_dtype, embedder, signal="signal"):
+    return f"{parallel}:{adv_norm}:{mini_batch_size}:{signal}:{compute_dtype}:{embedder}"
+
+
 @pytest.fixture(scope="module")
-def one_process_update(tmp_path_factory):
-    """The 1-process result of tests/dist_update.py, per setting (computed once)."""
+def updates(tmp_path_factory):
+    """tests/dist_update.py's result per (ranks, setting): one launch per world size gives every
+    setting of its list (UPDATES and, on two ranks, the no-signal one; or SLOW_UPDATES)."""
     results = {}
 
-    def get(*settings):
-        if settings not in results:
-            out = tmp_path_factory.mktemp("update") / "one.pt"
-            args = [sys.executable, "tests/dist_update.py", str(out), "ddp", *map(str, settings)]
-            done = run_script(args)
+    def launch_list(ranks, updates):
+        settings = [update_setting(*u) for u in updates]
+        if ranks == 1:  # one process has no parallel wrapper to choose: ddp's code path is the plain one
+            settings = list(dict.fromkeys("ddp" + s[s.index(":") :] for s in settings))
+        return settings + ([NO_SIGNAL] if ranks == 2 and updates is UPDATES else [])
+
+    def get(ranks, setting):
+        if (ranks, setting) not in results:
+            batch = next(b for b in (launch_list(ranks, UPDATES), launch_list(ranks, SLOW_UPDATES)) if setting in b)
+            out = tmp_path_factory.mktemp("update") / "out.pt"
+            script = ["tests/dist_update.py", str(out), *batch]
+            done = run_script(torchrun(*script) if ranks == 2 else [sys.executable, *script])
             assert done.returncode == 0, done.stderr[-3000:]
-            results[settings] = torch.load(out)
-        return results[settings]
+            results.update({(ranks, s): r for s, r in zip(batch, torch.load(out))})
+        return results[ranks, setting]
 
     return get
 
 
-@pytest.mark.parametrize(
-    "parallel, adv_norm, mini_batch_size, compute_dtype, embedder",
-    [("ddp", "group", 0, "fp32", "tokens"), ("ddp", "batch", 0, "fp32", "tokens"),
-     ("fsdp", "group", 4, "fp32", "policy"), ("ddp", "group", 2, "fp32", "tokens"),
-     ("fsdp", "group", 2, "fp32", "tokens"), ("fsdp", "group", 4, "bf16", "policy"),
-     # covered by the cases above (the same paths with fewer mini-batches, or in fp32), slow-marked for time
-     pytest.param("fsdp", "group", 0, "fp32", "tokens", marks=pytest.mark.slow),
-     pytest.param("ddp", "group", 4, "fp32", "tokens", marks=pytest.mark.slow),
-     pytest.param("ddp", "group", 2, "bf16", "tokens", marks=pytest.mark.slow)],
-)  # fmt: skip
-def test_two_process_update_equals_one_process_update(one_process_update, tmp_path, parallel, adv_norm,
-                                                      mini_batch_size, compute_dtype, embedder):  # fmt: skip
+@pytest.mark.parametrize("parallel, adv_norm, mini_batch_size, compute_dtype, embedder",
+                         UPDATES + [pytest.param(*u, marks=pytest.mark.slow) for u in SLOW_UPDATES])
+def test_two_process_update_equals_one_process_update(updates, parallel, adv_norm, mini_batch_size, compute_dtype,
+                                                      embedder):  # fmt: skip
     """Fed the same trajectories (each rank its share of the groups, the second rank fewer trained
     rows in fewer micro-batches, and its own initial weights until wrap gives it rank 0's), the
     2-process update (DDP, or FSDP2 fully_shard) gives the 1-process parameters (fp32: to 1e-5;
@@ -400,11 +428,8 @@ def test_two_process_update_equals_one_process_update(one_process_update, tmp_pa
     exact. Step 3 gives credit with the policy's own embedder under FSDP2 too. Under FSDP2 each
     micro-batch's gradients are reduce-scattered at once: before every forward but a
     mini-batch's first, every gradient is there at its shard's size."""
-    settings = (adv_norm, mini_batch_size, "signal", compute_dtype, embedder)
-    out = tmp_path / "two.pt"
-    done = run_script(torchrun("tests/dist_update.py", str(out), parallel, *map(str, settings)))
-    assert done.returncode == 0, done.stderr[-3000:]
-    one, two = one_process_update(*settings), torch.load(out)
+    one = updates(1, update_setting("ddp", adv_norm, mini_batch_size, compute_dtype, embedder))
+    two = updates(2, update_setting(parallel, adv_norm, mini_batch_size, compute_dtype, embedder))
     assert one["optimizer_steps"] == two["optimizer_steps"] == 2 * (12 // (mini_batch_size or 12))
     assert two["world_size"] == 2 and two["in_sync"] is (True if parallel == "ddp" else None)
     assert one["shaped"] > 0 and two["shaped"] > 0  # failed trajectories got similarity credit
@@ -424,14 +449,11 @@ def test_two_process_update_equals_one_process_update(one_process_update, tmp_pa
             assert present and sum(math.prod(p) for _, p in present[0]) < whole  # shards, not whole tensors
 
 
-def test_a_step_without_signal_on_any_rank_does_no_work_and_is_logged_skipped(tmp_path):
+def test_a_step_without_signal_on_any_rank_does_no_work_and_is_logged_skipped(updates):
     """When no rank has a trained token (every group's advantages zero), torchrun's two ranks alike
     skip the forward, backward and optimizer step: no optimizer step, the parameters untouched,
     `no_signal` logged, and neither rank waits on the other."""
-    out = tmp_path / "two.pt"
-    done = run_script(torchrun("tests/dist_update.py", str(out), "ddp", "group", "0", "none"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = torch.load(out)
+    two = updates(2, NO_SIGNAL)
     assert two["world_size"] == 2 and two["no_signal"] == 1 and two["optimizer_steps"] == 0
     initial = model.tiny_model(model.tiny_tokenizer(), seed=0).state_dict()
     for name, value in two["weights"].items():
@@ -500,15 +522,18 @@ def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_mode
 
 @pytest.mark.parametrize("compute_dtype, steps", [("fp32", 2), ("bf16", 2),
                                                   pytest.param("fp32", 4, marks=pytest.mark.slow)])
-def test_resuming_gives_bit_identical_parameters(sft_model, tmp_path, compute_dtype, steps):
+def test_resuming_gives_bit_identical_parameters(sft_model, two_steps, tmp_path, compute_dtype, steps):
     """N steps straight and N/2 steps, stop, resume, N/2 steps give bit-identical parameters
-    (model, optimizer, scheduler, RNG and data position are all restored), in fp32 and in bf16
-    compute alike."""
+    (model, optimizer, scheduler, RNG, data position and the KL reference are all restored), in
+    fp32 and in bf16 compute alike."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    half = dict(save_every=steps // 2, compute_dtype=compute_dtype)
-    train.main(config(sft_model, straight, max_steps=steps, **half))
-    train.main(config(sft_model, resumed, max_steps=steps // 2, **half))
-    train.main(config(sft_model, resumed, max_steps=steps, **half))
+    run = dict(TWO_STEPS, max_steps=steps, save_every=steps // 2, compute_dtype=compute_dtype)
+    if (compute_dtype, steps) == ("fp32", 2):
+        straight = two_steps  # the same run, made once
+    else:
+        train.main(config(sft_model, straight, **run))
+    train.main(config(sft_model, resumed, **{**run, "max_steps": steps // 2}))
+    train.main(config(sft_model, resumed, **run))
     a, b = weights(straight / "checkpoints" / f"step_{steps}"), weights(resumed / "checkpoints" / f"step_{steps}")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], weights(sft_model)[k]) for k in a)
@@ -547,24 +572,24 @@ def test_resuming_on_another_number_of_ranks_is_refused(tmp_path):
 def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
     """SIGKILL during training, then the same command: it resumes from the newest checkpoint,
     redoes only the lost steps and finishes with one metrics record per step."""
-    args = [sys.executable, "train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "4",
-            "--save_every", "2", "--out_dir", str(tmp_path), *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
+    args = [sys.executable, "train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "2",
+            "--save_every", "1", "--out_dir", str(tmp_path), *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not os.path.isdir(tmp_path / "checkpoints" / "step_2") and time.monotonic() < deadline:
+    while not os.path.isdir(tmp_path / "checkpoints" / "step_1") and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before its first RL checkpoint"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = checkpoint.steps(str(tmp_path))
-    assert saved[-1] >= 2 and not os.path.exists(tmp_path / "summary.json")
+    assert saved[-1] >= 1 and not os.path.exists(tmp_path / "summary.json")
     done = run_script(args, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {tmp_path}/checkpoints/step_{saved[-1]}" in done.stdout
-    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert json.load(open(tmp_path / "summary.json"))["rl_steps"] == 4
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert json.load(open(tmp_path / "summary.json"))["rl_steps"] == 2
 
 
 def test_held_out_accuracy_is_the_mean_over_eval_samples_trajectories_per_problem(sft_model, monkeypatch):
