@@ -42,7 +42,7 @@ import rewards
 import rollout
 import sandbox
 from launch import (
-    COMPUTE_DTYPES, ConfigError, arg, broadcast_object, check_fields, environment, finish, gather_objects,
+    COMPUTE_DTYPES, DTYPES, ConfigError, arg, broadcast_object, check_fields, environment, finish, gather_objects,
     mixed_precision, parse_config, parse_demo_size, replicate, run_command, setup_distributed,
 )  # fmt: skip
 
@@ -78,8 +78,9 @@ class Config:
     limit: int = arg(0, "evaluate only the first N problems of each set (0: all)", valid=">= 0")
     demo_size: str = arg("128x3", "hidden size x layers of --model demo")
     device: str = arg("auto", "where to run (auto: cuda if available)", valid=("auto", "cuda", "cpu"))
-    compute_dtype: str = arg("auto", "dtype of the weights and forward passes; auto: bf16 on CUDA, fp32 on "
-                             "the CPU", valid=COMPUTE_DTYPES)
+    compute_dtype: str = arg("auto", "dtype of the weights and forward passes; auto: bf16 on GPUs that "
+                             "compute it natively (A100, H100, RTX 30xx on), fp32 on older GPUs and the CPU",
+                             valid=COMPUTE_DTYPES)
     sandbox_workers: int = arg(8, "tool calls run at once per rank", valid=">= 1")
     sandbox_timeout: float = arg(10.0, "seconds per tool call", valid="> 0")
     # --- the other modes
@@ -693,6 +694,8 @@ def main(cfg):
     elif cfg.plot:
         result = plot(cfg.plot, cfg.plot_out)
     else:
+        # what auto chose on this device: a report states the dtype its figures were computed in
+        settings["compute_dtype"] = next(flag for flag, dtype in DTYPES.items() if dtype == world.dtype)
         if world.main:
             print(json.dumps({"config": dataclasses.asdict(cfg), "settings": settings}, indent=1))
         result = run_evaluation(cfg, settings, world)

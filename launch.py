@@ -185,16 +185,17 @@ class World:
         return self.rank == 0
 
 
-COMPUTE_DTYPES = ("auto", "bf16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+COMPUTE_DTYPES = ("auto", *DTYPES)
 TIMEOUT_MINUTES = 60  # a collective's wait: long enough for rank 0 to write a 7B checkpoint
 
 
 def resolve_dtype(flag, device):
-    """--compute_dtype as a torch dtype: auto is bf16 on CUDA and fp32 on the CPU, where bf16 is
-    only faster with AVX-512 bf16 or AMX (docs/results.md#bf16-on-the-cpu)."""
+    """--compute_dtype as a torch dtype: auto is model.default_dtype (bf16 on GPUs that compute it
+    natively, fp32 on older GPUs and on the CPU)."""
     if flag == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[flag]
+        return policies.default_dtype(device)
+    return DTYPES[flag]
 
 
 def setup_distributed(device_flag, dtype_flag="auto", timeout_minutes=TIMEOUT_MINUTES):
@@ -205,9 +206,9 @@ def setup_distributed(device_flag, dtype_flag="auto", timeout_minutes=TIMEOUT_MI
         raise ConfigError("--device cuda: no CUDA device is visible")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    dtype = resolve_dtype(dtype_flag, device)
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before resolve_dtype, which asks the current device
+    dtype = resolve_dtype(dtype_flag, device)
     if "RANK" not in os.environ:
         return World(0, 1, device, dtype)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))

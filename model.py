@@ -126,8 +126,11 @@ def tiny_model(tokenizer, seed=0, hidden_size=64, num_hidden_layers=2, dtype=tor
 
 
 def default_dtype(device):
-    """bf16 on CUDA, fp32 on the CPU (bf16 matmuls on CPU are slow and imprecise)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """bf16 on a CUDA device that computes it natively (compute capability 8.0 and later: A100,
+    H100, RTX 30xx on), fp32 elsewhere: older GPUs (V100, T4) only emulate bf16, and on a CPU
+    without AVX-512 bf16 its matmuls are slow (docs/results.md#bf16-on-the-cpu)."""
+    native = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native else torch.float32
 
 
 def load_tokenizer(name):

@@ -137,7 +137,8 @@ class Config:
     # --- machine
     device: str = arg("auto", "where to run (auto: cuda if available)", valid=("auto", "cuda", "cpu"))
     compute_dtype: str = arg("auto", "dtype of forward passes (rollouts, log-probs, SFT, FSDP2's gathered "
-                             "weights) over fp32 weights; auto: bf16 on CUDA, fp32 on the CPU",
+                             "weights) over fp32 weights; auto: bf16 on GPUs that compute it natively (A100, "
+                             "H100, RTX 30xx on), fp32 on older GPUs and the CPU",
                              valid=COMPUTE_DTYPES)
     dist_timeout: float = arg(TIMEOUT_MINUTES, "minutes a rank waits in a collective (rank 0 writing a "
                               "checkpoint keeps the others waiting)", valid="> 0")

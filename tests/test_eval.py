@@ -121,7 +121,7 @@ def cfg_for(model_dir, out, **overrides):
 def test_greedy_evaluation_is_deterministic_and_agrees_with_training(memorised, tmp_path):
     """Greedy evaluation gives the same report twice, and its accuracy is exactly train.py's
     held-out greedy accuracy for the same checkpoint and problems (the same rollout and grader).
-    The report records the versions and device it was measured with."""
+    The report records the versions, device and compute dtype it was measured with."""
     first = evaluation.main(cfg_for(memorised, tmp_path / "a.json"))
     second = evaluation.main(cfg_for(memorised, tmp_path / "b.json"))
     assert first == second
@@ -131,6 +131,7 @@ def test_greedy_evaluation_is_deterministic_and_agrees_with_training(memorised, 
     )
     assert first["problems"] and all(len(r["samples"]) == 1 for r in first["problems"])
     assert first["environment"]["torch"] == evaluation.torch.__version__ and first["environment"]["device"] == "cpu"
+    assert first["settings"]["compute_dtype"] == "fp32"  # what --compute_dtype auto chose here
     problems = data.toy_held_out(100)[:12]
     policy, tokenizer = evaluation.policies.load_policy(memorised)
     world = launch.World(0, 1, evaluation.torch.device("cpu"))

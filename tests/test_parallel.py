@@ -340,9 +340,13 @@ def test_a_bf16_rollout_caches_keys_and_values_in_bf16_over_fp32_weights():
     assert all(p.dtype == torch.float32 for p in policy.parameters())
 
 
-def test_compute_dtype_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
-    """--compute_dtype auto resolves by device; bf16 and fp32 are what they say."""
-    assert launch.resolve_dtype("auto", "cuda:0") == torch.bfloat16
+def test_compute_dtype_auto_is_bf16_on_gpus_that_compute_it_and_fp32_elsewhere(monkeypatch):
+    """--compute_dtype auto resolves by device: bf16 on a GPU with native bf16, fp32 on an older
+    GPU (where bf16 is only emulated) and on the CPU; bf16 and fp32 are what they say."""
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native
+                            or including_emulation)  # fmt: skip
+        assert launch.resolve_dtype("auto", "cuda:0") == expected == model.default_dtype("cuda")
     assert launch.resolve_dtype("auto", "cpu") == torch.float32
     assert launch.resolve_dtype("bf16", "cpu") == torch.bfloat16 and launch.resolve_dtype("fp32", "cuda") == torch.float32
     assert launch.setup_distributed("cpu", "bf16").dtype == torch.bfloat16
