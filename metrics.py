@@ -1,6 +1,7 @@
 """What a training run reports: each RL step's metrics, summed over ranks and reduced to one
 record (reduce), printed as one line with fixed fields (log_line), appended to metrics.jsonl and
-sent to an optional experiment tracker (open_tracker: tensorboard or wandb); sample groups with
+sent to an optional experiment tracker (open_tracker: tensorboard or wandb), with the credit
+view (the mean advantage by turn index, tool call and end: credit_sums); sample groups with
 every turn's r, R and A (write_samples, viewed with `python eval.py --show`); summary.json.
 
     sums = step_sums(trajs, scored, groups=..., update_sums=..., times=...)   # this rank's
@@ -38,6 +39,7 @@ def step_sums(trajs, scored, *, groups, update_sums, times):
         "shaped": float(((~scored.correct) & (scored.outcomes > scored.scores)).sum()),
         "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
         "truncated": sum(t.stop_reason == "max_length" for t in trajs), **update_sums, **times,
+        **credit_sums(trajs, scored),
     }  # fmt: skip
 
 
@@ -58,7 +60,67 @@ def reduce(step, metric_sums, *, lr, world):
         "kl": total["kl_ref"], "grad_norm": total["grad_norm"] / ranks, "skipped": total["skipped"] / ranks,
         "no_signal": total["no_signal"] / ranks, "lr": lr,
         **{k: total[k] / ranks for k in ("t_rollout", "t_reward", "t_old_logp", "t_update")},
+        **credit_view(total),
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------- the credit view
+
+CALLS = ("ok", "error", "none")  # a turn's tool call: ran without an exception; raised, timed out or
+# could not be parsed; or no call (the answer turn, or a turn of prose)
+ENDS = ("correct", "wrong")  # how the turn's trajectory ended
+
+
+def credit_cells(K):
+    """The credit view's cells "j/call/end", turn index j from 1 to K."""
+    return [f"{j}/{c}/{e}" for j in range(1, K + 1) for c in CALLS for e in ENDS]
+
+
+def turn_call(turn):
+    if turn.valid_call is None:
+        return "none"
+    return "ok" if turn.valid_call and turn.result is not None and turn.result.ok else "error"
+
+
+def credit_sums(trajs, scored):
+    """This rank's sums behind the credit view: per cell (turn index, the turn's tool call, the
+    trajectory's end), the sum and count of its turns' advantages A_ij; and the counts behind two
+    shares, correct trajectories' turns with A < 0 and erroring calls' turns with A > 0. Every
+    turn counts (zero-advantage groups too), but those of trajectories with a sandbox failure."""
+    K = scored.turn_advantages.shape[1]
+    sums = {f"credit/{cell}/{x}": 0.0 for cell in credit_cells(K) for x in ("sum", "n")}
+    sums.update(dict.fromkeys(("credit_neg/correct", "credit_turns/correct", "credit_pos/error",
+                               "credit_turns/error"), 0.0))  # fmt: skip
+    advantages, ends = scored.turn_advantages.tolist(), scored.correct.tolist()  # (N, K), (N,)
+    for traj, row, correct, infra in zip(trajs, advantages, ends, scored.infra.tolist()):
+        if infra:
+            continue
+        for j, turn in enumerate(traj.turns):
+            call, end = turn_call(turn), ENDS[0] if correct else ENDS[1]
+            sums[f"credit/{j + 1}/{call}/{end}/sum"] += row[j]
+            sums[f"credit/{j + 1}/{call}/{end}/n"] += 1
+            if correct:
+                sums["credit_turns/correct"] += 1
+                sums["credit_neg/correct"] += row[j] < 0
+            if call == "error":
+                sums["credit_turns/error"] += 1
+                sums["credit_pos/error"] += row[j] > 0
+    return sums
+
+
+def credit_view(total):
+    """The credit view of a step from every rank's credit_sums: "credit", {"j/call/end": [mean
+    advantage, turns]} (mean None without turns), and the two shares."""
+    K = max(int(k.split("/")[1]) for k in total if k.startswith("credit/"))
+    view = {}
+    for cell in credit_cells(K):
+        n = total[f"credit/{cell}/n"]
+        view[cell] = [total[f"credit/{cell}/sum"] / n if n else None, int(n)]
+    return {
+        "credit": view,
+        "credit_neg_correct": total["credit_neg/correct"] / max(total["credit_turns/correct"], 1),
+        "credit_pos_error": total["credit_pos/error"] / max(total["credit_turns/error"], 1),
+    }
 
 
 def log_line(r):

@@ -12,7 +12,8 @@ every variant (REPRO_VARIANTS: train.py flags) then trains --max_steps RL steps 
 eval.py measures each final checkpoint by kind of problem. Flags after -- go to every train.py
 run. Resumable: finished runs and evaluations are read back, a cut run resumes from its last
 checkpoint. Writes results.md (a table of mean +- standard error over seeds, the paired
-differences from GRPO, and held-out accuracy by kind), results.json and curves.png to --out.
+differences from GRPO, each variant's credit view: the mean advantage by turn, tool call and
+end, and held-out accuracy by kind), results.json, curves.png and credit.png to --out.
 
 --check_demo runs `python train.py --seed S` (--seeds, default 0) at the published thread count
 into --out/demo/seedS, or reads the summary.json files given, and compares each with
@@ -43,6 +44,7 @@ REPRO_VARIANTS = {  # name -> train.py flags (everything else: the demo's defaul
     "gamma_0.7": ["--gamma", "0.7"],
     "gamma_1.0": ["--gamma", "1.0"],  # gamma 0.9 is gtpo_code
     "gtpo_turn_norm": ["--adv_norm", "turn"],  # returns normalised per (problem, turn index)
+    "gtpo_batch_norm": ["--adv_norm", "batch"],  # returns normalised over the whole batch's turns
 }
 
 
@@ -232,6 +234,67 @@ def repro_mean_curve(runs, path, fields):
     return path
 
 
+def repro_credit(runs):
+    """A variant's credit view (metrics.credit_view) over every RL step of every seed: each cell's
+    mean advantage and turns, and the two shares as (mean, SE) over seeds; None for runs that
+    logged no credit view."""
+    records = [r for _, m in runs for r in m if "credit" in r]
+    if not records:
+        return None
+    turns = {cell: sum(r["credit"][cell][1] for r in records) for cell in records[0]["credit"]}
+    weighted = lambda cell: sum(r["credit"][cell][0] * r["credit"][cell][1] for r in records if r["credit"][cell][1])
+    cells = {cell: [weighted(cell) / n if n else None, n] for cell, n in turns.items()}
+    shares = {k: mean_se([statistics.fmean(r[k] for r in m) for _, m in runs]) for k in ("credit_neg_correct", "credit_pos_error")}
+    return {"cells": cells, **shares}
+
+
+def repro_credit_table(variant, credit):
+    """A variant's credit view as Markdown: a row per turn index, a column per (tool call, end),
+    each the mean advantage (and turns), then the two shares."""
+    columns = list(dict.fromkeys(cell.split("/", 1)[1] for cell in credit["cells"]))  # "call/end"
+    turns = list(dict.fromkeys(cell.split("/", 1)[0] for cell in credit["cells"]))
+    text = lambda mean, n: "—" if mean is None else f"{mean:+.2f} ({n})"
+    lines = [f"credit view, {variant}: mean advantage (turns) by turn and the turn's tool call / the trajectory's end",
+             "", "| turn | " + " | ".join(c.replace("/", ", ") for c in columns) + " |",
+             "| --- |" + " --- |" * len(columns)]  # fmt: skip
+    for j in turns:
+        lines.append(f"| {j} | " + " | ".join(text(*credit["cells"][f"{j}/{c}"]) for c in columns) + " |")
+    (neg, neg_se), (pos, pos_se) = credit["credit_neg_correct"], credit["credit_pos_error"]
+    lines += ["", f"turns of correct trajectories with A < 0: {100 * neg:.1f} ± {100 * neg_se:.1f}%; "
+              f"erroring tool calls' turns with A > 0: {100 * pos:.1f} ± {100 * pos_se:.1f}% (mean ± SE over seeds)"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def repro_credit_plot(credits, path):
+    """Each variant's mean advantage by turn index, a line per (tool call, end), as one PNG;
+    skipped with a message without matplotlib (optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no credit figure: it needs matplotlib (pip install matplotlib)")
+        return None
+    fig, axes = plt.subplots(1, len(credits), figsize=(4.5 * len(credits), 3.6), sharey=True, squeeze=False)
+    for ax, (variant, credit) in zip(axes[0], credits.items()):
+        columns = dict.fromkeys(cell.split("/", 1)[1] for cell in credit["cells"])
+        for column in columns:
+            points = [(int(c.split("/")[0]), m) for c, (m, _) in credit["cells"].items()
+                      if c.split("/", 1)[1] == column and m is not None]  # fmt: skip
+            if points:
+                ax.plot(*zip(*points), marker="o", label=column.replace("/", ", "))
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(variant)
+        ax.set_xlabel("turn")
+    axes[0][0].set_ylabel("mean advantage")
+    axes[0][-1].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def repro_by_kind(args, starts):
     """({seed: start's split}, {variant: {seed: final checkpoint's split}}) of two-step and
     one-step held-out accuracy (see repro_family_accuracy)."""
@@ -255,8 +318,8 @@ def repro_by_kind(args, starts):
 def run(args):
     """GRPO, GTPO without shaping, with code shaping, with whole-text shaping, and the gamma sweep,
     each from the same SFT start per seed. Resumable: finished runs and evaluations are read back,
-    a cut run resumes from its last checkpoint. Writes results.md, results.json and curves.png
-    (the seeds' mean curves; needs matplotlib) to --out."""
+    a cut run resumes from its last checkpoint. Writes results.md, results.json, curves.png
+    (the seeds' mean curves) and credit.png (the credit views; both need matplotlib) to --out."""
     import eval as evaluation  # for its plot
 
     starts = dict(zip(args.seeds, in_parallel(args, repro_start, [(args, seed, k) for k, seed in enumerate(args.seeds)])))
@@ -280,6 +343,13 @@ def run(args):
         for kind in ("sampled", "greedy"):
             paired, results[f"paired_with_grpo_{kind}"] = repro_paired(finished, args.variants, args.seeds, kind=kind)
             table += "\n\n" + paired
+    credits = {variant: repro_credit([finished[variant, seed] for seed in args.seeds]) for variant in args.variants}
+    credits = {variant: credit for variant, credit in credits.items() if credit}
+    for variant, credit in credits.items():
+        table += "\n\n" + repro_credit_table(variant, credit)
+    results["credit"] = credits
+    if credits:
+        repro_credit_plot(credits, os.path.join(args.out, "credit.png"))
     if args.eval_samples:
         results["by_kind_start"], results["by_kind_final"] = repro_by_kind(args, starts)
         table += "\n\n" + repro_family_table(results["by_kind_start"], results["by_kind_final"])

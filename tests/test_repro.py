@@ -1,6 +1,7 @@
 """repro.py: every variant and seed trains from the seed's SFT start, and a rerun reads the
 finished runs back to the same table."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -16,8 +17,8 @@ from conftest import ROOT, SMALL, constraint_pins, run_script
 @pytest.mark.slow  # about a minute: four train.py and eval.py runs, twice; the README test parses its command
 def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, tmp_path):
     """`repro.py --jobs 2` runs train.py once per variant and seed from the seed's SFT start
-    (the variant's flags applied, two at a time), writes a table row per variant, a by-kind table from eval.py on each
-    final checkpoint and the start, and results.json; run again, it trains and evaluates nothing
+    (the variant's flags applied, two at a time), writes a table row per variant, each variant's credit view
+    (a table, and credit.png), a by-kind table from eval.py on each final checkpoint and the start, and results.json; run again, it trains and evaluates nothing
     and writes the same tables."""
     start = os.path.dirname(os.path.dirname(sft_model))
     small = [f"--{k}={v}" for k, v in SMALL.items()]
@@ -28,7 +29,12 @@ def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, t
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("seed 0:") == 2
     table = (tmp_path / "results.md").read_text()
-    main, by_kind = table.split("\n\n")
+    sections = table.split("\n\n")
+    main, by_kind = sections[0], sections[-1]
+    for variant in ("grpo", "gtpo_code"):  # each variant's credit view, as a table and in the figure
+        assert f"credit view, {variant}: mean advantage" in table
+        assert "| 1 | " in table and "turns of correct trajectories with A < 0" in table
+    assert (tmp_path / "credit.png").exists() or importlib.util.find_spec("matplotlib") is None
     assert [line.split(" | ")[0] for line in main.splitlines()[2:]] == ["| grpo", "| gtpo_code"]
     assert [line.split(" | ")[0] for line in by_kind.splitlines()[2:]] == [
         "| SFT start",
@@ -74,6 +80,27 @@ def published():
 
 def here():
     return launch.environment(launch.World(0, 1, torch.device("cpu")))
+
+
+def test_the_credit_summary_weights_each_step_by_its_turns():
+    """A variant's credit view over seeds and steps: each cell's mean advantage is the mean over
+    all its turns (a step weighs by its turns; an empty cell stays empty), the two shares are
+    (mean, SE) over seeds of each run's mean over steps, and the table has a row per turn index
+    and a column per (tool call, end)."""
+    step = lambda a, n, b, m, neg, pos: {"credit": {"1/ok/correct": [a, n], "1/ok/wrong": [None, 0],
+                                                    "2/ok/correct": [b, m], "2/ok/wrong": [None, 0]},
+                                         "credit_neg_correct": neg, "credit_pos_error": pos}  # fmt: skip
+    runs = [({}, [step(1.0, 1, -0.5, 2, 0.5, 0.0), step(0.0, 3, None, 0, 0.25, 0.5)]),
+            ({}, [step(0.5, 2, 0.5, 2, 0.0, 1.0)])]  # fmt: skip
+    credit = repro.repro_credit(runs)
+    assert credit["cells"] == {"1/ok/correct": [(1.0 + 0.0 * 3 + 0.5 * 2) / 6, 6], "1/ok/wrong": [None, 0],
+                               "2/ok/correct": [(-0.5 * 2 + 0.5 * 2) / 4, 4], "2/ok/wrong": [None, 0]}  # fmt: skip
+    assert credit["credit_neg_correct"] == repro.mean_se([0.375, 0.0]) and credit["credit_pos_error"] == repro.mean_se([0.25, 1.0])
+    table = repro.repro_credit_table("gtpo_code", credit)
+    assert "| turn | ok, correct | ok, wrong |" in table
+    assert "| 1 | +0.33 (6) | — |" in table and "| 2 | +0.00 (4) | — |" in table
+    assert "A < 0: 18.8 ± 18.7%" in table and "A > 0: 62.5 ± 37.5%" in table
+    assert repro.repro_credit([({}, [{"step": 1}])]) is None  # runs from before the credit view
 
 
 def test_environment_records_the_versions_the_modules_report():

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def two_steps(sft_model, tmp_path_factory):
 
 def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, two_steps):
     """Two RL steps (with a KL term) move every parameter tensor of the policy, log finite metrics
-    with every field, and leave a summary with the seed and the environment it ran in; the checkpoint is a loadable HF model;
+    with every field (and the credit view, covering every turn), and leave a summary with the seed and the environment it ran in; the checkpoint is a loadable HF model;
     the sample dumps hold each turn's reward, return and advantage, consistent with gamma."""
     tmp_path = two_steps
     before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
@@ -62,8 +63,12 @@ def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, two_
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
+        credit = r.pop("credit")  # {"turn/call/end": [mean advantage or None, turns]}
         assert all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in r.values()), r
         assert set(metrics.FIELDS) <= set(r)
+        assert len(credit) == train.Config.max_turns * 3 * 2  # K turn indices x 3 kinds of call x 2 ends
+        every_turn = round(r["turns"] * SMALL["prompts_per_step"] * SMALL["group_size"])
+        assert sum(n for _, n in credit.values()) == every_turn and 0 <= r["credit_neg_correct"] <= 1
     assert records[0]["kl"] == 0 < records[1]["kl"], "step 1 samples from the reference itself"
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["seed"] == 0 and summary["ranks_in_sync"] is True
@@ -332,6 +337,34 @@ def test_with_a_kl_penalty_zero_advantage_rows_are_forwarded_and_the_loss_is_the
                            turn_advantages=scored.turn_advantages, trained=scored.trained,
                            counted=scored.counted, cfg=cfg, world=world, pad=tokenizer.pad_token_id, ref=ref)  # fmt: skip
     assert sums["loss"] == pytest.approx(float(expected), abs=1e-6) and sums["kl_ref"] > 0
+
+
+def test_the_credit_view_is_the_mean_advantage_by_turn_tool_call_and_end():
+    """A hand-built batch gives the credit table by hand: each (turn index, tool call ok / error /
+    none, trajectory correct / wrong) cell holds its turns' mean advantage and count (an
+    unparsable call is an error; a trajectory with a sandbox failure counts nowhere); the shares
+    are correct trajectories' turns with A < 0 and erroring turns with A > 0. Sums from two
+    ranks' halves give the same view as the whole batch."""
+    ran = lambda ok: sandbox.Result(ok=ok, stdout="", stderr="")
+    call = lambda result, valid=True: rollout.Turn(text="```python\n1\n```", code="1", valid_call=valid, result=result)
+    answer = rollout.Turn(text="\\boxed{1}")
+    infra = sandbox.Result(ok=False, stdout="", stderr="", infra_error=True)
+    turns = [[call(ran(True)), answer], [call(ran(False)), call(ran(True)), answer], [call(None, valid=False), answer],
+             [call(infra), answer]]  # fmt: skip
+    trajs = [rollout.Trajectory(0, [], [], [], turns=t) for t in turns]
+    advantages = torch.tensor([[0.5, -0.25, 0.0], [-1.0, 0.375, -0.5], [0.625, 0.125, 0.0], [0.75, 0.75, 0.0]])  # (N, K)
+    scored = types.SimpleNamespace(turn_advantages=advantages, correct=torch.tensor([True, False, True, False]),
+                                   infra=torch.tensor([False, False, False, True]))  # fmt: skip
+    view = metrics.credit_view(metrics.credit_sums(trajs, scored))
+    expected = {"1/ok/correct": [0.5, 1], "1/error/wrong": [-1.0, 1], "1/error/correct": [0.625, 1],
+                "2/none/correct": [-0.0625, 2], "2/ok/wrong": [0.375, 1], "3/none/wrong": [-0.5, 1]}  # fmt: skip
+    assert len(view["credit"]) == 3 * 3 * 2
+    assert {cell: v for cell, v in view["credit"].items() if v[1]} == expected
+    assert all(v == [None, 0] for cell, v in view["credit"].items() if cell not in expected)
+    assert view["credit_neg_correct"] == 1 / 4 and view["credit_pos_error"] == 1 / 2
+    halves = [metrics.credit_sums(trajs[i : i + 2], types.SimpleNamespace(**{k: v[i : i + 2] for k, v in
+                                                                              vars(scored).items()})) for i in (0, 2)]  # fmt: skip
+    assert metrics.credit_view({k: halves[0][k] + halves[1][k] for k in halves[0]}) == view
 
 
 def test_logged_statistics_are_means_over_the_optimizer_steps(monkeypatch):
