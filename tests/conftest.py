@@ -35,9 +35,9 @@ def run_script(args, timeout=300, **kwargs):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def torchrun(*args):
-    """The command line of a 2-process torchrun (gloo on the CPU)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+def torchrun(*args, ranks=2):
+    """The command line of a torchrun of `ranks` processes (gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *args]
 
 
 # train.py flags of a small, fast run of the tiny model. Its checkpoints are directories, which
