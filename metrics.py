@@ -20,12 +20,14 @@ from tqdm import tqdm
 import rewards
 from launch import ConfigError, all_reduce
 
+DRAWN = ("groups_drawn", "groups_varied", "filter_rounds")  # train.draw_groups's counts, alike on every rank
 FIELDS = ("reward", "accuracy", "turns", "tool_errors", "format_errors", "shaped", "length", "loss",
                  "clip_frac", "kl", "grad_norm", "lr")  # metrics.jsonl has at least these, every step
 
 
-def step_sums(trajs, scored, *, groups, update_sums, times):
-    """This rank's sums of one RL step (reduce turns every rank's into the record)."""
+def step_sums(trajs, scored, *, groups, drawn, update_sums, times):
+    """This rank's sums of one RL step (reduce turns every rank's into the record); drawn and
+    update_sums hold values every rank has alike (train.draw_groups's counts, train.update's)."""
     G = len(trajs) // groups
     adv_zero = (scored.turn_advantages == 0).all(dim=1).view(groups, G).all(dim=1)  # (groups,)
     calls = [t for tr in trajs for t in tr.turns if t.result is not None]  # tool calls that ran
@@ -38,7 +40,8 @@ def step_sums(trajs, scored, *, groups, update_sums, times):
         "failed": float((~scored.correct).sum()),
         "shaped": float(((~scored.correct) & (scored.outcomes > scored.scores)).sum()),
         "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
-        "truncated": sum(t.stop_reason == "max_length" for t in trajs), **update_sums, **times,
+        "truncated": float(scored.truncated.sum()), "void": float(scored.void.sum()),
+        "masked": float(scored.masked.sum()), **drawn, **update_sums, **times,
         **credit_sums(trajs, scored),
     }  # fmt: skip
 
@@ -55,10 +58,12 @@ def reduce(step, metric_sums, *, lr, world):
         "format_errors": total["format_errors"] / n, "infra_errors": total["infra_errors"],
         "shaped": total["shaped"] / max(total["failed"], 1), "length": total["length"] / n,
         "zero_adv_groups": total["zero_adv_groups"] / total["groups"], "truncated": total["truncated"] / n,
+        "void": total["void"] / n, "masked": total["masked"] / n,
         "loss": total["loss"] / ranks, "clip_frac": total["clip_frac"], "approx_kl": total["approx_kl"],
         "ratio": total["ratio"], "optimizer_steps": total["optimizer_steps"] / ranks,
         "kl": total["kl_ref"], "grad_norm": total["grad_norm"] / ranks, "skipped": total["skipped"] / ranks,
         "no_signal": total["no_signal"] / ranks, "lr": lr,
+        **{k: total[k] / ranks for k in DRAWN},
         **{k: total[k] / ranks for k in ("t_rollout", "t_reward", "t_old_logp", "t_update")},
         **credit_view(total),
     }  # fmt: skip
@@ -126,7 +131,8 @@ def credit_view(total):
 def log_line(r):
     """One line per step, fixed fields."""
     return (f"step {r['step']:4d} | reward {r['reward']:+.3f} | acc {r['accuracy']:.3f} | turns {r['turns']:.2f} | "
-            f"trunc {r['truncated']:.2f} | tool_err {r['tool_errors']:.3f} | fmt_err {r['format_errors']:.3f} | "
+            f"trunc {r['truncated']:.2f} | void {r['void']:.2f} | tool_err {r['tool_errors']:.3f} | "
+            f"fmt_err {r['format_errors']:.3f} | groups {r['groups_varied']:.0f}/{r['groups_drawn']:.0f} | "
             f"shaped {r['shaped']:.2f} | len {r['length']:.0f} | loss {r['loss']:+.4f} | clip {r['clip_frac']:.3f} | "
             f"kl {r['kl']:.4f} | gnorm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | time roll {r['t_rollout']:.1f}s "
             f"rew {r['t_reward']:.1f}s upd " + ("skipped (no signal)" if r["no_signal"] else

@@ -12,8 +12,9 @@ every variant (REPRO_VARIANTS: train.py flags) then trains --max_steps RL steps 
 eval.py measures each final checkpoint by kind of problem. Flags after -- go to every train.py
 run. Resumable: finished runs and evaluations are read back, a cut run resumes from its last
 checkpoint. Writes results.md (a table of mean +- standard error over seeds, the paired
-differences from GRPO, each variant's credit view: the mean advantage by turn, tool call and
-end, and held-out accuracy by kind), results.json, curves.png and credit.png to --out.
+differences from --baseline, GRPO by default, each variant's credit view: the mean advantage by
+turn, tool call and end, and held-out accuracy by kind), results.json, curves.png and
+credit.png to --out.
 
 --check_demo runs `python train.py --seed S` (--seeds, default 0) at the published thread count
 into --out/demo/seedS, or reads the summary.json files given, and compares each with
@@ -45,6 +46,9 @@ REPRO_VARIANTS = {  # name -> train.py flags (everything else: the demo's defaul
     "gamma_1.0": ["--gamma", "1.0"],  # gamma 0.9 is gtpo_code
     "gtpo_turn_norm": ["--adv_norm", "turn"],  # returns normalised per (problem, turn index)
     "gtpo_batch_norm": ["--adv_norm", "batch"],  # returns normalised over the whole batch's turns
+    "gtpo_filter_groups": ["--filter_groups"],  # DAPO's dynamic sampling
+    "gtpo_mask_truncated": ["--mask_truncated"],  # no loss on trajectories cut off by a token limit
+    "gtpo_mask_void": ["--mask_void_turns"],  # SimpleTIR's void-turn filter
 }
 
 
@@ -116,9 +120,13 @@ def steps_to(metrics, threshold, window=5):
     return None
 
 
+STEP_TIMES = ("t_rollout", "t_reward", "t_old_logp", "t_update")  # a step's seconds, in metrics.jsonl
+
+
 def repro_row(variant, runs, threshold):
     """A results row: held-out accuracy after RL and its change from the start, sampled and
-    greedy, (mean, SE) over seeds; steps to the threshold; zero-advantage groups and turns."""
+    greedy, (mean, SE) over seeds; steps to the threshold; per step, the zero-advantage groups,
+    turns, seconds, groups drawn and the share of trajectories masked out of the loss."""
     row = {"variant": variant, "seeds": len(runs)}
     for kind in ("sampled", "greedy"):
         row[f"{kind}_after"] = mean_se([s[f"after_rl_{kind}"] for s, _ in runs])
@@ -133,17 +141,20 @@ def repro_row(variant, runs, threshold):
     row["reached_threshold"] = sum(r is not None for r in reached)
     row["zero_adv_groups"] = mean_se([statistics.fmean(r["zero_adv_groups"] for r in m) for _, m in runs])
     row["turns"] = mean_se([statistics.fmean(r["turns"] for r in m) for _, m in runs])
+    row["seconds_per_step"] = mean_se([statistics.fmean(sum(r[t] for t in STEP_TIMES) for r in m) for _, m in runs])
+    for key in ("groups_drawn", "masked"):  # None for runs of a train.py without the controls
+        row[key] = mean_se([statistics.fmean(r[key] for r in m) if key in m[0] else None for _, m in runs])
     return row
 
 
 def repro_table(rows, threshold):
     """The results as a Markdown table (mean ± standard error over seeds)."""
-    fmt = lambda ms, scale=100, digits=1: (
-        "—" if ms[0] is None else f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}"
+    fmt = lambda ms, scale=100, digits=1, unit="": (
+        "—" if ms[0] is None else f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}{unit}"
     )  # noqa: E731
     lines = [
-        f"| variant | seeds | sampled after RL | sampled gain | greedy after RL | greedy gain | steps to train acc {threshold:.2f} (seeds) | zero-adv groups | turns |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| variant | seeds | sampled after RL | sampled gain | greedy after RL | greedy gain | steps to train acc {threshold:.2f} (seeds) | zero-adv groups | turns | s / step | groups drawn / step | masked |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for r in rows:
         steps = (
@@ -152,8 +163,10 @@ def repro_table(rows, threshold):
             else f"{fmt(r['steps_to_threshold'], 1)} ({r['reached_threshold']})"
         )
         lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['sampled_after'])} | {fmt(r['sampled_gain'])} | "
-                     f"{fmt(r['greedy_after'])} | {fmt(r['greedy_gain'])} | {steps} | {fmt(r['zero_adv_groups'])}% | "
-                     f"{fmt(r['turns'], 1, 2)} |")  # fmt: skip
+                     f"{fmt(r['greedy_after'])} | {fmt(r['greedy_gain'])} | {steps} | "
+                     f"{fmt(r['zero_adv_groups'], unit='%')} | {fmt(r['turns'], 1, 2)} | "
+                     f"{fmt(r['seconds_per_step'], 1, 1)} | {fmt(r['groups_drawn'], 1, 1)} | "
+                     f"{fmt(r['masked'], unit='%')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -339,9 +352,11 @@ def run(args):
         "train_flags": args.train_flags,
         "rows": rows,
     }
-    if "grpo" in args.variants and len(args.seeds) > 1:
+    if args.baseline in args.variants and len(args.seeds) > 1:
         for kind in ("sampled", "greedy"):
-            paired, results[f"paired_with_grpo_{kind}"] = repro_paired(finished, args.variants, args.seeds, kind=kind)
+            paired, results[f"paired_with_{args.baseline}_{kind}"] = repro_paired(
+                finished, args.variants, args.seeds, baseline=args.baseline, kind=kind
+            )
             table += "\n\n" + paired
     credits = {variant: repro_credit([finished[variant, seed] for seed in args.seeds]) for variant in args.variants}
     credits = {variant: credit for variant, credit in credits.items() if credit}
@@ -526,6 +541,8 @@ def main():
                         "(its checkpoints/step_0); default: SFT each seed here with train.py --max_steps 0")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=list(REPRO_VARIANTS), choices=list(REPRO_VARIANTS),
                         help="which runs")  # fmt: skip
+    parser.add_argument("--baseline", default="grpo", choices=list(REPRO_VARIANTS),
+                        help="the variant every other is paired with, seed by seed")  # fmt: skip
     parser.add_argument("--max_steps", type=int, default=40, help="RL steps per run")
     parser.add_argument("--threshold", type=float, default=0.5, help="training accuracy (5-step mean) to reach")
     parser.add_argument("--out", default="runs/repro", help="where the runs and results go")

@@ -61,6 +61,12 @@ def turn_format_penalties(turns, penalty=FORMAT_PENALTY, runtime_errors=False, f
     return penalties
 
 
+def void_turn(turn):
+    """SimpleTIR's void turn: one that neither calls the tool (a closed ```python block, run) nor
+    gives a final answer (\\boxed): the mark of a multi-turn policy that has stopped using both."""
+    return turn.result is None and "\\boxed" not in turn.text
+
+
 def turn_reward_matrix(trajs, outcomes, max_turns, penalty=FORMAT_PENALTY, first_call=True):
     """GTPO's turn rewards r_ij = r_acc_ij + r_fmt_ij: (rewards (N, K), turn_mask (N, K)).
 

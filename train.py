@@ -93,6 +93,11 @@ class Config:
     max_turn_tokens: int = arg(None, "tokens sampled per turn at most", demo=64, model=1024, valid=">= 1")
     max_total_tokens: int = arg(None, "prompt + turns + tool outputs, per trajectory", demo=320, model=4096,
                                 valid=">= 2")
+    filter_groups: bool = arg(False, "dynamic sampling (DAPO): draw further problems, prompts_per_step at a time, "
+                              "until prompts_per_step groups have outcome scores that differ (a group whose scores "
+                              "are all alike compares nothing)")
+    max_filter_rounds: int = arg(4, "with --filter_groups: rounds drawn per step at most; then the batch is filled "
+                                 "with the first groups whose scores are alike", valid=">= 1")
     temperature: float = arg(1.0, "sampling temperature of RL rollouts (and of every log-prob of the loss)",
                              valid="> 0")
     top_p: float = arg(1.0, "nucleus sampling of RL rollouts", valid="(0, 1]")
@@ -130,6 +135,12 @@ class Config:
     loss_denominator: str = arg("sampled", "what token-mean divides by: 'sampled', every sampled token of the "
                                 "mini-batch (as TRL and verl); 'signal', only tokens of groups with a "
                                 "non-zero advantage", valid=("sampled", "signal"))
+    mask_truncated: bool = arg(False, "no loss on trajectories cut off by a token limit (--max_turn_tokens, "
+                               "--max_total_tokens; TRL's mask_truncated_completions): no gradient, out of the "
+                               "denominator, still failures in their group's statistics")
+    mask_void_turns: bool = arg(False, "no loss on trajectories with a void turn, one that neither calls the tool "
+                                "nor answers (SimpleTIR's filter): no gradient, out of the denominator, still in "
+                                "their group's statistics")
     clip_low: float = arg(0.2, "PPO clip below 1", valid="[0, 1)")
     clip_high: float = arg(0.2, "PPO clip above 1", valid=">= 0")
     loss_agg: str = arg("token-mean", "how token losses are averaged (gtpo.policy_loss)", valid=gtpo.AGGREGATIONS)
@@ -259,17 +270,21 @@ class Scored:
     returns: torch.Tensor  # (N, K) R_ij, step 2 (GRPO: its one reward on every turn)
     turn_advantages: torch.Tensor  # (N, K) A_ij, step 2
     total_reward: torch.Tensor  # (N,)
-    trained: torch.Tensor  # (N,) bool: in a group with a non-zero advantage, no sandbox failure
+    truncated: torch.Tensor  # (N,) bool: stopped at a token limit
+    void: torch.Tensor  # (N,) bool: has a turn that neither calls the tool nor answers (rewards.void_turn)
+    masked: torch.Tensor  # (N,) bool: left out of the loss by --mask_truncated or --mask_void_turns
+    trained: torch.Tensor  # (N,) bool: in a group with a non-zero advantage, not masked, no sandbox failure
     counted: torch.Tensor  # (N,) bool: rows whose sampled tokens the loss divides by
 
 
-def score(trajs, rows, group_index, *, cfg, derived, world, grader, embedder=None, reward_fn=None):
+def score(trajs, rows, group_index, *, cfg, derived, world, grader, embedder=None, reward_fn=None, scores=None):
     """Steps 1-3 on this rank's trajectories (rows: each one's problem row, graded by the grader
-    or by reward_fn; embedder: step 3's). Normalisation sees every rank's rows, so adv_norm
-    "batch" is exact. counted is every row but sandbox failures, or the trained rows with
-    --loss_denominator signal."""
+    or by reward_fn unless their scores are given; embedder: step 3's). Normalisation sees every
+    rank's rows, so adv_norm "batch" is exact. counted is every row but sandbox failures and
+    masked rows, or the trained rows with --loss_denominator signal."""
     N, K = len(trajs), cfg.max_turns
-    scores = rewards.outcome_scores(trajs, rows, grader=grader, reward_fn=reward_fn)  # (N,) in [0, 1]
+    if scores is None:
+        scores = rewards.outcome_scores(trajs, rows, grader=grader, reward_fn=reward_fn)  # (N,) in [0, 1]
     correct = scores >= 1  # (N,)
     infra = torch.tensor([any(t.result is not None and t.result.infra_error for t in tr.turns) for tr in trajs])
     outcomes = scores  # (N,)
@@ -296,11 +311,15 @@ def score(trajs, rows, group_index, *, cfg, derived, world, grader, embedder=Non
     signal = (turn_advantages != 0).any(dim=1)  # (N,)
     live_group = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool).index_put_((group_index,), signal,
                                                                                       accumulate=True)  # fmt: skip
-    trained = live_group[group_index] & ~infra  # (N,)
-    counted = trained if cfg.loss_denominator == "signal" else ~infra  # (N,)
+    truncated = torch.tensor([t.stop_reason == "max_length" for t in trajs])  # (N,)
+    void = torch.tensor([any(map(rewards.void_turn, t.turns)) for t in trajs])  # (N,)
+    masked = (truncated & cfg.mask_truncated) | (void & cfg.mask_void_turns)  # (N,) in the statistics, not the loss
+    trained = live_group[group_index] & ~infra & ~masked  # (N,)
+    counted = trained if cfg.loss_denominator == "signal" else ~infra & ~masked  # (N,)
     return Scored(scores=scores, correct=correct, outcomes=outcomes, infra=infra, format_errors=format_errors,
                   turn_rewards=turn_rewards, returns=returns, turn_advantages=turn_advantages,
-                  total_reward=total_reward, trained=trained, counted=counted)  # fmt: skip
+                  total_reward=total_reward, truncated=truncated, void=void, masked=masked, trained=trained,
+                  counted=counted)  # fmt: skip
 
 
 def old_logprobs(wrapped, batch, *, size, trim, count, temperature):
@@ -387,28 +406,77 @@ def update(wrapped, optimizer, trajs, *, turn_advantages, trained, counted, cfg,
     return sums, t_old
 
 
-def rl_step(step, run, *, cfg, derived, world):
-    """One RL step on this rank's share of the problems; returns (metric sums, (problems, trajs, scored))."""
-    n_local, G = derived.local_prompts, cfg.group_size
-    position = run.data_position + world.rank * n_local
-    problems = data.problems_at(run.problems, position, n_local, seed=cfg.seed)
-    run.data_position += cfg.prompts_per_step
-    prompts = [policies.chat_prompt_ids(run.tokenizer, p["problem"], derived.system_prompt) for p in problems]
-    group_index = torch.arange(n_local).repeat_interleave(G) + world.rank * n_local  # (N,) global ids
+@dataclass
+class Drawn:
+    """This rank's share of a step's problem groups (draw_groups)."""
 
-    t0 = time.perf_counter()
-    seeds = rollout.rollout_seeds(cfg.seed, step, first=position * G, count=n_local * G)
+    problems: list  # this rank's problem rows, one per group
+    trajs: list  # (N,) G trajectories per problem, in problem order
+    scores: torch.Tensor  # (N,) their outcome scores (rewards.outcome_scores)
+    counts: dict  # over all ranks: groups_drawn, groups_varied (in the batch), filter_rounds
+
+
+def sample_groups(step, position, run, *, cfg, derived, world):
+    """G trajectories for each of this rank's problems of the prompts_per_step at global stream
+    position `position`, and their scores: (problems, trajs, scores (N,)). Each trajectory's
+    random stream is seeded by its position, whichever rank generates it."""
+    n_local, G = derived.local_prompts, cfg.group_size
+    first = position + world.rank * n_local
+    problems = data.problems_at(run.problems, first, n_local, seed=cfg.seed)
+    prompts = [policies.chat_prompt_ids(run.tokenizer, p["problem"], derived.system_prompt) for p in problems]
+    seeds = rollout.rollout_seeds(cfg.seed, step, first=first * G, count=n_local * G)
     with torch.no_grad(), full_parameters(run.wrapped), mixed_precision(run.policy, world.dtype):
         run.policy.eval()
         trajs = rollout.rollout(run.policy, run.tokenizer, [p for p in prompts for _ in range(G)], pool=run.pool,
                                 cfg=rollout_config(cfg, cfg.temperature), seeds=seeds)  # fmt: skip
+    rows = [p for p in problems for _ in range(G)]
+    return problems, trajs, rewards.outcome_scores(trajs, rows, grader=run.grader, reward_fn=run.reward_fn)
+
+
+def draw_groups(step, run, *, cfg, derived, world):
+    """The step's groups (Drawn): the next prompts_per_step problems; with --filter_groups
+    (DAPO's dynamic sampling), rounds of prompts_per_step more until that many groups have
+    outcome scores that differ, at most max_filter_rounds. The batch is then the first
+    prompts_per_step such groups in stream order, filled with the first alike ones if the rounds
+    ran out, and rank r takes its r-th share of it: the same batch on any number of ranks. The
+    data position moves past every round drawn."""
+    n_local, G, P = derived.local_prompts, cfg.group_size, cfg.prompts_per_step
+    mine, varied, alike = {}, [], []  # mine: (round, global group) -> (problem, trajs, scores)
+    for r in range(cfg.max_filter_rounds if cfg.filter_groups else 1):
+        problems, trajs, scores = sample_groups(step, run.data_position, run, cfg=cfg, derived=derived, world=world)
+        run.data_position += P
+        for k, problem in enumerate(problems):
+            mine[r, world.rank * n_local + k] = (problem, trajs[k * G : (k + 1) * G], scores[k * G : (k + 1) * G])
+        groups = scores.view(n_local, G)  # (n_local, G)
+        same = all_gather_rows((groups == groups[:, :1]).all(dim=1), world).tolist()  # (P,) every rank's
+        varied += [(r, g) for g in range(P) if not same[g]]
+        alike += [(r, g) for g in range(P) if same[g]]
+        if len(varied) >= P:
+            break
+    batch = sorted(varied[:P] + alike[: max(P - len(varied), 0)]) if cfg.filter_groups else [(0, g) for g in range(P)]
+    if any(g // n_local != k // n_local for k, (_, g) in enumerate(batch)):  # a group changes ranks
+        for theirs in gather_objects({key: mine[key] for key in batch if key in mine}, world):
+            mine.update(theirs)
+    share = [mine[key] for key in batch[world.rank * n_local : (world.rank + 1) * n_local]]
+    counts = {"groups_drawn": P * (r + 1), "groups_varied": min(len(varied), P), "filter_rounds": r + 1}
+    return Drawn(problems=[p for p, _, _ in share], trajs=[t for _, trajs, _ in share for t in trajs],
+                 scores=torch.cat([scores for _, _, scores in share]), counts=counts)  # fmt: skip
+
+
+def rl_step(step, run, *, cfg, derived, world):
+    """One RL step on this rank's share of the problems; returns (metric sums, (problems, trajs, scored))."""
+    n_local, G = derived.local_prompts, cfg.group_size
+    group_index = torch.arange(n_local).repeat_interleave(G) + world.rank * n_local  # (N,) global ids
+    t0 = time.perf_counter()
+    drawn = draw_groups(step, run, cfg=cfg, derived=derived, world=world)
+    problems, trajs = drawn.problems, drawn.trajs
     used = sum(any(turn.result is not None for turn in t.turns) for t in trajs)
     run.pool.prewarm(used)  # as many sandboxes as this step used start for the next while this one trains
     t1 = time.perf_counter()
     if hasattr(run.embedder, "new_step"):
         run.embedder.new_step()
     scored = score(trajs, [p for p in problems for _ in range(G)], group_index, cfg=cfg, derived=derived, world=world,
-                   grader=run.grader, embedder=run.embedder, reward_fn=run.reward_fn)  # fmt: skip
+                   grader=run.grader, embedder=run.embedder, scores=drawn.scores)  # fmt: skip
     t2 = time.perf_counter()
     run.policy.train()
     sums, t_old = update(run.wrapped, run.optimizer, trajs, turn_advantages=scored.turn_advantages,
@@ -419,7 +487,7 @@ def rl_step(step, run, *, cfg, derived, world):
         run.scheduler.step()
     t3 = time.perf_counter()
     times = {"t_rollout": t1 - t0, "t_reward": t2 - t1, "t_old_logp": t_old, "t_update": t3 - t2 - t_old}
-    metric_sums = metrics.step_sums(trajs, scored, groups=n_local, update_sums=sums, times=times)
+    metric_sums = metrics.step_sums(trajs, scored, groups=n_local, drawn=drawn.counts, update_sums=sums, times=times)
     return metric_sums, (problems, trajs, scored)
 
 

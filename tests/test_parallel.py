@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import glob
 import os
+import types
 
 import pytest
 import torch
@@ -92,7 +93,8 @@ def teacher_groups(tokenizer, session, problems=2, group_size=4):
 
 def test_every_collective_gets_its_tensors_on_the_runs_device(monkeypatch):
     """With the run's device other than the CPU (a lazy-tensor device) and a recording stand-in
-    for torch.distributed, every tensor that scoring (GTPO and GRPO), the update's planning,
+    for torch.distributed, every tensor that scoring (GTPO and GRPO), dynamic sampling's
+    filter, the update's planning,
     metrics reduction, evaluation, the parity check and broadcasting hand to a collective is on
     the run's device, and results come back on the caller's; with the CPU as the run's device
     the update and SFT hand over only tensors placed by launch.on_device."""
@@ -113,9 +115,16 @@ def test_every_collective_gets_its_tensors_on_the_runs_device(monkeypatch):
     plan = launch.plan_minibatches(trajs, forwarded=scored.trained, counted=scored.counted, mini_batch_size=4,
                                    micro_batch_size=2, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
     assert plan[0].num_tokens == 2 * sum(sum(trajs[i].loss_mask) for i in (0, 4))  # both ranks' rows
-    sums = metrics.step_sums(trajs, scored, groups=2, update_sums=dict.fromkeys(UPDATE_SUMS, 0.0),
+    sums = metrics.step_sums(trajs, scored, groups=2, drawn=dict.fromkeys(metrics.DRAWN, 1),
+                             update_sums=dict.fromkeys(UPDATE_SUMS, 0.0),
                              times=dict.fromkeys(("t_rollout", "t_reward", "t_old_logp", "t_update"), 0.0))  # fmt: skip
     assert metrics.reduce(1, sums, lr=1e-3, world=world)["accuracy"] == 0.5
+    scores = rewards.outcome_scores(trajs, rows, grader=grader)  # (8,) a right and a wrong one per pair
+    monkeypatch.setattr(train, "sample_groups", lambda step, position, run, **_: (rows[::4], trajs, scores))
+    filtering = train.Config(prompts_per_step=4, group_size=4, filter_groups=True)
+    drawn = train.draw_groups(1, types.SimpleNamespace(data_position=0), cfg=filtering, world=world,
+                              derived=train.check_config(filtering, world))  # fmt: skip
+    assert drawn.trajs == trajs and drawn.counts["groups_varied"] == 4
     with sandbox.Pool(4) as pool:
         run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=launch.LogProbs(policy), pool=pool,
                              grader=grader, problems=[])  # fmt: skip

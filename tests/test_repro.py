@@ -82,6 +82,25 @@ def here():
     return launch.environment(launch.World(0, 1, torch.device("cpu")))
 
 
+def test_the_results_row_has_the_seconds_groups_drawn_and_masked_share_of_a_step():
+    """repro_row: a step's seconds are its four timed phases summed; they, the groups drawn per
+    step and the share of masked trajectories are means over steps, then (with their standard
+    error) over seeds; where a run did not log the controls' counts, the table shows a dash."""
+    def run(seconds, drawn, masked, controls=True):
+        steps = [{"accuracy": 0.5, "zero_adv_groups": 0.25, "turns": 2.0, "step": k + 1, "t_rollout": t - 0.5,
+                  "t_reward": 0.25, "t_old_logp": 0.0, "t_update": 0.25, **({"groups_drawn": d, "masked": m}
+                  if controls else {})} for k, (t, d, m) in enumerate(zip(seconds, drawn, masked))]  # fmt: skip
+        return {"after_rl_sampled": 0.5, "before_rl_sampled": 0.25, "after_rl_greedy": 0.5,
+                "before_rl_greedy": 0.5}, steps  # fmt: skip
+
+    row = repro.repro_row("v", [run([2.0, 4.0], [16, 32], [0.0, 0.5]), run([5.0, 5.0], [16, 16], [0.25, 0.25])], 0.5)
+    assert row["seconds_per_step"] == pytest.approx((4.0, 1.0))
+    assert row["groups_drawn"] == pytest.approx((20.0, 4.0)) and row["masked"] == pytest.approx((0.25, 0.0))
+    row = repro.repro_row("old", [run([2.0], [16], [0.0], controls=False)], 0.5)
+    assert row["groups_drawn"] == (None, None)
+    assert repro.repro_table([row], 0.5).splitlines()[-1].endswith("| 2.0 ± 0.0 | — | — |")
+
+
 def test_the_credit_summary_weights_each_step_by_its_turns():
     """A variant's credit view over seeds and steps: each cell's mean advantage is the mean over
     all its turns (a step weighs by its turns; an empty cell stays empty), the two shares are

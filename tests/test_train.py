@@ -11,9 +11,12 @@ import subprocess
 import sys
 import time
 import types
+import unittest.mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import checkpoint
@@ -42,6 +45,19 @@ def config(sft_model, out_dir, **overrides):
 # A run of two RL steps with a KL term, a checkpoint and a sample dump per step: what one run checks
 # (every parameter trained, the metrics) and the straight run that a resumed fp32 run must equal.
 TWO_STEPS = dict(max_steps=2, save_every=1, sample_every=1, kl_coef=0.05)
+
+
+# The practitioner's controls together, over TWO_STEPS: the run one process makes, that two ranks
+# and a resumed run must equal.
+CONTROLS = dict(TWO_STEPS, filter_groups=True, max_filter_rounds=3, mask_truncated=True, mask_void_turns=True)
+
+
+@pytest.fixture(scope="module")
+def controlled(sft_model, tmp_path_factory):
+    """The out_dir of CONTROLS's run (fp32, one process, made once)."""
+    out = tmp_path_factory.mktemp("controls")
+    train.main(config(sft_model, out, compute_dtype="fp32", **CONTROLS))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +329,69 @@ def test_several_minibatches_move_the_ratio_and_clip():
     assert stats[2]["clip_frac"] > 0 and stats[2]["approx_kl"] > 0 and stats[2]["ratio"] != pytest.approx(1.0)
 
 
+def truncated_and_void(tokenizer):
+    """Two groups of four two-turn trajectories (a call, then an answer), one of each group right;
+    row 1 cut off by a token limit in its second turn, row 5 ending on a turn of prose (a void
+    turn: no call, no answer), row 6 both."""
+    trajs, golds = [], []
+    with sandbox.Session() as session:
+        for a, b in ((2, 3), (40, 2)):
+            prompt = model.chat_prompt_ids(tokenizer, f"What is {a} + {b}?", system=None)
+            for k, guess in enumerate((a + b, a + b + 1, a + b + 2, a - b)):
+                session.reset()
+                last = f"so \\boxed{{{guess}}}" if (a, k) not in ((40, 1), (40, 2)) else "I am not sure."
+                trajs.append(rollout.teacher_trajectory(tokenizer, prompt, [f"```python\nprint({a} + {b})\n```", last],
+                                                        session))  # fmt: skip
+                golds.append(str(a + b))
+    for i in (1, 6):
+        trajs[i].stop_reason = "max_length"
+    return trajs, golds
+
+
+@pytest.mark.parametrize("flags, masked", [({"mask_truncated": True}, [1, 6]), ({"mask_void_turns": True}, [5, 6]),
+                                           ({"mask_truncated": True, "mask_void_turns": True}, [1, 5, 6])])
+def test_masked_trajectories_stay_in_their_groups_statistics_but_get_no_gradient_and_no_denominator(flags, masked):
+    """--mask_truncated (rows stopped at a token limit) and --mask_void_turns (rows with a turn
+    that neither calls nor answers), alone and together: the masked rows keep their rewards and
+    advantages and the other rows' advantages are unchanged (they stay in their group's
+    statistics); they are neither trained nor counted, the denominator is the other rows'
+    sampled tokens, and the update does not depend on their tokens (scrambled, the weights are
+    bit-identical; without the flags, scrambling them changes the weights)."""
+    tokenizer = model.tiny_tokenizer()
+    trajs, golds = truncated_and_void(tokenizer)
+    world = launch.World(0, 1, torch.device("cpu"))
+    scores = {}
+    for name, extra in (("plain", {}), ("masked", flags)):
+        cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, **extra)
+        scores[name] = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4),
+                                   cfg=cfg, derived=train.check_config(cfg, world), world=world,
+                                   grader=rewards.Grader())  # fmt: skip
+    plain, scored = scores["plain"], scores["masked"]
+    assert scored.truncated.nonzero().flatten().tolist() == [1, 6] and scored.void.nonzero().flatten().tolist() == [5, 6]
+    assert scored.masked.nonzero().flatten().tolist() == masked and not plain.masked.any()
+    assert torch.equal(scored.turn_advantages, plain.turn_advantages) and (scored.turn_advantages[masked] != 0).any()
+    assert not (scored.trained[masked] | scored.counted[masked]).any()
+    assert scored.counted.sum() == 8 - len(masked) and plain.trained.all()
+    plan = launch.plan_minibatches(trajs, forwarded=scored.trained, counted=scored.counted, mini_batch_size=0,
+                                   micro_batch_size=16, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    assert plan[0].num_tokens == sum(sum(t.loss_mask) for i, t in enumerate(trajs) if i not in masked)
+
+    def updated(score, trajectories):
+        torch.manual_seed(0)
+        policy = model.tiny_model(tokenizer, seed=0).train()
+        wrapped = launch.wrap(policy, world, "ddp")
+        train.update(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.5), trajectories,
+                     turn_advantages=score.turn_advantages, trained=score.trained, counted=score.counted,
+                     cfg=train.Config(prompts_per_step=2, group_size=4), world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+        return policy.state_dict()
+
+    scrambled = [dataclasses.replace(t, input_ids=[(x * 7 + 3) % 300 if m else x for x, m in zip(t.input_ids, t.loss_mask)])
+                 if i in masked else t for i, t in enumerate(trajs)]  # fmt: skip
+    for score, differ in ((scored, False), (plain, True)):
+        before, after = updated(score, trajs), updated(score, scrambled)
+        assert any(not torch.equal(before[n], after[n]) for n in before) is differ
+
+
 def test_with_a_kl_penalty_zero_advantage_rows_are_forwarded_and_the_loss_is_the_full_batch_loss():
     """With kl_coef > 0 every counted row has a loss (its KL term), so the update's loss equals
     policy_loss over all counted rows at once, zero-advantage group included, with their token
@@ -396,6 +475,61 @@ def test_logged_statistics_are_means_over_the_optimizer_steps(monkeypatch):
             per_step.append(sum(n * float(stats[key]) for n, stats in micro) / tokens)
         assert sums[name] == pytest.approx(sum(per_step) / 4, abs=1e-6)
     assert sums["clip_frac"] > 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(varied=st.lists(st.booleans(), min_size=24, max_size=24), rounds=st.integers(1, 6), filtering=st.booleans())
+def test_dynamic_sampling_trains_the_first_groups_whose_scores_differ(varied, rounds, filtering):
+    """With --filter_groups the batch is the first prompts_per_step groups of the stream whose
+    scores differ (no kept group has all-equal scores while the rounds find enough), in stream
+    order, drawn in as few rounds of prompts_per_step problems as that takes, at most
+    max_filter_rounds; when they run out, the first alike groups fill the batch. The data
+    position moves past every round drawn, and the counts say how many groups were drawn, how
+    many differ and in how many rounds. Without the flag: the next prompts_per_step groups."""
+    P, G, start = 4, 2, 8
+    differs = lambda q: varied[q % len(varied)]  # the group at stream position q has differing scores
+
+    def sample_groups(step, position, run, **_):
+        stream = range(position, position + P)
+        scores = torch.tensor([[1.0, 0.0] if differs(q) else [1.0, 1.0] for q in stream]).flatten()  # (P * G,)
+        return [{"position": q} for q in stream], [f"{q}/{j}" for q in stream for j in range(G)], scores
+
+    cfg = train.Config(prompts_per_step=P, group_size=G, filter_groups=filtering, max_filter_rounds=rounds)
+    world = launch.World(0, 1, torch.device("cpu"))
+    run = types.SimpleNamespace(data_position=start)
+    with unittest.mock.patch.object(train, "sample_groups", sample_groups):
+        drawn = train.draw_groups(1, run, cfg=cfg, derived=train.check_config(cfg, world), world=world)
+    enough = lambda r: sum(map(differs, range(start, start + P * r))) >= P
+    used = next((r for r in range(1, rounds + 1) if enough(r)), rounds) if filtering else 1
+    seen = range(start, start + P * used)
+    hits, misses = [q for q in seen if differs(q)], [q for q in seen if not differs(q)]
+    positions = [p["position"] for p in drawn.problems]
+    if filtering:
+        assert positions == sorted(hits[:P] + misses[: max(P - len(hits), 0)])
+        assert all(map(differs, positions)) or len(hits) < P
+    else:
+        assert positions == list(seen)
+    assert drawn.trajs == [f"{q}/{j}" for q in positions for j in range(G)]
+    assert drawn.scores.view(P, G).tolist() == [[1.0, 0.0] if differs(q) else [1.0, 1.0] for q in positions]
+    assert run.data_position == start + P * used
+    assert drawn.counts == {"groups_drawn": P * used, "groups_varied": min(len(hits), P), "filter_rounds": used}
+
+
+def test_under_two_ranks_dynamic_sampling_hands_each_rank_its_share_of_one_processs_batch(tmp_path):
+    """torchrun's two ranks, each generating its half of every round, end dynamic sampling with
+    the batch one process would have (positions 1, 3, 4, 7 of tests/dist_draw.py's stream), each
+    rank its contiguous half, whichever rank generated a group: trajectories, sandbox results and
+    scores travel whole, and both ranks count the same rounds and move the data position alike."""
+    done = run_script(torchrun("tests/dist_draw.py", str(tmp_path / "out")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"out_rank{r}.pt") for r in (0, 1)]
+    assert [r["positions"] for r in ranks] == [[1, 3], [4, 7]]
+    for r in ranks:
+        assert r["tokens"] == [[q, j] for q in r["positions"] for j in range(2)]
+        assert r["texts"] == [f"turn {q}/{j}" for q in r["positions"] for j in range(2)]
+        assert r["outputs"] == [f"{q}\n" for q in r["positions"] for _ in range(2)]
+        assert r["scores"].tolist() == [1.0, 0.0] * 2 and r["data_position"] == 8
+        assert r["counts"] == {"groups_drawn": 8, "groups_varied": 4, "filter_rounds": 2}
 
 
 def test_rollout_seeds_depend_on_the_position_in_the_stream_only():
@@ -524,7 +658,8 @@ def test_without_signal_the_update_runs_no_forward_and_the_log_line_says_skipped
                            turn_advantages=scored.turn_advantages, trained=scored.trained, counted=scored.counted,
                            cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
     assert forwards == [] and optimizer.state == {} and sums["optimizer_steps"] == 0 and sums["no_signal"] == 1
-    step_sums = metrics.step_sums(trajs, scored, groups=2, update_sums=sums,
+    step_sums = metrics.step_sums(trajs, scored, groups=2, drawn=dict.fromkeys(metrics.DRAWN, 1),
+                             update_sums=sums,
                                   times=dict.fromkeys(("t_rollout", "t_reward", "t_old_logp", "t_update"), 0.0))
     assert "upd skipped (no signal)" in metrics.log_line(metrics.reduce(1, step_sums, lr=1e-2, world=world))
 
@@ -565,16 +700,20 @@ def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_mode
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("compute_dtype, steps", [("fp32", 2), ("bf16", 2),
-                                                  pytest.param("fp32", 4, marks=pytest.mark.slow)])
-def test_resuming_gives_bit_identical_parameters(sft_model, two_steps, tmp_path, compute_dtype, steps):
+@pytest.mark.parametrize("compute_dtype, steps, controls", [("fp32", 2, False), ("bf16", 2, False),
+                                                            ("fp32", 2, True),
+                                                            pytest.param("fp32", 4, False, marks=pytest.mark.slow)])
+def test_resuming_gives_bit_identical_parameters(sft_model, two_steps, controlled, tmp_path, compute_dtype, steps,
+                                                 controls):  # fmt: skip
     """N steps straight and N/2 steps, stop, resume, N/2 steps give bit-identical parameters
     (model, optimizer, scheduler, RNG, data position and the KL reference are all restored), in
-    fp32 and in bf16 compute alike."""
+    fp32 and in bf16 compute alike, and with the practitioner's controls (dynamic sampling's
+    rounds move the data position further)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run = dict(TWO_STEPS, max_steps=steps, save_every=steps // 2, compute_dtype=compute_dtype)
+    run = dict(CONTROLS if controls else TWO_STEPS, max_steps=steps, save_every=steps // 2,
+               compute_dtype=compute_dtype)  # fmt: skip
     if (compute_dtype, steps) == ("fp32", 2):
-        straight = two_steps  # the same run, made once
+        straight = controlled if controls else two_steps  # the same run, made once
     else:
         train.main(config(sft_model, straight, **run))
     train.main(config(sft_model, resumed, **{**run, "max_steps": steps // 2}))
@@ -585,6 +724,24 @@ def test_resuming_gives_bit_identical_parameters(sft_model, two_steps, tmp_path,
     lines = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]
     drop_time = lambda r: {k: v for k, v in r.items() if not k.startswith("t_")}
     assert [drop_time(r) for r in lines(straight)] == [drop_time(r) for r in lines(resumed)]
+
+
+def test_with_the_controls_two_ranks_train_the_batches_one_process_trains(sft_model, controlled, tmp_path):
+    """With --filter_groups, --mask_truncated and --mask_void_turns together, torchrun's two ranks
+    (DDP) train the batches one process trains: every step's statistics of its trajectories
+    (reward, accuracy, turns, length, truncated, void and masked shares, groups drawn and with
+    differing scores, rounds) are equal, and the weights after two steps agree to 1e-5; in these
+    steps the filter drew more than one round and the masks left trajectories out."""
+    flags = [f"--{k}={v}" for k, v in CONTROLS.items() if k not in ("max_steps", "save_every")]
+    torchrun_train(sft_model, tmp_path, "ddp", 2, "--compute_dtype=fp32", *flags)
+    lines = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]
+    keys = ("reward", "accuracy", "turns", "length", "truncated", "void", "masked", *metrics.DRAWN)
+    one, two = lines(controlled), lines(tmp_path)
+    assert [{k: pytest.approx(r[k], abs=1e-6) for k in keys} for r in one] == [{k: r[k] for k in keys} for r in two]
+    assert max(r["filter_rounds"] for r in one) > 1 and max(r["masked"] for r in one) > 0
+    a, b = weights(controlled / "checkpoints" / "step_2"), weights(tmp_path / "checkpoints" / "step_2")
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
