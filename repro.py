@@ -27,6 +27,7 @@ table docs/results.md shows.
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import math
 import os
@@ -64,14 +65,30 @@ def child_env(args):
     return dict(os.environ, OMP_NUM_THREADS=str(threads)) if args.jobs > 1 else None
 
 
+def demo_tuning():
+    """The demo's own settings of every train.py flag whose default follows --model, as flags:
+    an RL run from a checkpoint directory would otherwise get a real model's (lr 1e-6, turns of
+    1,024 tokens), under which the demo's policy does not move in 40 steps."""
+    import train
+
+    demo = train.Config()
+    return [f"--{f.name}={getattr(demo, f.name)}" for f in dataclasses.fields(demo)
+            if "demo" in f.metadata and f.name not in ("out_dir", "sft_steps")]  # fmt: skip
+
+
+def rl_command(args, variant, seed, start, out):
+    """train.py's command of one RL run: the demo's tuning, the variant's flags, then --'s."""
+    return [sys.executable, "train.py", "--model", os.path.join(start, "checkpoints", "step_0"), "--sft_steps", "0",
+            "--seed", str(seed), "--max_steps", str(args.max_steps), "--out_dir", out, *demo_tuning(),
+            *REPRO_VARIANTS[variant], *args.train_flags]  # fmt: skip
+
+
 def repro_run(args, variant, seed, start):
     """One train.py RL run from an SFT start (resumed if cut; skipped once summary.json exists)."""
     out = os.path.join(args.out, variant, f"seed{seed}")
     if not os.path.exists(os.path.join(out, "summary.json")):
         os.makedirs(out, exist_ok=True)
-        command = [sys.executable, "train.py", "--model", os.path.join(start, "checkpoints", "step_0"),
-                   "--sft_steps", "0", "--seed", str(seed), "--max_steps", str(args.max_steps), "--out_dir", out,
-                   *REPRO_VARIANTS[variant], *args.train_flags]  # fmt: skip
+        command = rl_command(args, variant, seed, start, out)
         started = time.time()
         with open(os.path.join(out, "log.txt"), "a") as log:
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,

@@ -1,16 +1,19 @@
 """repro.py: every variant and seed trains from the seed's SFT start, and a rerun reads the
 finished runs back to the same table."""
 
+import dataclasses
 import importlib.util
 import json
 import os
 import sys
+import types
 
 import pytest
 import torch
 
 import launch
 import repro
+import train
 from conftest import ROOT, SMALL, constraint_pins, run_script
 
 
@@ -52,6 +55,22 @@ def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, t
     again = run_script(args, timeout=200)
     assert again.returncode == 0 and "seed 0:" not in again.stdout
     assert (tmp_path / "results.md").read_text() == table
+
+
+def test_an_rl_run_from_a_demo_checkpoint_directory_gets_the_demos_tuning_not_a_real_models():
+    """repro.py's RL command starts from a checkpoint directory, which train.py would give a real
+    model's defaults (lr 1e-6, 1,024-token turns): parsed, it has the demo's value of every flag
+    whose default follows --model (but the run directory), and a flag after -- still wins."""
+    args = types.SimpleNamespace(max_steps=40, train_flags=["--lr=1e-4"])
+    command = repro.rl_command(args, "gtpo_turn_norm", 3, "runs/x/sft_seed3", "runs/x/gtpo_turn_norm/seed3")
+    cfg, demo = train.parse_args(command[2:]), train.Config()
+    real = train.Config(model=cfg.model)
+    assert cfg.model == "runs/x/sft_seed3/checkpoints/step_0" and cfg.adv_norm == "turn" and cfg.seed == 3
+    assert real.lr == 1e-6 and real.max_turn_tokens == 1024  # what the directory alone would get
+    for f in dataclasses.fields(demo):
+        if "demo" in f.metadata and f.name not in ("out_dir", "sft_steps", "lr"):
+            assert getattr(cfg, f.name) == getattr(demo, f.name), f.name
+    assert cfg.lr == 1e-4 and cfg.sft_steps == 0 and cfg.out_dir == "runs/x/gtpo_turn_norm/seed3"
 
 
 def test_paired_differences_are_per_seed_with_a_t_interval():
