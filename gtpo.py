@@ -42,7 +42,8 @@ step above it concerns):
        without a tool call is a format error is kept, and can be turned off
        (--first_turn_tool_call false) where the tool is optional.
     2. Step 2, the normalisation set. The available text does not settle it; "group" is the
-       default and "turn" and "batch" are offered (MODES above).
+       default and "turn" and "batch" are offered (MODES above). Evidence: in the miniature none
+       is ahead of GRPO over 8 paired seeds; "turn" is 1.0 points over "group" (95% [-0.3, +2.3]).
     3. Step 2, statistics: std uses Bessel's correction (torch's default); eps is added to the
        std, not the variance. A set with one element has std 0; a set whose values are all equal
        gets advantage exactly 0 (never NaN or inf, eps = 0 included), tested directly rather
