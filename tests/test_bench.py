@@ -89,3 +89,31 @@ def test_the_peer_comparison_without_trl_says_how_to_install_it_and_exits_0(caps
     bench.main()  # returns, where a failure would raise or exit non-zero
     out = capsys.readouterr().out
     assert "pip install trl" in out and "nothing measured" in out
+
+
+def test_the_multi_turn_peers_tool_has_the_schema_trl_derives_and_runs_code_in_our_sandbox():
+    """bench.python, the tool TRL's side of `bench.py peer --turns K` calls: transformers derives
+    from its signature and docstring the JSON schema TRL hands the model (one required string
+    `code`), and it returns what the code printed, a traceback included, from our sandbox."""
+    import bench
+    from transformers.utils import get_json_schema
+
+    schema = get_json_schema(bench.python)
+    assert schema["function"]["name"] == "python"
+    assert schema["function"]["parameters"]["required"] == ["code"]
+    assert schema["function"]["parameters"]["properties"]["code"]["type"] == "string"
+    assert bench.python("print(6 * 7)") == "42\n"
+    assert "ZeroDivisionError" in bench.python("print(1 / 0)")
+
+
+@pytest.mark.parametrize("turns", [0, 5])
+def test_peer_turns_outside_the_taught_turns_are_a_usage_error(turns, capsys, monkeypatch):
+    """`bench.py peer --turns K` accepts 1 (single-turn) to len(PEER_TURNS) (the turns the demo
+    model is taught); anything else exits 2 naming the value, before any model is built."""
+    import bench
+
+    monkeypatch.setattr(sys, "argv", ["bench.py", "peer", "--turns", str(turns)])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2
+    assert f"--turns {turns}: must be 1 to {len(bench.PEER_TURNS)}" in capsys.readouterr().err
