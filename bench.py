@@ -659,13 +659,13 @@ def two_protocol_policy(tokenizer, problems, turns, steps=200):
     ```python fences under train.py's prompt, as JSON tool calls under TRL's tool prompt. Every
     turn calls the tool, so both trainers sample `turns` turns per trajectory."""
     fences = [f"{prose}\n```python\n{code}\n```" for prose, code in PEER_TURNS[:turns]]
+    render = functools.partial(tokenizer.apply_chat_template, tools=[python], tokenize=False)
     trajs = []
     with sandbox.Session() as session:
         for problem in problems:
             prompt_ids = model.chat_prompt_ids(tokenizer, problem)
             trajs.append(rollout.teacher_trajectory(tokenizer, prompt_ids, fences, session))
             messages = tool_call_messages(problem, turns)
-            render = functools.partial(tokenizer.apply_chat_template, tools=[python], tokenize=False)
             prompt, whole = render(messages[:2], add_generation_prompt=True), render(messages)
             assert whole.startswith(prompt), "the chat template does not extend the prompt"
             traj = rollout.Trajectory.start(tokenizer.encode(prompt, add_special_tokens=False))
