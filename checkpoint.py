@@ -33,16 +33,32 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
-)  # fmt: skip
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from launch import ConfigError, barrier
+from config import ConfigError
+from parallel import barrier
 
 # Settings that may change when a run resumes: they change neither its samples nor its updates
 # (micro- and rollout batch sizes only up to float rounding). Any other difference is refused.
-RESUMABLE = ("out_dir", "max_steps", "save_every", "keep_checkpoints", "sample_every", "sandbox_workers",
-             "micro_batch_size", "rollout_batch_size", "activation_checkpointing", "device", "report_to",
-             "dist_timeout")  # fmt: skip
+RESUMABLE = (
+    "out_dir",
+    "max_steps",
+    "save_every",
+    "keep_checkpoints",
+    "sample_every",
+    "sandbox_workers",
+    "micro_batch_size",
+    "rollout_batch_size",
+    "activation_checkpointing",
+    "device",
+    "report_to",
+    "dist_timeout",
+)
 
 
 def steps(out_dir):
@@ -88,9 +104,14 @@ def save(step, run, *, cfg, world):
         shutil.rmtree(tmp, ignore_errors=True)
         run.policy.save_pretrained(tmp, state_dict={k.removeprefix("policy."): v for k, v in weights.items()})
         run.tokenizer.save_pretrained(tmp)
-        trainer = {"step": step, "data_position": run.data_position, "scheduler": run.scheduler.state_dict(),
-                   "evaluation": run.evaluation, "ranks": world.size,
-                   "optimizer": bool(run.optimizer.state)}  # fmt: skip
+        trainer = {
+            "step": step,
+            "data_position": run.data_position,
+            "scheduler": run.scheduler.state_dict(),
+            "evaluation": run.evaluation,
+            "ranks": world.size,
+            "optimizer": bool(run.optimizer.state),
+        }
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump(trainer, f, indent=1)
     barrier(world)
@@ -145,22 +166,23 @@ def check_resume(cfg, world):
     except (json.JSONDecodeError, KeyError) as e:
         raise ConfigError(f"{path}: not a train.py config.json ({e}); give another --out_dir or delete it") from None
     now = dataclasses.asdict(cfg)
-    # A key an older train.py did not write is taken to match: its run had that flag's default.
-    differ = [f"--{k} {saved.get(k)!r} there, {now[k]!r} here" for k in now
-              if k not in RESUMABLE and saved.get(k, now[k]) != now[k]]  # fmt: skip
+    differ = [
+        f"--{k} {saved.get(k)!r} there, {now[k]!r} here" for k in now if k not in RESUMABLE and saved.get(k) != now[k]
+    ]
     if differ:
-        raise ConfigError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(differ)}): "
-                          "give another --out_dir, the same flags, or delete it")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.out_dir} holds a run with other settings ({'; '.join(differ)}): "
+            "give another --out_dir, the same flags, or delete it"
+        )
     trainer = os.path.join(cfg.out_dir, "checkpoints", f"step_{done[-1]}", "trainer.json")
-    if not os.path.isfile(trainer):
-        raise ConfigError(f"{os.path.dirname(trainer)} was written by an older train.py (no trainer.json): its "
-                          "weights load with eval.py and model.py export; train on in a new --out_dir")  # fmt: skip
     with open(trainer) as f:
         ranks = json.load(f)["ranks"]
     if ranks != world.size:
-        raise ConfigError(f"{os.path.dirname(trainer)} was written by {ranks} rank(s), this run has {world.size}: "
-                          f"resume with {ranks} (torchrun --nproc_per_node {ranks}), since each rank's RNG and "
-                          "FSDP2 shard are its own, or start a new --out_dir")  # fmt: skip
+        raise ConfigError(
+            f"{os.path.dirname(trainer)} was written by {ranks} rank(s), this run has {world.size}: "
+            f"resume with {ranks} (torchrun --nproc_per_node {ranks}), since each rank's RNG and "
+            "FSDP2 shard are its own, or start a new --out_dir"
+        )
 
 
 def write_config(cfg, derived):

@@ -70,7 +70,7 @@ PLAIN_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:\s+\d+/\d+|/\d+)?"  # 12, 1
 
 
 def _drop_trailing_words(s):
-    """"5 apples" -> "5": a plain number followed only by words keeps the number (the words name
+    """ "5 apples" -> "5": a plain number followed only by words keeps the number (the words name
     a unit or the things counted), unless a word changes its value (VALUE_WORDS)."""
     m = re.fullmatch(f"({PLAIN_NUMBER})\\s+([a-zA-Z]{{2,}}(?:\\s+[a-zA-Z]+)*)", s)
     if m and not any(re.fullmatch(VALUE_WORDS, w, re.IGNORECASE) for w in m[2].split()):
@@ -121,7 +121,9 @@ def _number(s):
         value = Fraction(s)
     elif m := re.fullmatch(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}", s):  # a mixed number: 3\frac{1}{2} = 3.5
         value = Fraction(m[1]) + Fraction(m[2]) / Fraction(m[3]) if int(m[3]) else None
-    elif (m := re.fullmatch(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s)) or (m := re.fullmatch(r"\\frac\{?(-?\d+(?:\.\d+)?)\}?\{?(\d+(?:\.\d+)?)\}?", s)):
+    elif (m := re.fullmatch(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", s)) or (
+        m := re.fullmatch(r"\\frac\{?(-?\d+(?:\.\d+)?)\}?\{?(\d+(?:\.\d+)?)\}?", s)
+    ):
         value = Fraction(m[1]) / Fraction(m[2]) if Fraction(m[2]) else None
     elif m := re.fullmatch(r"(\d*(?:\.\d+)?)\\sqrt\{?(\d+(?:\.\d+)?)\}?", s):
         value = float(m[1] or 1) * math.sqrt(float(m[2]))
@@ -177,8 +179,23 @@ def _numbers_match(p, g, a, b):
 def latex_to_python(s):
     """The common LaTeX of answers in Python syntax for sympy: \\frac, \\sqrt, \\pi, \\cdot, ^."""
     s = s.replace("\\cdot", "*").replace("\\times", "*").replace("^", "**")
-    for name in ("pi", "alpha", "beta", "gamma", "theta", "lambda", "mu", "sigma", "phi", "omega", "infty",
-                 "sin", "cos", "tan", "exp"):  # fmt: skip
+    for name in (
+        "pi",
+        "alpha",
+        "beta",
+        "gamma",
+        "theta",
+        "lambda",
+        "mu",
+        "sigma",
+        "phi",
+        "omega",
+        "infty",
+        "sin",
+        "cos",
+        "tan",
+        "exp",
+    ):
         s = s.replace("\\" + name, f" {'oo' if name == 'infty' else name} ")  # spaced: \\pi r -> pi r
     s = re.sub(r"\\binom\{([^{}]*)\}\{([^{}]*)\}", r"binomial(\1,\2)", s)
     s = re.sub(r"\\log_\{?([^{}\s]+?)\}?\s*\{?([^{}\s]+)\}?$", r"log(\2,\1)", s)
@@ -278,4 +295,3 @@ def grade(trajs, golds, grader=None):
     """(N,) bool: the final answer of each trajectory's last turn equals its gold answer."""
     equal = grader.equal if grader is not None else is_equivalent
     return torch.tensor([equal(extract_answer(t.final_text), gold) for t, gold in zip(trajs, golds)])
-

@@ -46,8 +46,7 @@ step above it concerns):
        is ahead of GRPO over 8 paired seeds; "turn" is 1.0 points over "group" (95% [-0.3, +2.3]).
     3. Step 2, statistics: std uses Bessel's correction (torch's default); eps is added to the
        std, not the variance. A set with one element has std 0; a set whose values are all equal
-       gets advantage exactly 0 (never NaN or inf, eps = 0 included), tested directly rather
-       than trusting floating point to cancel (mean(0.1, 0.1, 0.1) != 0.1 in floating point).
+       gets advantage exactly 0 (never NaN or inf, eps = 0 included).
     4. Step 2, turns left out. Turns masked out (beyond T_i, or whole trajectories whose sandbox
        itself failed, an infrastructure error rather than the code's) take no part in any
        statistic and get advantage 0, under GTPO and GRPO alike. Their tokens must also be
@@ -84,12 +83,10 @@ step above it concerns):
        exp(ref - logp) - (ref - logp) - 1, and is added as kl_coef times its token-mean.
    12. Step 4, log-probabilities (old, trained and reference) are taken at the sampling
        temperature, as TRL and verl take them.
-   13. Arithmetic is done in at least float32 whatever the input dtype (and the returns avoid
-       matmul, which TF32 settings would round); returns and advantages come back in the input
-       dtype, the loss in at least float32.
 
 Every function is pure and vectorised (no Python loop over trajectories, turns or tokens) and
-works on any device; rows of a group may sit anywhere in the batch.
+works on any device; rows of a group may sit anywhere in the batch. Arithmetic is done in at
+least float32 whatever the input dtype; returns and advantages come back in the input dtype.
 """
 
 import torch
@@ -156,7 +153,8 @@ def normalize(values, mask, group_index, mode="group", eps=1e-6):
     group_index (N,) long, the problem id of each trajectory (rows of a group need not be
     contiguous, ids need not be 0..G-1); mode in MODES (see the module docstring). std is
     Bessel-corrected; a one-element set has std 0. A set whose values are all equal gets exactly
-    0. Returns advantages (N, K), 0 where mask is False; masked values never influence anything.
+    0, checked directly: floating point does not cancel (mean(0.1, 0.1, 0.1) != 0.1). Returns
+    advantages (N, K), 0 where mask is False; masked values never influence anything.
     """
     assert values.dim() == 2, f"values must be (N, K), got {tuple(values.shape)}"
     assert values.is_floating_point(), f"values must be float, got {values.dtype}"

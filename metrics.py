@@ -18,11 +18,24 @@ import time
 from tqdm import tqdm
 
 import rewards
-from launch import ConfigError, all_reduce
+from config import TRACKERS, ConfigError
+from parallel import all_reduce
 
 DRAWN = ("groups_drawn", "groups_varied", "filter_rounds")  # train.draw_groups's counts, alike on every rank
-FIELDS = ("reward", "accuracy", "turns", "tool_errors", "format_errors", "shaped", "length", "loss",
-                 "clip_frac", "kl", "grad_norm", "lr")  # metrics.jsonl has at least these, every step
+FIELDS = (
+    "reward",
+    "accuracy",
+    "turns",
+    "tool_errors",
+    "format_errors",
+    "shaped",
+    "length",
+    "loss",
+    "clip_frac",
+    "kl",
+    "grad_norm",
+    "lr",
+)  # metrics.jsonl has at least these, every step
 
 
 def step_sums(trajs, scored, *, groups, drawn, update_sums, times):
@@ -32,18 +45,27 @@ def step_sums(trajs, scored, *, groups, drawn, update_sums, times):
     adv_zero = (scored.turn_advantages == 0).all(dim=1).view(groups, G).all(dim=1)  # (groups,)
     calls = [t for tr in trajs for t in tr.turns if t.result is not None]  # tool calls that ran
     return {
-        "trajectories": len(trajs), "groups": groups,
-        "reward": float(scored.total_reward.sum()), "correct": float(scored.correct.sum()),
-        "turns": sum(len(t.turns) for t in trajs), "tool_calls": len(calls),
+        "trajectories": len(trajs),
+        "groups": groups,
+        "reward": float(scored.total_reward.sum()),
+        "correct": float(scored.correct.sum()),
+        "turns": sum(len(t.turns) for t in trajs),
+        "tool_calls": len(calls),
         "tool_errors": sum(1 for t in calls if not t.result.ok),
-        "format_errors": float(scored.format_errors.sum()), "infra_errors": float(scored.infra.sum()),
+        "format_errors": float(scored.format_errors.sum()),
+        "infra_errors": float(scored.infra.sum()),
         "failed": float((~scored.correct).sum()),
         "shaped": float(((~scored.correct) & (scored.outcomes > scored.scores)).sum()),
-        "length": sum(sum(t.loss_mask) for t in trajs), "zero_adv_groups": float(adv_zero.sum()),
-        "truncated": float(scored.truncated.sum()), "void": float(scored.void.sum()),
-        "masked": float(scored.masked.sum()), **drawn, **update_sums, **times,
+        "length": sum(sum(t.loss_mask) for t in trajs),
+        "zero_adv_groups": float(adv_zero.sum()),
+        "truncated": float(scored.truncated.sum()),
+        "void": float(scored.void.sum()),
+        "masked": float(scored.masked.sum()),
+        **drawn,
+        **update_sums,
+        **times,
         **credit_sums(trajs, scored),
-    }  # fmt: skip
+    }
 
 
 def reduce(step, metric_sums, *, lr, world):
@@ -53,20 +75,33 @@ def reduce(step, metric_sums, *, lr, world):
     n, ranks = total["trajectories"], world.size
     return {
         "step": step,
-        "reward": total["reward"] / n, "accuracy": total["correct"] / n, "turns": total["turns"] / n,
-        "tool_calls": total["tool_calls"] / n, "tool_errors": total["tool_errors"] / max(total["tool_calls"], 1),
-        "format_errors": total["format_errors"] / n, "infra_errors": total["infra_errors"],
-        "shaped": total["shaped"] / max(total["failed"], 1), "length": total["length"] / n,
-        "zero_adv_groups": total["zero_adv_groups"] / total["groups"], "truncated": total["truncated"] / n,
-        "void": total["void"] / n, "masked": total["masked"] / n,
-        "loss": total["loss"] / ranks, "clip_frac": total["clip_frac"], "approx_kl": total["approx_kl"],
-        "ratio": total["ratio"], "optimizer_steps": total["optimizer_steps"] / ranks,
-        "kl": total["kl_ref"], "grad_norm": total["grad_norm"] / ranks, "skipped": total["skipped"] / ranks,
-        "no_signal": total["no_signal"] / ranks, "lr": lr,
+        "reward": total["reward"] / n,
+        "accuracy": total["correct"] / n,
+        "turns": total["turns"] / n,
+        "tool_calls": total["tool_calls"] / n,
+        "tool_errors": total["tool_errors"] / max(total["tool_calls"], 1),
+        "format_errors": total["format_errors"] / n,
+        "infra_errors": total["infra_errors"],
+        "shaped": total["shaped"] / max(total["failed"], 1),
+        "length": total["length"] / n,
+        "zero_adv_groups": total["zero_adv_groups"] / total["groups"],
+        "truncated": total["truncated"] / n,
+        "void": total["void"] / n,
+        "masked": total["masked"] / n,
+        "loss": total["loss"] / ranks,
+        "clip_frac": total["clip_frac"],
+        "approx_kl": total["approx_kl"],
+        "ratio": total["ratio"],
+        "optimizer_steps": total["optimizer_steps"] / ranks,
+        "kl": total["kl_ref"],
+        "grad_norm": total["grad_norm"] / ranks,
+        "skipped": total["skipped"] / ranks,
+        "no_signal": total["no_signal"] / ranks,
+        "lr": lr,
         **{k: total[k] / ranks for k in DRAWN},
         **{k: total[k] / ranks for k in ("t_rollout", "t_reward", "t_old_logp", "t_update")},
         **credit_view(total),
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------- the credit view
@@ -94,8 +129,9 @@ def credit_sums(trajs, scored):
     turn counts (zero-advantage groups too), but those of trajectories with a sandbox failure."""
     K = scored.turn_advantages.shape[1]
     sums = {f"credit/{cell}/{x}": 0.0 for cell in credit_cells(K) for x in ("sum", "n")}
-    sums.update(dict.fromkeys(("credit_neg/correct", "credit_turns/correct", "credit_pos/error",
-                               "credit_turns/error"), 0.0))  # fmt: skip
+    sums.update(
+        dict.fromkeys(("credit_neg/correct", "credit_turns/correct", "credit_pos/error", "credit_turns/error"), 0.0)
+    )
     advantages, ends = scored.turn_advantages.tolist(), scored.correct.tolist()  # (N, K), (N,)
     for traj, row, correct, infra in zip(trajs, advantages, ends, scored.infra.tolist()):
         if infra:
@@ -130,13 +166,15 @@ def credit_view(total):
 
 def log_line(r):
     """One line per step, fixed fields."""
-    return (f"step {r['step']:4d} | reward {r['reward']:+.3f} | acc {r['accuracy']:.3f} | turns {r['turns']:.2f} | "
-            f"trunc {r['truncated']:.2f} | void {r['void']:.2f} | tool_err {r['tool_errors']:.3f} | "
-            f"fmt_err {r['format_errors']:.3f} | groups {r['groups_varied']:.0f}/{r['groups_drawn']:.0f} | "
-            f"shaped {r['shaped']:.2f} | len {r['length']:.0f} | loss {r['loss']:+.4f} | clip {r['clip_frac']:.3f} | "
-            f"kl {r['kl']:.4f} | gnorm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | time roll {r['t_rollout']:.1f}s "
-            f"rew {r['t_reward']:.1f}s upd " + ("skipped (no signal)" if r["no_signal"] else
-                                                 f"{r['t_old_logp'] + r['t_update']:.1f}s"))  # fmt: skip
+    return (
+        f"step {r['step']:4d} | reward {r['reward']:+.3f} | acc {r['accuracy']:.3f} | turns {r['turns']:.2f} | "
+        f"trunc {r['truncated']:.2f} | void {r['void']:.2f} | tool_err {r['tool_errors']:.3f} | "
+        f"fmt_err {r['format_errors']:.3f} | groups {r['groups_varied']:.0f}/{r['groups_drawn']:.0f} | "
+        f"shaped {r['shaped']:.2f} | len {r['length']:.0f} | loss {r['loss']:+.4f} | clip {r['clip_frac']:.3f} | "
+        f"kl {r['kl']:.4f} | gnorm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | time roll {r['t_rollout']:.1f}s "
+        f"rew {r['t_reward']:.1f}s upd "
+        + ("skipped (no signal)" if r["no_signal"] else f"{r['t_old_logp'] + r['t_update']:.1f}s")
+    )
 
 
 def log_step(record, run, cfg):
@@ -148,9 +186,11 @@ def log_step(record, run, cfg):
     run.tracker.log(record, record["step"])
     if record["truncated"] > 0.5 and not run.warned_truncated:
         run.warned_truncated = True
-        tqdm.write(f"warning: {record['truncated']:.0%} of step {record['step']}'s trajectories stopped at a token "
-                   f"limit (--max_turn_tokens {cfg.max_turn_tokens}, --max_total_tokens {cfg.max_total_tokens}) "
-                   "before they could answer; consider raising the limits")  # fmt: skip
+        tqdm.write(
+            f"warning: {record['truncated']:.0%} of step {record['step']}'s trajectories stopped at a token "
+            f"limit (--max_turn_tokens {cfg.max_turn_tokens}, --max_total_tokens {cfg.max_total_tokens}) "
+            "before they could answer; consider raising the limits"
+        )
 
 
 def write_samples(path, *, trajs, problems, scored, group_size, count=2):
@@ -161,31 +201,50 @@ def write_samples(path, *, trajs, problems, scored, group_size, count=2):
     for k, p in enumerate(problems[:count]):
         samples = []
         for i in range(k * group_size, (k + 1) * group_size):
-            record = rewards.answer_record(trajs[i], turn_rewards=scored.turn_rewards[i], returns=scored.returns[i],
-                                           advantages=scored.turn_advantages[i])  # fmt: skip
+            record = rewards.answer_record(
+                trajs[i],
+                turn_rewards=scored.turn_rewards[i],
+                returns=scored.returns[i],
+                advantages=scored.turn_advantages[i],
+            )
             samples.append({**record, "correct": bool(scored.correct[i])})
         key = str(p["id"]) if p.get("id") is not None else str(k)
-        records.append({"key": key, "index": k, "problem": p["problem"], "answer": p["answer"],
-                        "num_correct": sum(s["correct"] for s in samples), "samples": samples})  # fmt: skip
+        records.append(
+            {
+                "key": key,
+                "index": k,
+                "problem": p["problem"],
+                "answer": p["answer"],
+                "num_correct": sum(s["correct"] for s in samples),
+                "samples": samples,
+            }
+        )
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"kind": "samples", "problems": records}, f, indent=1)
 
 
 def write_summary(evaluation, *, cfg, held_out, in_sync, started, environment, peak_memory_gb):
     summary = {
-        "accuracy_before_rl": evaluation["before_rl_sampled"], "accuracy_after_rl": evaluation["after_rl_sampled"],
-        **evaluation, "temperature": cfg.temperature, "held_out_problems": held_out, "eval_samples": cfg.eval_samples,
-        "seed": cfg.seed, "algo": cfg.algo, "rl_steps": cfg.max_steps, "ranks_in_sync": in_sync,
-        "minutes": (time.time() - started) / 60, "environment": environment, "peak_memory_gb": peak_memory_gb,
-    }  # fmt: skip
+        "accuracy_before_rl": evaluation["before_rl_sampled"],
+        "accuracy_after_rl": evaluation["after_rl_sampled"],
+        **evaluation,
+        "temperature": cfg.temperature,
+        "held_out_problems": held_out,
+        "eval_samples": cfg.eval_samples,
+        "seed": cfg.seed,
+        "algo": cfg.algo,
+        "rl_steps": cfg.max_steps,
+        "ranks_in_sync": in_sync,
+        "minutes": (time.time() - started) / 60,
+        "environment": environment,
+        "peak_memory_gb": peak_memory_gb,
+    }
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"summary: {json.dumps(summary)}")
 
 
 # ---------------------------------------------------------------- experiment trackers (optional)
-
-TRACKERS = ("none", "tensorboard", "wandb")
 
 
 def numeric_fields(record):
@@ -266,9 +325,8 @@ class WandbTracker(NoTracker):
 
     def close(self):
         """Finish the run, then wait until wandb's service process has written it: finish() alone
-        can return first (wandb 0.31, WANDB_MODE=offline, a loaded machine: the run file held its
-        header only, the history came seconds later). teardown() ends wandb in this process; a
-        later wandb.init starts it again."""
+        can return before the history is on disk. teardown() ends wandb in this process; a later
+        wandb.init starts it again."""
         import wandb
 
         self.run.finish()

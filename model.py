@@ -22,8 +22,13 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM,
-)  # fmt: skip
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -57,7 +62,7 @@ def _tiny_corpus():
         "Traceback (most recent call last):\nNameError: name 'y' is not defined\n",
         "import math\nprint(math.gcd(120, 84), math.factorial(10), pow(3, 200, 1000))\n",
     ]
-    lines += [  # the toy task's shapes (data.toy_problems), so its fixed strings get their own tokens
+    lines += [  # the toy task's shapes (tasks.toy_problems), so its fixed strings get their own tokens
         "<|im_start|>user\nWhat is 19^592 mod 1133?<|im_end|>\n<|im_start|>assistant\n",
         "```python\nprint(pow(19, 592, 1133))\n```\n```output\n97\n```\n\\boxed{97}<|im_end|>\n",
         "How many n from 1 to 6319 are multiples of 8 or 5?\n",
@@ -94,9 +99,7 @@ def tiny_tokenizer(vocab_size=512):
     )
     raw.train_from_iterator(_tiny_corpus(), trainer=trainer)
     merges = [tuple(m) for m in json.loads(raw.to_str())["model"]["merges"]]
-    tokenizer = Qwen2Tokenizer(
-        vocab=raw.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
+    tokenizer = Qwen2Tokenizer(vocab=raw.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})  # else BPE splits it
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -163,13 +166,14 @@ def _model_path(name):
     return path
 
 
-def load_policy(name, device="cpu", dtype=None, activation_checkpointing=False, demo_size=(64, 2), seed=0,
-                tokenizer=None):  # fmt: skip
+def load_policy(
+    name, device="cpu", dtype=None, activation_checkpointing=False, demo_size=(64, 2), seed=0, tokenizer=None
+):
     """(model, tokenizer) from "demo" (tiny, built in code: demo_size = (hidden size, layers),
     initialised from seed), a local directory, or a hub id (see load_tokenizer; pass the
     tokenizer if it is loaded already). A local directory must hold safetensors weights. On the
     meta device only the architecture is built and no weight is read (ranks other than 0, which
-    get rank 0's weights by broadcast: launch.replicate)."""
+    get rank 0's weights by broadcast: parallel.replicate)."""
     dtype = dtype or default_dtype(device)
     tokenizer = tokenizer or load_tokenizer(name)
     meta = torch.device(device).type == "meta"
@@ -210,9 +214,7 @@ def save_policy(model, tokenizer, out_dir):
 
 def chat_prompt_ids(tokenizer, problem, system=SYSTEM_PROMPT):
     """Token ids of the chat prompt for a problem, ending with the assistant's header."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": problem}
-    ]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -230,8 +232,9 @@ def _chunk_logprobs(hidden, targets, weight, temperature):
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (C,)
 
 
-def token_logprobs(model, input_ids, attention_mask=None, temperature=1.0, chunk_tokens=None, needed=None,
-                   vocab_size=None):  # fmt: skip
+def token_logprobs(
+    model, input_ids, attention_mask=None, temperature=1.0, chunk_tokens=None, needed=None, vocab_size=None
+):
     """log p(input_ids[b, t] | input_ids[b, :t]) under the logits / temperature, as sampled: (B, L).
     vocab_size: the tokenizer's length; the head's rows beyond it (Qwen2.5 has 271 or more) are
     never sampled (rollout.KnownTokens), so they are left out of the softmax too.
@@ -349,11 +352,18 @@ def main(argv=None):
         "holding only token ids), without the trainer's files (trainer.json, optimizer/, rng_rank*.pt). Load it with "
         "AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).",
     )
-    ex.add_argument("src", metavar="SRC", help="checkpoint directory, e.g. RUN/checkpoints/step_200 "
-                    "(config.json, *.safetensors and the tokenizer)")  # fmt: skip
+    ex.add_argument(
+        "src",
+        metavar="SRC",
+        help="checkpoint directory, e.g. RUN/checkpoints/step_200 (config.json, *.safetensors and the tokenizer)",
+    )
     ex.add_argument("out", metavar="OUT", help="directory to write; must not exist or be empty")
-    ex.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="bfloat16",
-                    help="dtype of the written weights (default: bfloat16)")  # fmt: skip
+    ex.add_argument(
+        "--dtype",
+        choices=list(EXPORT_DTYPES),
+        default="bfloat16",
+        help="dtype of the written weights (default: bfloat16)",
+    )
 
     def one_line_error(prog):
         def error(message):

@@ -21,7 +21,8 @@ are gtpo.py's):
 
 The outcome score (r_acc before shaping) is 1 or 0 from the built-in grader (grading.py), or a
 score in [0, 1] from a reward plug-in (--reward_fn): outcome_scores, load_reward_fn. A training
-step calls outcome_scores, then shape_outcomes, then turn_reward_matrix.
+step calls score: outcome_scores, then shape_outcomes, then turn_reward_matrix, then step 2's
+advantages (gtpo.py) over every rank's rows, then the masks of the rows the loss takes.
 
 Shapes: N trajectories, K max turns, D embedding width.
 """
@@ -31,15 +32,14 @@ import importlib
 import importlib.util
 import numbers
 import os
+from dataclasses import dataclass
 
 import torch
 
+import grading
+import gtpo
+import parallel
 import rollout
-
-# Grading lives in grading.py; these names are re-exported so that rewards.extract_answer,
-# rewards.Grader, rewards.grade (which tests patch here: outcome_scores looks it up in this
-# module), rewards.is_equivalent and rewards.normalize_answer keep working.
-from grading import Grader, extract_answer, grade, is_equivalent, normalize_answer  # noqa: F401
 
 FORMAT_PENALTY = -0.1
 
@@ -110,17 +110,13 @@ def shape_outcomes(correct, code_embeddings, group_index, alpha=0.5):
     group_index (N,) long. Cosines are computed in float64 and clipped to [0, 1].
     """
     assert correct.dtype == torch.bool and correct.dim() == 1, "correct must be (N,) bool"
-    assert code_embeddings.dim() == 2 and code_embeddings.shape[0] == correct.shape[0], (
-        "embeddings must be (N, D)"
-    )
+    assert code_embeddings.dim() == 2 and code_embeddings.shape[0] == correct.shape[0], "embeddings must be (N, D)"
     e = code_embeddings.double()
     norms2 = (e * e).sum(dim=1)  # (N,)
     has_code = norms2 > 0
     dots = e @ e.T  # (N, N)
     cos = (dots / (norms2[:, None] * norms2[None, :]).sqrt().clamp(min=1e-300)).clamp(0.0, 1.0)  # (N, N)
-    reference = (group_index[:, None] == group_index[None, :]) & correct[
-        None, :
-    ]  # (N, N) p correct, same group
+    reference = (group_index[:, None] == group_index[None, :]) & correct[None, :]  # (N, N) p correct, same group
     count = reference.sum(dim=1)  # (N,)
     mean_cos = (cos * reference).sum(dim=1) / count.clamp(min=1)
     shaped = torch.where(~correct & (count > 0) & has_code, alpha * mean_cos, 0.0)
@@ -163,9 +159,7 @@ class MeanPooledEmbedder:
 
     @torch.no_grad()
     def _embed(self, texts):
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.encoder.device) for k, v in batch.items()}
         base = getattr(self.encoder, "model", self.encoder)  # a causal LM's body, or the encoder
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -210,7 +204,7 @@ def make_embedder(spec, tokenizer=None, policy=None, gathered=contextlib.nullcon
 def answer_record(traj, **per_turn):
     """rollout.trajectory_record(traj, **per_turn) plus the "answer" extract_answer finds: one
     record for the reward plug-in, eval.py's reports and train.py's sample dumps alike."""
-    return {**rollout.trajectory_record(traj, **per_turn), "answer": extract_answer(traj.final_text)}
+    return {**rollout.trajectory_record(traj, **per_turn), "answer": grading.extract_answer(traj.final_text)}
 
 
 def outcome_scores(trajs, rows, grader=None, reward_fn=None):
@@ -218,7 +212,7 @@ def outcome_scores(trajs, rows, grader=None, reward_fn=None):
     reward_fn(record, row) with record = rollout.trajectory_record(traj) plus its "answer" (what
     extract_answer finds) and "final_text"; True/False count as 1/0."""
     if reward_fn is None:
-        return grade(trajs, [row["answer"] for row in rows], grader).float()
+        return grading.grade(trajs, [row["answer"] for row in rows], grader).float()
     scores = []
     for traj, row in zip(trajs, rows, strict=True):
         record = {**answer_record(traj), "final_text": traj.final_text}
@@ -227,8 +221,10 @@ def outcome_scores(trajs, rows, grader=None, reward_fn=None):
             scores.append(float(value))
         else:
             name = getattr(reward_fn, "__name__", reward_fn)
-            raise RewardFnError(f"--reward_fn {name} returned {value!r} for problem {row.get('id', row['problem'][:40])!r}: "
-                                "expected True/False or a number in [0, 1]")  # fmt: skip
+            raise RewardFnError(
+                f"--reward_fn {name} returned {value!r} for problem {row.get('id', row['problem'][:40])!r}: "
+                "expected True/False or a number in [0, 1]"
+            )
     return torch.tensor(scores)
 
 
@@ -261,3 +257,102 @@ def load_reward_fn(spec):
     if not callable(fn):
         raise RewardFnError(f"--reward_fn {spec!r}: {where} has no function {name!r}")
     return fn
+
+
+# ---------------------------------------------------------------- steps 1-3 on a batch, and the rows the loss takes
+
+
+@dataclass
+class Scored:
+    """Rewards and advantages of this rank's N trajectories."""
+
+    scores: torch.Tensor  # (N,) in [0, 1]: the grader's 0/1, or --reward_fn's score
+    correct: torch.Tensor  # (N,) bool: score 1
+    outcomes: torch.Tensor  # (N,) r_acc of the last turn: the score, or step 3's credit if higher
+    infra: torch.Tensor  # (N,) bool: a sandbox failure, left out of statistics and loss
+    format_errors: torch.Tensor  # (N,) bool
+    turn_rewards: torch.Tensor  # (N, K) r_ij, step 1
+    returns: torch.Tensor  # (N, K) R_ij, step 2 (GRPO: its one reward on every turn)
+    turn_advantages: torch.Tensor  # (N, K) A_ij, step 2
+    total_reward: torch.Tensor  # (N,)
+    truncated: torch.Tensor  # (N,) bool: stopped at a token limit
+    void: torch.Tensor  # (N,) bool: has a turn that neither calls the tool nor answers (void_turn)
+    masked: torch.Tensor  # (N,) bool: left out of the loss by --mask_truncated or --mask_void_turns
+    trained: torch.Tensor  # (N,) bool: in a group with a non-zero advantage, not masked, no sandbox failure
+    counted: torch.Tensor  # (N,) bool: rows whose sampled tokens the loss divides by
+
+
+def score(trajs, rows, group_index, *, cfg, derived, world, grader, embedder=None, reward_fn=None, scores=None):
+    """Steps 1-3 on this rank's trajectories (rows: each one's problem row, graded by the grader
+    or by reward_fn unless their scores are given; embedder: step 3's), then which rows the loss
+    takes (loss_rows)."""
+    if scores is None:
+        scores = outcome_scores(trajs, rows, grader=grader, reward_fn=reward_fn)  # (N,) in [0, 1]
+    correct = scores >= 1  # (N,)
+    infra = torch.tensor([any(t.result is not None and t.result.infra_error for t in tr.turns) for tr in trajs])
+    outcomes = scores  # (N,)
+    if derived.shaped:  # step 3
+        code = lambda t: trajectory_code(t) if cfg.shaping == "code" else "".join(u.text for u in t.turns)
+        shaped = shape_outcomes(correct, embedder([code(t) for t in trajs]), group_index, alpha=cfg.alpha)
+        outcomes = torch.maximum(scores, shaped)  # a partial score from reward_fn is kept if higher
+    first_call = cfg.first_turn_tool_call
+    turn_rewards, turn_mask = turn_reward_matrix(
+        trajs, outcomes, cfg.max_turns, penalty=cfg.format_penalty, first_call=first_call
+    )  # (N, K), step 1
+    returns, turn_advantages, total_reward = advantages(
+        trajs, scores, turn_rewards, turn_mask=turn_mask, infra=infra, group_index=group_index, cfg=cfg, world=world
+    )
+    truncated, void, masked, trained, counted = loss_rows(trajs, turn_advantages, group_index, infra=infra, cfg=cfg)
+    format_errors = torch.tensor([any(turn_format_penalties(t.turns, first_call=first_call)) for t in trajs])
+    return Scored(
+        scores=scores,
+        correct=correct,
+        outcomes=outcomes,
+        infra=infra,
+        format_errors=format_errors,
+        turn_rewards=turn_rewards,
+        returns=returns,
+        turn_advantages=turn_advantages,
+        total_reward=total_reward,
+        truncated=truncated,
+        void=void,
+        masked=masked,
+        trained=trained,
+        counted=counted,
+    )
+
+
+def advantages(trajs, scores, turn_rewards, *, turn_mask, infra, group_index, cfg, world):
+    """Step 2: (returns (N, K), turn advantages (N, K), total reward (N,)). GTPO: discounted
+    returns normalised over cfg.adv_norm's set; GRPO: one reward per trajectory normalised in its
+    group, on every turn. Normalisation sees every rank's rows (so "batch" is exact); sandbox
+    failures stay out of the statistics."""
+    mine = slice(world.rank * len(trajs), (world.rank + 1) * len(trajs))  # this rank's rows of everyone's
+    if cfg.algo == "gtpo":
+        returns = gtpo.discounted_returns(turn_rewards, turn_mask, cfg.gamma)  # (N, K)
+        take_part = turn_mask & ~infra[:, None]  # (N, K)
+        everyone = [parallel.all_gather_rows(t, world) for t in (returns, take_part, group_index)]
+        return returns, gtpo.normalize(*everyone, mode=cfg.adv_norm)[mine], turn_rewards.sum(dim=1)
+    total_reward = grpo_rewards(trajs, scores, first_call=cfg.first_turn_tool_call)  # (N,)
+    returns = total_reward[:, None] * turn_mask  # (N, K) one reward, on every turn (for display)
+    reward, kept, groups = [parallel.all_gather_rows(t, world) for t in (total_reward, ~infra, group_index)]
+    turn_advantages = gtpo.grpo_advantages(reward, groups, mask=kept)[mine][:, None] * turn_mask  # (N, K)
+    return returns, turn_advantages, total_reward
+
+
+def loss_rows(trajs, turn_advantages, group_index, *, infra, cfg):
+    """The masks of which rows the loss takes, all (N,) bool: (truncated: stopped at a token
+    limit; void: a turn that neither calls the tool nor answers; masked: left out of the loss by
+    --mask_truncated or --mask_void_turns, still in the statistics; trained: in a group with a
+    non-zero advantage, not masked, no sandbox failure; counted: the rows whose sampled tokens
+    the loss divides by, every row but sandbox failures and masked ones, or the trained rows with
+    --loss_denominator signal)."""
+    signal = (turn_advantages != 0).any(dim=1)  # (N,)
+    groups = int(group_index.max()) + 1
+    live_group = torch.zeros(groups, dtype=torch.bool).index_put_((group_index,), signal, accumulate=True)
+    truncated = torch.tensor([t.stop_reason == "max_length" for t in trajs])
+    void = torch.tensor([any(map(void_turn, t.turns)) for t in trajs])
+    masked = (truncated & cfg.mask_truncated) | (void & cfg.mask_void_turns)
+    trained = live_group[group_index] & ~infra & ~masked
+    counted = trained if cfg.loss_denominator == "signal" else ~infra & ~masked
+    return truncated, void, masked, trained, counted

@@ -28,8 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import (
-    GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TopPLogitsWarper,
-)  # fmt: skip
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TopPLogitsWarper,
+)
 
 import sandbox
 
@@ -50,6 +55,20 @@ class RolloutConfig:
     record_logprobs: bool = False  # keep the sampler's own log-probs (memory: a (B, V) per step)
     batch_size: int = 0  # trajectories generated at once (0: all); bounds the KV cache
     kv_reuse: bool = True  # continue each turn from the previous turn's KV cache (see bench.py rollout)
+    prewarm_next: bool = False  # at the end, start as many sandboxes as this rollout used, for the next one
+
+    @classmethod
+    def of(cls, flags, *, temperature, prewarm_next=False):
+        """The settings of train.py's or eval.py's flags (config.py), sampling at temperature."""
+        return cls(
+            prewarm_next=prewarm_next,
+            max_turns=flags.max_turns,
+            max_turn_tokens=flags.max_turn_tokens,
+            max_total_tokens=flags.max_total_tokens,
+            temperature=temperature,
+            top_p=flags.top_p,
+            batch_size=flags.rollout_batch_size,
+        )
 
 
 @dataclass
@@ -156,9 +175,19 @@ def sampling_config(cfg, **settings):
     the loss assumes.
     """
     return GenerationConfig(
-        do_sample=False, num_beams=1, temperature=1.0, top_p=1.0, top_k=None, min_p=None, typical_p=1.0,
-        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, **settings,
-    )  # fmt: skip
+        do_sample=False,
+        num_beams=1,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=None,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        **settings,
+    )
 
 
 def row_seed(seed, position):
@@ -224,31 +253,42 @@ def generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cac
     greedy = cfg.temperature == 0
     processors = [KnownTokens(len(tokenizer))]
     if not greedy:
-        processors.append(SeededSampler(seeds, real_lengths=attention_mask.sum(dim=1).tolist(), prompt_width=W,
-                                        temperature=cfg.temperature, top_p=cfg.top_p))  # fmt: skip
+        processors.append(
+            SeededSampler(
+                seeds,
+                real_lengths=attention_mask.sum(dim=1).tolist(),
+                prompt_width=W,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+            )
+        )
     generation = sampling_config(
-        cfg, max_new_tokens=max(budgets), eos_token_id=eos_ids, pad_token_id=pad,
-        return_dict_in_generate=True, output_logits=cfg.record_logprobs,
-    )  # fmt: skip
+        cfg,
+        max_new_tokens=max(budgets),
+        eos_token_id=eos_ids,
+        pad_token_id=pad,
+        return_dict_in_generate=True,
+        output_logits=cfg.record_logprobs,
+    )
     # synced_gpus=False: ranks generate different numbers of turns and steps, so none may wait for
     # the others. (transformers turns the sync on for FSDP-managed models; ours have their
     # parameters gathered for the whole rollout, see train.full_parameters.)
     out = model.generate(
-        input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-        cache=cache, generation_config=generation, stopping_criteria=StoppingCriteriaList([stop]),
-        logits_processor=LogitsProcessorList(processors), synced_gpus=False,
-    )  # fmt: skip
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        cache=cache,
+        generation_config=generation,
+        stopping_criteria=StoppingCriteriaList([stop]),
+        logits_processor=LogitsProcessorList(processors),
+        synced_gpus=False,
+    )
     new = out.sequences[:, W:].tolist()  # (B, steps)
     mask = torch.cat([attention_mask, torch.ones(B, len(new[0]), dtype=torch.long)], dim=1)  # (B, W + steps)
     rows = []
     for row in range(B):
         ids = new[row]
         eos_at = next((k for k, t in enumerate(ids) if t in eos_ids), None)
-        cuts = {
-            "eos": eos_at + 1 if eos_at is not None else None,
-            "fence": stop.stopped_at[row],
-            "length": len(ids),
-        }
+        cuts = {"eos": eos_at + 1 if eos_at is not None else None, "fence": stop.stopped_at[row], "length": len(ids)}
         reason = min((k for k in cuts if cuts[k] is not None), key=lambda k: cuts[k])
         cut = cuts[reason]
         if cut > budgets[row]:
@@ -277,6 +317,7 @@ def rollout_seeds(seed, step, first, count):
     """The sampling seeds of the trajectories at global positions [first, first + count) of a
     training run's data stream in RL step `step`: a trajectory's tokens depend on (seed, step,
     position), not on the rank or the generation batch it lands in."""
+
     def digest(i):
         return hashlib.blake2b(f"{seed}/{step}/{i}".encode(), digest_size=8).digest()
 
@@ -300,6 +341,8 @@ def rollout(model, tokenizer, prompts, pool, cfg, seeds=None):
     trajs = []
     for s in range(0, len(prompts), size):
         trajs += rollout_batch(model, tokenizer, prompts[s : s + size], pool=pool, cfg=cfg, seeds=seeds[s : s + size])
+    if cfg.prewarm_next:
+        pool.prewarm(sum(any(turn.result is not None for turn in t.turns) for t in trajs))
     return trajs
 
 
@@ -314,13 +357,9 @@ def rollout_batch(model, tokenizer, prompts, *, pool, cfg, seeds):
             active = [i for i, t in enumerate(trajs) if t.stop_reason is None]
             if not active:
                 break
-            budgets = [
-                min(cfg.max_turn_tokens, cfg.max_total_tokens - len(trajs[i].input_ids)) for i in active
-            ]
+            budgets = [min(cfg.max_turn_tokens, cfg.max_total_tokens - len(trajs[i].input_ids)) for i in active]
             if state is None:  # encode every row's whole history
-                input_ids, attention_mask = left_pad(
-                    [trajs[i].input_ids for i in active], tokenizer.pad_token_id
-                )
+                input_ids, attention_mask = left_pad([trajs[i].input_ids for i in active], tokenizer.pad_token_id)
                 cache = None
             else:  # continue the cached rows: append only their observations
                 sequences, mask, cache = state
@@ -330,8 +369,9 @@ def rollout_batch(model, tokenizer, prompts, *, pool, cfg, seeds):
                 new_ids, new_mask = left_pad([pending[i] for i in active], tokenizer.pad_token_id)
                 input_ids = torch.cat([sequences[keep], new_ids], dim=1)
                 attention_mask = torch.cat([mask[keep], new_mask], dim=1)
-            sampled, state = generate_turn(model, tokenizer, input_ids, attention_mask, budgets, cfg, cache,
-                                           seeds=[seeds[i] for i in active])  # fmt: skip
+            sampled, state = generate_turn(
+                model, tokenizer, input_ids, attention_mask, budgets, cfg, cache, seeds=[seeds[i] for i in active]
+            )
             state, state_rows = (state, active) if cfg.kv_reuse else (None, [])
             calls = []
             for i, (ids, reason, logps) in zip(active, sampled):
@@ -392,9 +432,7 @@ def teacher_trajectory(tokenizer, prompt_ids, turn_texts, session, end="<|im_end
             result = session.run(code)
             traj.turns[-1].result, traj.turns[-1].observation = result, observation_text(text, result)
             if not last:
-                traj.extend(
-                    tokenizer.encode(traj.turns[-1].observation, add_special_tokens=False), False, turn
-                )
+                traj.extend(tokenizer.encode(traj.turns[-1].observation, add_special_tokens=False), False, turn)
     traj.stop_reason = "answer" if "\\boxed" in traj.final_text else "max_turns" if closed else "no_answer"
     return traj
 
@@ -417,9 +455,15 @@ def trajectory_record(traj, turn_rewards=None, returns=None, advantages=None):
         result = None
         if t.result is not None:
             result = {k: getattr(t.result, k) for k in ("ok", "stdout", "stderr", "timed_out", "infra_error")}
-        record = {"text": t.text, "tokens": sampled.get(j, 0), "code": t.code, "valid_call": t.valid_call,
-                  "result": result, "observation": t.observation if masked.get(j) else "",
-                  "observation_tokens": masked.get(j, 0)}  # fmt: skip
+        record = {
+            "text": t.text,
+            "tokens": sampled.get(j, 0),
+            "code": t.code,
+            "valid_call": t.valid_call,
+            "result": result,
+            "observation": t.observation if masked.get(j) else "",
+            "observation_tokens": masked.get(j, 0),
+        }
         for name, values in (("reward", turn_rewards), ("return", returns), ("advantage", advantages)):
             if values is not None:
                 record[name] = float(values[j])

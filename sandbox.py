@@ -107,9 +107,8 @@ def isolation():
         _isolation = "process"
         if os.geteuid() == 0:
             probe = subprocess.run(
-                [sys.executable, "-I", WORKER, "--probe"], stdin=subprocess.DEVNULL,
-                capture_output=True, timeout=10,
-            )  # fmt: skip
+                [sys.executable, "-I", WORKER, "--probe"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10
+            )
             if probe.returncode == 0:
                 _isolation = "namespaces"
     return _isolation
@@ -148,8 +147,17 @@ class Session:
     run() and close() of one session never interleave; different sessions run concurrently.
     """
 
-    def __init__(self, timeout=5.0, memory_mb=2048, cpu_seconds=None, max_output=8192,
-                 max_file_mb=16, max_processes=64, isolate="auto", template=None):  # fmt: skip
+    def __init__(
+        self,
+        timeout=5.0,
+        memory_mb=2048,
+        cpu_seconds=None,
+        max_output=8192,
+        max_file_mb=16,
+        max_processes=64,
+        isolate="auto",
+        template=None,
+    ):
         self.timeout = timeout
         self.max_output = max_output
         self.mode = isolation() if isolate == "auto" else isolate
@@ -176,14 +184,12 @@ class Session:
     def _start(self):
         if self.mode == "namespaces" and self.uid_lease is None:
             self.uid_lease = _lease_uid()
-        pipes = {name: os.pipe() for name in ("cmd", "res", "out", "err", "life", "status")}
-        child_ends = [pipes["cmd"][0], pipes["res"][1], pipes["out"][1], pipes["err"][1], pipes["life"][0],
-                      pipes["status"][1]]  # fmt: skip
+        pipes = {name: os.pipe() for name in WORKER_END}
+        child_ends = [pipes[name][end] for name, end in WORKER_END.items()]  # in the worker's order
         config = dict(self.limits, mode=self.mode, uid=self.uid_lease[0] if self.uid_lease else None)
         if self.mode == "process":
             self.workdir = config["workdir"] = tempfile.mkdtemp(prefix="gtpo-sandbox-")
-        self.fds = {"cmd": pipes["cmd"][1], "res": pipes["res"][0], "out": pipes["out"][0],
-                    "err": pipes["err"][0], "life": pipes["life"][1], "status": pipes["status"][0]}  # fmt: skip
+        self.fds = {name: pipes[name][1 - end] for name, end in WORKER_END.items()}  # the other ends
         try:
             template = self.template or _shared_template(self.mode)
             self.proc = template.spawn(config, child_ends)
@@ -271,9 +277,8 @@ class Session:
                 self._start()
             except Exception as e:  # the sandbox's own failure, not the code's
                 self._kill()
-                elapsed = time.monotonic() - start
-                return Result(False, "", f"sandbox failure: {e}\n", infra_error=True, duration=elapsed,
-                              state_lost=lost_note is not None)  # fmt: skip
+                elapsed, lost = time.monotonic() - start, lost_note is not None
+                return Result(False, "", f"sandbox failure: {e}\n", infra_error=True, duration=elapsed, state_lost=lost)
         stale = _Capped(0)
         self._drain({self.fds["out"]: stale, self.fds["err"]: stale})
         if stale.dropped:
@@ -303,9 +308,10 @@ class Session:
             notes.append(f"the Python process ended during the call: {what}")
             ok, timed_out = False, False
         stderr = "".join(f"{n}\n" for n in [lost_note, err.text().rstrip("\n"), *notes] if n)
-        return Result(ok, out.text(), stderr, timed_out=timed_out, limit=limit,
-                      duration=time.monotonic() - start, state_lost=lost_note is not None,
-                      truncated=bool(out.dropped or err.dropped))  # fmt: skip
+        duration, lost, cut = time.monotonic() - start, lost_note is not None, bool(out.dropped or err.dropped)
+        return Result(
+            ok, out.text(), stderr, timed_out=timed_out, limit=limit, duration=duration, state_lost=lost, truncated=cut
+        )
 
     def _exit_status(self):
         """The worker's exit status as its template reported it, or None if none came within 1 s."""
@@ -511,8 +517,9 @@ class Template:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-I", "-u", WORKER, "--template", mode, str(theirs.fileno())]
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=_WORKER_ENV,
-                                         pass_fds=(theirs.fileno(),), start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, env=_WORKER_ENV, pass_fds=(theirs.fileno(),), start_new_session=True
+            )
         finally:
             theirs.close()
         self.socket = ours
@@ -555,9 +562,20 @@ class Template:
             self.proc.wait()
 
 
-_WORKER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "MALLOC_ARENA_MAX": "2"}  # fmt: skip  # all a worker inherits: no secrets
+# The pipes between the trainer and a worker, and which end (os.pipe: 0 reads, 1 writes) the worker
+# holds: it reads commands (cmd) and the trainer's lifeline (life), and writes results, output and
+# its exit status. The worker receives its ends in this order.
+WORKER_END = {"cmd": 0, "res": 1, "out": 1, "err": 1, "life": 0, "status": 1}
+
+_WORKER_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/tmp",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MALLOC_ARENA_MAX": "2",
+}  # all a worker inherits: no secrets
 _templates = {}  # (mode, interpreter) -> the Template sessions share
 _templates_lock = threading.Lock()
 

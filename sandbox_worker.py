@@ -72,8 +72,14 @@ def _private_mounts(plan, tmpfs_size):
     """Carry out _mount_plan() in the worker's own mount namespace."""
     for target, inside in plan:
         handles = [(p, os.open(p, os.O_PATH)) for p in inside]  # survive the overmount
-        _libc("mount", b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
-              f"size={tmpfs_size},mode=1777".encode())  # fmt: skip
+        _libc(
+            "mount",
+            b"tmpfs",
+            target.encode(),
+            b"tmpfs",
+            _MS_NOSUID | _MS_NODEV,
+            f"size={tmpfs_size},mode=1777".encode(),
+        )
         for path, fd in handles:
             os.makedirs(path, mode=0o755, exist_ok=True)
             _libc("mount", f"/proc/self/fd/{fd}".encode(), path.encode(), None, _MS_BIND | _MS_REC, None)
@@ -140,9 +146,7 @@ def _worker_setup(config):
         resource.setrlimit(resource.RLIMIT_NPROC, (config["max_processes"],) * 2)
     else:
         soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-        cap = (
-            config["max_processes"] if hard == resource.RLIM_INFINITY else min(hard, config["max_processes"])
-        )
+        cap = config["max_processes"] if hard == resource.RLIM_INFINITY else min(hard, config["max_processes"])
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NPROC, (cap, hard))
     os.environ["HOME"] = os.getcwd()

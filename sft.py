@@ -22,7 +22,7 @@ from tqdm import tqdm
 import model as policies
 import rollout
 import sandbox
-from launch import all_reduce, gradient_sync, micro_batches, trainable_parameters
+from parallel import all_reduce, gradient_sync, micro_batches, trainable_parameters
 
 
 def nll(logp, loss_mask, num_tokens=None):
@@ -83,7 +83,9 @@ def schedule(optimizer, cfg):
     tail = max(1, cfg.sft_steps - plateau)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * (1.0 if s < plateau else 0.5 * (1 + math.cos(math.pi * (s - plateau) / tail))),
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * (1.0 if s < plateau else 0.5 * (1 + math.cos(math.pi * (s - plateau) / tail)))
+        ),
     )
 
 
@@ -100,8 +102,7 @@ def run(wrapped, tokenizer, rows, *, cfg, world, system_prompt=None, validate=No
     bar = tqdm(picked, desc="sft", disable=not world.main, dynamic_ncols=True)
     for step, picks in enumerate(bar, start=1):
         mine = [trajs[k] for k in picks[world.rank * local :][:local]]
-        loss = accumulate(wrapped, mine, pad=tokenizer.pad_token_id, micro_batch_size=cfg.micro_batch_size,
-                          world=world)  # fmt: skip
+        loss = accumulate(wrapped, mine, pad=tokenizer.pad_token_id, micro_batch_size=cfg.micro_batch_size, world=world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)  # 0: no clipping
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -42,8 +42,18 @@ def torchrun(*args, ranks=2):
 
 # train.py flags of a small, fast run of the tiny model. Its checkpoints are directories, which
 # would get a real model's defaults: the demo's learning rate and micro-batch are given explicitly.
-SMALL = dict(demo_size="64x2", toy_size=200, eval_size=0, prompts_per_step=4, group_size=4,
-             max_turn_tokens=48, max_total_tokens=256, sandbox_workers=4, lr=3e-4, micro_batch_size=16)  # fmt: skip
+SMALL = dict(
+    demo_size="64x2",
+    toy_size=200,
+    eval_size=0,
+    prompts_per_step=4,
+    group_size=4,
+    max_turn_tokens=48,
+    max_total_tokens=256,
+    sandbox_workers=4,
+    lr=3e-4,
+    micro_batch_size=16,
+)
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +61,9 @@ def sft_model(tmp_path_factory):
     """A tiny policy after a short SFT on the toy teacher (a checkpoint directory inside a run
     directory): it makes tool calls often enough that RL groups have reward variance (a random
     model's groups are all alike and train nothing)."""
+    import config
     import train
 
     out = str(tmp_path_factory.mktemp("sft"))
-    train.main(train.Config(out_dir=out, sft_steps=80, max_steps=0, **SMALL))
+    train.main(config.TrainConfig(out_dir=out, sft_steps=80, max_steps=0, **SMALL))
     return os.path.join(out, "checkpoints", "step_0")

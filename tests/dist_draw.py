@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import launch
+import config
+import parallel
 import rollout
 import sandbox
 import train
@@ -23,10 +24,11 @@ P, G = 4, 2
 DIFFERS = (False, True, False, True, True, False, False, True)  # by stream position; the batch: 1, 3, 4, 7
 
 
-def sample_groups(step, position, run, *, cfg, derived, world):
+def sample_groups(step, position, run):
     """This rank's groups of the round at `position`: one-turn trajectories that name their
     position in their tokens, text and sandbox result."""
-    first = position + world.rank * derived.local_prompts
+    derived = run.derived
+    first = position + run.world.rank * derived.local_prompts
     stream = range(first, first + derived.local_prompts)
     trajs = []
     for q in stream:
@@ -39,18 +41,26 @@ def sample_groups(step, position, run, *, cfg, derived, world):
 
 
 def main(out):
-    world = launch.setup_distributed("cpu")
+    world = parallel.setup_distributed("cpu")
     train.sample_groups = sample_groups
-    cfg = train.Config(prompts_per_step=P, group_size=G, filter_groups=True)
-    run = types.SimpleNamespace(data_position=0)
-    drawn = train.draw_groups(1, run, cfg=cfg, derived=train.check_config(cfg, world), world=world)
-    torch.save({"positions": [p["position"] for p in drawn.problems], "tokens": [t.input_ids for t in drawn.trajs],
-                "texts": [t.turns[0].text for t in drawn.trajs], "outputs": [t.turns[0].result.stdout for t in drawn.trajs],
-                "scores": drawn.scores, "counts": drawn.counts, "data_position": run.data_position},
-               f"{out}_rank{world.rank}.pt")  # fmt: skip
-    launch.finish(world)
+    cfg = config.TrainConfig(prompts_per_step=P, group_size=G, filter_groups=True)
+    run = types.SimpleNamespace(data_position=0, cfg=cfg, derived=config.check_config(cfg, world), world=world)
+    drawn = train.draw_groups(1, run)
+    torch.save(
+        {
+            "positions": [p["position"] for p in drawn.problems],
+            "tokens": [t.input_ids for t in drawn.trajs],
+            "texts": [t.turns[0].text for t in drawn.trajs],
+            "outputs": [t.turns[0].result.stdout for t in drawn.trajs],
+            "scores": drawn.scores,
+            "counts": drawn.counts,
+            "data_position": run.data_position,
+        },
+        f"{out}_rank{world.rank}.pt",
+    )
+    parallel.finish(world)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    launch.exit_now()
+    parallel.exit_now()

@@ -11,8 +11,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import checkpoint
-import launch
 import model
+import parallel
 import train
 
 reads = {"from_pretrained": 0, "safetensors": 0}
@@ -36,4 +36,4 @@ if __name__ == "__main__":
     auto = model.AutoModelForCausalLM
     auto.from_pretrained = counted("from_pretrained", auto.from_pretrained)
     checkpoint.load_file = counted("safetensors", checkpoint.load_file)
-    launch.run_command(main, train.parse_args(), prog="train.py", input_errors=train.INPUT_ERRORS)
+    parallel.run_command(main, train.parse_args(), prog="train.py", input_errors=train.INPUT_ERRORS)

@@ -20,12 +20,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data
-import launch
+import config
+import grading
 import model
+import parallel
 import rewards
 import rollout
 import sandbox
+import tasks
 import train
 
 PROBLEMS, GROUP = 4, 3
@@ -38,7 +40,7 @@ def trajectories(tokenizer, signal=True):
     micro-batches, than the first."""
     trajs, golds = [], []
     with sandbox.Session() as session:
-        for k, p in enumerate(data.toy_problems(PROBLEMS, seed=5, mistake_rate=0.5)):
+        for k, p in enumerate(tasks.toy_problems(PROBLEMS, seed=5, mistake_rate=0.5)):
             prompt = model.chat_prompt_ids(tokenizer, p["problem"], system=None)
             variants = (p["teacher"], p["teacher"][:-1] + ["\\boxed{0}"], ["\\boxed{1}"])
             for turns in variants if signal and k < PROBLEMS - 1 else [variants[1]] * GROUP:
@@ -60,59 +62,100 @@ def gradient_record(wrapped, records):
     wrapped.register_forward_pre_hook(record, prepend=True)  # before FSDP2 gathers the parameters
 
 
-def update_once(world, trajs, golds, parallel, adv_norm, mini_batch_size, compute_dtype, embedder):
+def update_once(world, trajs, golds, wrapping, adv_norm, mini_batch_size, compute_dtype, embedder):
     """One setting's score and update from the tiny policy's seed-0 weights: its result record."""
     # With mini-batches, one row per micro-batch: ranks then run different numbers of micro-batches,
     # and with mini-batches of 2 the second rank's last mini-batches hold only stand-in rows.
-    cfg = train.Config(prompts_per_step=PROBLEMS, group_size=GROUP, micro_batch_size=1 if mini_batch_size else 2,
-                       ppo_epochs=2, parallel=parallel, lr=0.5, adv_norm=adv_norm, mini_batch_size=mini_batch_size,
-                       compute_dtype=compute_dtype, embedder=embedder)  # fmt: skip
-    world = dataclasses.replace(world, dtype=launch.resolve_dtype(compute_dtype, world.device))
-    derived = train.check_config(cfg, world)
+    cfg = config.TrainConfig(
+        prompts_per_step=PROBLEMS,
+        group_size=GROUP,
+        micro_batch_size=1 if mini_batch_size else 2,
+        ppo_epochs=2,
+        parallel=wrapping,
+        lr=0.5,
+        adv_norm=adv_norm,
+        mini_batch_size=mini_batch_size,
+        compute_dtype=compute_dtype,
+        embedder=embedder,
+    )
+    world = dataclasses.replace(world, dtype=parallel.resolve_dtype(compute_dtype, world.device))
+    derived = config.check_config(cfg, world)
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0 if world.main else 1)  # wrap gives every rank rank 0's weights
     n = derived.local_trajectories
     mine = slice(world.rank * n, (world.rank + 1) * n)
     group_index = torch.arange(PROBLEMS).repeat_interleave(GROUP)[mine]
-    wrapped = launch.wrap(policy, world, cfg.parallel)
+    wrapped = parallel.wrap(policy, world, cfg.parallel)
     gradients = []
     gradient_record(wrapped, gradients)
     # SGD: the update is the gradient itself. (Adam divides by sqrt(v), which turns float noise
     # in a near-zero gradient element into a full-size step, whatever the world size.)
     optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
-    embedder = train.shaping_embedder(cfg, tokenizer, policy, wrapped)
-    grader = rewards.Grader()
-    scored = train.score(trajs[mine], [{"answer": g} for g in golds[mine]], group_index, cfg=cfg, derived=derived,
-                         world=world, grader=grader, embedder=embedder)
+    embedder = rewards.make_embedder(
+        cfg.embedder, tokenizer, policy, gathered=lambda: parallel.full_parameters(wrapped)
+    )
+    grader = grading.Grader()
+    scored = rewards.score(
+        trajs[mine],
+        [{"answer": g} for g in golds[mine]],
+        group_index,
+        cfg=cfg,
+        derived=derived,
+        world=world,
+        grader=grader,
+        embedder=embedder,
+    )
     grader.close()
     policy.train()
-    sums, _ = train.update(wrapped, optimizer, trajs[mine], turn_advantages=scored.turn_advantages,
-                           trained=scored.trained, counted=scored.counted, cfg=cfg, world=world,
-                           pad=tokenizer.pad_token_id)  # fmt: skip
+    sums, _ = train.update(
+        wrapped,
+        optimizer,
+        trajs[mine],
+        turn_advantages=scored.turn_advantages,
+        trained=scored.trained,
+        counted=scored.counted,
+        cfg=cfg,
+        world=world,
+        pad=tokenizer.pad_token_id,
+    )
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    in_sync = launch.check_in_sync(wrapped, world)
-    return {"weights": weights, "in_sync": in_sync, "world_size": world.size, "gradients": gradients,
-            "optimizer_steps": sums["optimizer_steps"], "no_signal": sums["no_signal"],
-            "shaped": int(((~scored.correct) & (scored.outcomes > scored.scores)).sum())}  # fmt: skip
+    in_sync = parallel.check_in_sync(wrapped, world)
+    return {
+        "weights": weights,
+        "in_sync": in_sync,
+        "world_size": world.size,
+        "gradients": gradients,
+        "optimizer_steps": sums["optimizer_steps"],
+        "no_signal": sums["no_signal"],
+        "shaped": int(((~scored.correct) & (scored.outcomes > scored.scores)).sum()),
+    }
 
 
 def main(out, settings):
-    world = launch.setup_distributed("cpu")
+    world = parallel.setup_distributed("cpu")
     tokenizer = model.tiny_tokenizer()
     trajs = {signal: trajectories(tokenizer, signal == "signal") for signal in {s.split(":")[3] for s in settings}}
     results = []
     for setting in settings:
-        parallel, adv_norm, mini_batch_size, signal, compute_dtype, embedder = setting.split(":")
-        results.append(update_once(world, *trajs[signal], parallel=parallel, adv_norm=adv_norm,
-                                   mini_batch_size=int(mini_batch_size), compute_dtype=compute_dtype,
-                                   embedder=embedder))  # fmt: skip
+        wrapping, adv_norm, mini_batch_size, signal, compute_dtype, embedder = setting.split(":")
+        results.append(
+            update_once(
+                world,
+                *trajs[signal],
+                wrapping=wrapping,
+                adv_norm=adv_norm,
+                mini_batch_size=int(mini_batch_size),
+                compute_dtype=compute_dtype,
+                embedder=embedder,
+            )
+        )
     if world.main:
         torch.save(results, out)
-    launch.finish(world)
+    parallel.finish(world)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
-    launch.exit_now()
+    parallel.exit_now()

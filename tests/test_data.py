@@ -10,6 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import data
+import tasks
 
 texts = st.text(min_size=1, max_size=30).filter(str.strip)
 plain_answers = texts.filter(lambda s: "\n" not in s and "####" not in s and "\\" not in s)
@@ -17,26 +18,41 @@ extras = st.dictionaries(st.sampled_from(["id", "source", "level"]), st.integers
 
 # One small fixture per common layout: (rows, load keyword arguments, expected (problem, answer)s,
 # how the answers were found).
-GSM8K = [{"question": "Tom has 3 bags of 24 apples. How many apples?", "answer": "3*24 = 72\n#### 72"},
-         {"question": "What is 999 + 235?", "answer": "999 + 235 = 1234\nSo:\n#### 1,234"}]  # fmt: skip
-MATH = [{"problem": "What is $1/4 + 1/4$?", "level": "Level 1", "type": "Prealgebra",
-         "solution": "We add: $\\frac{1}{4}+\\frac{1}{4} = \\boxed{\\frac{1}{2}}$."},
-        {"problem": "Solve $x^2 = 4$, $x > 0$.",
-         "solution": "Try $\\boxed{1}$? No.\nSo $x = \\fbox{2}$."}]  # fmt: skip
-DAPO = [{"data_source": "math_dapo", "ability": "MATH",
-         "prompt": [{"role": "system", "content": "Reason step by step."},
-                    {"role": "user", "content": "A first draft."},
-                    {"role": "user", "content": "What is 17 * 2?"}],
-         "reward_model": {"ground_truth": "34", "style": "rule-math"},
-         "extra_info": {"index": "a-1"}}]  # fmt: skip
-AIME = [{"ID": "2024-I-1", "Problem": "Find the answer to this AIME problem.", "Answer": 204},
-        {"ID": "2024-I-2", "Problem": "And this one.", "Answer": 25}]  # fmt: skip
+GSM8K = [
+    {"question": "Tom has 3 bags of 24 apples. How many apples?", "answer": "3*24 = 72\n#### 72"},
+    {"question": "What is 999 + 235?", "answer": "999 + 235 = 1234\nSo:\n#### 1,234"},
+]
+MATH = [
+    {
+        "problem": "What is $1/4 + 1/4$?",
+        "level": "Level 1",
+        "type": "Prealgebra",
+        "solution": "We add: $\\frac{1}{4}+\\frac{1}{4} = \\boxed{\\frac{1}{2}}$.",
+    },
+    {"problem": "Solve $x^2 = 4$, $x > 0$.", "solution": "Try $\\boxed{1}$? No.\nSo $x = \\fbox{2}$."},
+]
+DAPO = [
+    {
+        "data_source": "math_dapo",
+        "ability": "MATH",
+        "prompt": [
+            {"role": "system", "content": "Reason step by step."},
+            {"role": "user", "content": "A first draft."},
+            {"role": "user", "content": "What is 17 * 2?"},
+        ],
+        "reward_model": {"ground_truth": "34", "style": "rule-math"},
+        "extra_info": {"index": "a-1"},
+    }
+]
+AIME = [
+    {"ID": "2024-I-1", "Problem": "Find the answer to this AIME problem.", "Answer": 204},
+    {"ID": "2024-I-2", "Problem": "And this one.", "Answer": 25},
+]
 STYLES = {
     "gsm8k": (GSM8K, {}, [(GSM8K[0]["question"], "72"), (GSM8K[1]["question"], "1234")], data.FROM_HASHES),
     "math": (MATH, {}, [(MATH[0]["problem"], "\\frac{1}{2}"), (MATH[1]["problem"], "2")], data.FROM_BOXED),
     "dapo_auto": (DAPO, {}, [("What is 17 * 2?", "34")], data.AS_GIVEN),
-    "dapo_keyed": (DAPO, {"answer_key": "reward_model.ground_truth"}, [("What is 17 * 2?", "34")],
-                   data.AS_GIVEN),
+    "dapo_keyed": (DAPO, {"answer_key": "reward_model.ground_truth"}, [("What is 17 * 2?", "34")], data.AS_GIVEN),
     "aime": (AIME, {}, [(AIME[0]["Problem"], "204"), (AIME[1]["Problem"], "25")], data.AS_GIVEN),
 }
 
@@ -94,17 +110,14 @@ def test_each_layout_loads_to_problem_and_final_answer_in_each_format(tmp_path, 
         assert loaded[0]["solution"] == GSM8K[0]["answer"]  # the worked solution is kept
 
 
-@given(st.lists(st.tuples(texts, plain_answers | st.integers(), extras, st.booleans()), min_size=1,
-                max_size=8))
+@given(st.lists(st.tuples(texts, plain_answers | st.integers(), extras, st.booleans()), min_size=1, max_size=8))
 def test_jsonl_round_trips_with_extra_keys_and_question_alias(tmp_path_factory, rows):
     """Whatever is written (problem or question, extra keys, blank lines) loads back in order,
     with 'problem' set, a short answer as its (stripped) string and the extra keys kept."""
     path = tmp_path_factory.mktemp("d") / "p.jsonl"
     lines = []
     for problem, answer, extra, as_question in rows:
-        lines.append(
-            json.dumps({("question" if as_question else "problem"): problem, "answer": answer, **extra})
-        )
+        lines.append(json.dumps({("question" if as_question else "problem"): problem, "answer": answer, **extra}))
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     loaded = data.load_problems(str(path))
@@ -141,11 +154,18 @@ def test_the_last_boxed_content_is_the_answer_with_nested_braces(content, earlie
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(204, ("204", data.AS_GIVEN)), (204.0, ("204", data.AS_GIVEN)), (" 1/2 ", ("1/2", data.AS_GIVEN)),
-     ("3\n\nSo the answer is 3.", (None, "no final answer")), ("x" * 101, (None, "no final answer")),
-     ("work\n####  ", (None, "no final answer")), ("\\boxed{1", (None, "no final answer")),
-     (["3"], (None, "no final answer")), ("  ", (None, "no answer"))],
-)  # fmt: skip
+    [
+        (204, ("204", data.AS_GIVEN)),
+        (204.0, ("204", data.AS_GIVEN)),
+        (" 1/2 ", ("1/2", data.AS_GIVEN)),
+        ("3\n\nSo the answer is 3.", (None, "no final answer")),
+        ("x" * 101, (None, "no final answer")),
+        ("work\n####  ", (None, "no final answer")),
+        ("\\boxed{1", (None, "no final answer")),
+        (["3"], (None, "no final answer")),
+        ("  ", (None, "no answer")),
+    ],
+)
 def test_a_plain_value_is_its_string_and_a_long_solution_without_a_final_answer_is_none(value, expected):
     """A number or a short one-line text is the answer as given; a worked solution (several lines or
     over 100 characters) with neither '#### N' nor \\boxed, an empty or unclosed one, is none."""
@@ -156,13 +176,22 @@ def test_refused_rows_are_skipped_counted_by_reason_and_the_first_of_each_named(
     """Rows without a usable problem or answer are skipped; the summary counts them per reason and
     names the file:line of the first of each, in order of appearance."""
     path = tmp_path / "gsm8k.jsonl"
-    rows = [GSM8K[0], None, {"question": "Q", "answer": "A long\nworked solution\nwith no final line"},
-            {"answer": "3"}, {"question": "  ", "answer": "3"}, {"question": "Q2"},
-            {"question": "Q3", "answer": "So $\\boxed{5}$"}, {"question": "Q4", "answer": None}]  # fmt: skip
+    rows = [
+        GSM8K[0],
+        None,
+        {"question": "Q", "answer": "A long\nworked solution\nwith no final line"},
+        {"answer": "3"},
+        {"question": "  ", "answer": "3"},
+        {"question": "Q2"},
+        {"question": "Q3", "answer": "So $\\boxed{5}$"},
+        {"question": "Q4", "answer": None},
+    ]
     path.write_text("".join("\n" if r is None else json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     loaded, summary = data.load(str(path))
     assert [(r["problem"], r["answer"], r["id"]) for r in loaded] == [
-        (GSM8K[0]["question"], "72", "gsm8k-0"), ("Q3", "5", "gsm8k-5")]  # fmt: skip
+        (GSM8K[0]["question"], "72", "gsm8k-0"),
+        ("Q3", "5", "gsm8k-5"),
+    ]
     p = str(path)
     assert summary == (
         f"{p}: 7 rows, 2 answers (1 {data.FROM_HASHES}, 1 {data.FROM_BOXED}), 5 refused (1 no final answer: "
@@ -207,10 +236,12 @@ def test_a_chat_prompt_uses_the_last_user_message_and_keeps_the_messages(tmp_pat
 def test_trajectories_need_turns_and_rows_without_them_are_refused(tmp_path):
     """With trajectories=True a row also needs 'turns', a non-empty list of non-empty texts; the
     others are counted as 'no turns'."""
-    rows = [{"problem": "1+1?", "answer": "2", "turns": ["```python\nprint(1+1)\n```", "\\boxed{2}"]},
-            {"problem": "2+2?", "answer": "4", "turns": []},
-            {"problem": "3+3?", "answer": "6", "turns": ["", "x"]},
-            {"problem": "4+4?", "answer": "8"}]  # fmt: skip
+    rows = [
+        {"problem": "1+1?", "answer": "2", "turns": ["```python\nprint(1+1)\n```", "\\boxed{2}"]},
+        {"problem": "2+2?", "answer": "4", "turns": []},
+        {"problem": "3+3?", "answer": "6", "turns": ["", "x"]},
+        {"problem": "4+4?", "answer": "8"},
+    ]
     path = write(tmp_path, rows, "jsonl")
     loaded, summary = data.load(path, trajectories=True)
     assert [r["turns"] for r in loaded] == [rows[0]["turns"]]
@@ -221,9 +252,12 @@ def test_trajectories_need_turns_and_rows_without_them_are_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "bad, message",
-    [("{not json", r":3: not valid JSON"), ('["a list"]', r":3: expected a JSON object, got list"),
-     ("17", r":3: expected a JSON object, got int")],
-)  # fmt: skip
+    [
+        ("{not json", r":3: not valid JSON"),
+        ('["a list"]', r":3: expected a JSON object, got list"),
+        ("17", r":3: expected a JSON object, got int"),
+    ],
+)
 def test_a_bad_line_is_an_error_naming_the_file_and_line(tmp_path, bad, message):
     """A line that is not JSON or not an object raises DataError with file:line (the real line number)."""
     path = tmp_path / "p.jsonl"
@@ -234,13 +268,16 @@ def test_a_bad_line_is_an_error_naming_the_file_and_line(tmp_path, bad, message)
 
 @pytest.mark.parametrize(
     "text, message",
-    [('[{"problem": "1+1?", "answer": 2},\n {"problem": oops}]', r"set.json:2: not valid JSON"),
-     ('[{"problem": "1+1?", "answer": 2}, "text"]', r"set.json row 1: expected a JSON object, got str"),
-     ('{"data": [], "more": []}', r"exactly one list of rows.*has 2: \['data', 'more'\]"),
-     ('{"data": 3}', r"exactly one list of rows.*has 0"),
-     ('"text"', r"expected a JSON array of objects, got str"),
-     ("[]", r"set.json: no rows"), ("  \n", r"set.json: no rows")],
-)  # fmt: skip
+    [
+        ('[{"problem": "1+1?", "answer": 2},\n {"problem": oops}]', r"set.json:2: not valid JSON"),
+        ('[{"problem": "1+1?", "answer": 2}, "text"]', r"set.json row 1: expected a JSON object, got str"),
+        ('{"data": [], "more": []}', r"exactly one list of rows.*has 2: \['data', 'more'\]"),
+        ('{"data": 3}', r"exactly one list of rows.*has 0"),
+        ('"text"', r"expected a JSON array of objects, got str"),
+        ("[]", r"set.json: no rows"),
+        ("  \n", r"set.json: no rows"),
+    ],
+)
 def test_a_bad_json_file_is_an_error_naming_the_file_and_line_or_row(tmp_path, text, message):
     """A .json file that is not JSON (its line named), not a list of objects (the row named), or
     empty is a DataError."""
@@ -268,9 +305,13 @@ def test_read_jsonl_reads_any_jsonl_file_through_parse_and_names_bad_lines(tmp_p
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n\n[2]\n', encoding="utf-8")
     assert data.read_jsonl(str(path), lambda obj, where: (obj, where), "metrics") == [
-        ({"step": 1}, f"{path}:1"), ([2], f"{path}:3")]  # fmt: skip
-    for text, message in (("\n", "metrics.jsonl: no metrics in the file"),
-                          ('{"step": 1}\n{', "metrics.jsonl:2: not valid JSON")):
+        ({"step": 1}, f"{path}:1"),
+        ([2], f"{path}:3"),
+    ]
+    for text, message in (
+        ("\n", "metrics.jsonl: no metrics in the file"),
+        ('{"step": 1}\n{', "metrics.jsonl:2: not valid JSON"),
+    ):
         path.write_text(text, encoding="utf-8")
         with pytest.raises(data.DataError, match=message):
             data.read_jsonl(str(path), lambda obj, where: obj, "metrics")
@@ -289,13 +330,18 @@ def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "spec, asked",
-    [("hf:good", ("good", None, "train")), ("hf:good:test", ("good", None, "test")),
-     ("hf:good:validation", ("good", None, "validation")), ("hf:good:dev", ("good", None, "dev")),
-     ("hf:good:main", ("good", "main", "train")), ("hf:good:main:test", ("good", "main", "test")),
-     ("hf:good:train[:10]", ("good", None, "train[:10]")),
-     ("hf:good:main:test[5:9]", ("good", "main", "test[5:9]")),
-     ("hf:good::test", ("good", None, "test"))],
-)  # fmt: skip
+    [
+        ("hf:good", ("good", None, "train")),
+        ("hf:good:test", ("good", None, "test")),
+        ("hf:good:validation", ("good", None, "validation")),
+        ("hf:good:dev", ("good", None, "dev")),
+        ("hf:good:main", ("good", "main", "train")),
+        ("hf:good:main:test", ("good", "main", "test")),
+        ("hf:good:train[:10]", ("good", None, "train[:10]")),
+        ("hf:good:main:test[5:9]", ("good", "main", "test[5:9]")),
+        ("hf:good::test", ("good", None, "test")),
+    ],
+)
 def test_hf_spec_names_the_set_config_and_split(fake_datasets, spec, asked):
     """hf:NAME[:CONFIG][:SPLIT] asks `datasets` for that name, config and split: a lone second part
     is the split if it is a known split name or a slice, else the config; the split defaults to train."""
@@ -313,8 +359,9 @@ def test_hf_rows_go_through_the_same_adapters_and_refusals(fake_datasets):
     fake_datasets.tables["org/dapo"] = DAPO + [{"prompt": "No answer here."}, no_problem] + AIME[:1]
     loaded, summary = data.load("hf:org/dapo:train", answer_key="reward_model.ground_truth")
     assert [(r["problem"], r["answer"], r["id"]) for r in loaded] == [("What is 17 * 2?", "34", "org/dapo-0")]
-    assert summary.endswith("3 refused (2 no answer: first hf:org/dapo:train row 1; 1 no problem: first "
-                            "hf:org/dapo:train row 2)")  # fmt: skip
+    assert summary.endswith(
+        "3 refused (2 no answer: first hf:org/dapo:train row 1; 1 no problem: first hf:org/dapo:train row 2)"
+    )
     assert [r["answer"] for r in data.load_hf_dataset("hf:org/dapo")] == ["34", "204"]
     for bad in ("hf:", "hf:a:b:c:d"):
         with pytest.raises(data.DataError, match=r"expected hf:NAME\[:CONFIG\]\[:SPLIT\]"):
@@ -333,7 +380,7 @@ def test_hf_without_the_datasets_package_says_how_to_install_it(monkeypatch):
 
 def test_word_problems_load_through_the_gsm8k_adapter(tmp_path):
     """The built-in GSM8K-format word problems load with every answer taken from '#### N'."""
-    rows = data.word_problems(30, seed=3)
+    rows = tasks.word_problems(30, seed=3)
     loaded, summary = data.load(write(tmp_path, rows, "jsonl"))
     assert [r["answer"] for r in loaded] == [r["answer"].rsplit("#### ", 1)[1] for r in rows]
     assert summary.endswith(f"30 rows, 30 answers (30 {data.FROM_HASHES}), 0 refused")
@@ -342,9 +389,9 @@ def test_word_problems_load_through_the_gsm8k_adapter(tmp_path):
 def test_toy_held_out_and_validation_sets_are_disjoint_from_training_and_each_other():
     """The held-out set and the validation set (a third draw that excludes the held-out set)
     share no problem with the training draw or with each other, and cover every family."""
-    train = {p["problem"] for p in data.toy_problems(3000, seed=0)}
-    held_out = data.toy_held_out(100)
-    validation = data.toy_held_out(50, seed=2, exclude=held_out)
+    train = {p["problem"] for p in tasks.toy_problems(3000, seed=0)}
+    held_out = tasks.toy_held_out(100)
+    validation = tasks.toy_held_out(50, seed=2, exclude=held_out)
     held, val = {p["problem"] for p in held_out}, {p["problem"] for p in validation}
     assert not (held & train) and not (val & train) and not (held & val)
-    assert {p["family"] for p in validation} == set(data.TOY_FAMILIES)
+    assert {p["family"] for p in validation} == set(tasks.TOY_FAMILIES)

@@ -15,13 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import model as policies
 import sft
+
 from conftest import ROOT, run_script
 
 QUESTION = "What is 19^592 mod 1133?"
 
 # The README's example sits between these markers: the test runs the README's own text.
 README_START, README_END = "<!-- example:plain-transformers -->", "<!-- /example -->"
-
 
 
 def example_code():
@@ -42,9 +42,14 @@ def fake_training_checkpoint(path, policy, tokenizer):
     """A directory shaped like checkpoint.save's: the policy, the tokenizer, trainer.json,
     optimizer/, rng_rank0.pt, and Qwen2.5-Instruct's sampling settings in generation_config.json."""
     policy.generation_config = GenerationConfig(
-        eos_token_id=policy.config.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True,
-        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
-    )  # fmt: skip
+        eos_token_id=policy.config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        repetition_penalty=1.05,
+    )
     policies.save_policy(policy, tokenizer, path)
     with open(os.path.join(path, "trainer.json"), "w") as f:
         json.dump({"step": 3, "optimizer": True}, f)
@@ -103,8 +108,14 @@ def run_example(model_dir, tmp_path, max_new_tokens):
     script.write_text("import torch; torch.manual_seed(0)\n" + code)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-W", "error", str(script), model_dir], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script), model_dir],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout, done.stderr
 

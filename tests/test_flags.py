@@ -1,5 +1,5 @@
 """Every flag of train.py and eval.py is checked before any work: each field of their config
-dataclasses declares its valid values beside its meaning (launch.arg), a value outside them is one
+dataclasses declares its valid values beside its meaning (config.arg), a value outside them is one
 error line naming the flag, the value and the range, with exit code 2, and a value inside them is
 accepted. The tests read the dataclasses, so a flag added later is covered without a new test."""
 
@@ -16,21 +16,25 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import config
 import eval as evaluation
-import launch
+import parallel
 import train
+
 from conftest import ROOT, SMALL, run_script
 
-WORLD = launch.World(0, 1, torch.device("cpu"))
+WORLD = parallel.World(0, 1, torch.device("cpu"))
 SCRIPTS = {
-    "train.py": (train.Config, train.parse_args),
-    "eval.py": (evaluation.Config, lambda argv: launch.parse_config(evaluation.Config, prog="eval.py",
-                                                                   description="", argv=argv)),
-}  # fmt: skip
+    "train.py": (config.TrainConfig, train.parse_args),
+    "eval.py": (
+        config.EvalConfig,
+        lambda argv: config.parse_config(config.EvalConfig, prog="eval.py", description="", argv=argv),
+    ),
+}
 
 
-def checked_fields(config):
-    return [f for f in dataclasses.fields(config) if f.metadata.get("valid") is not None]
+def checked_fields(config_cls):
+    return [f for f in dataclasses.fields(config_cls) if f.metadata.get("valid") is not None]
 
 
 def number_type(f):
@@ -42,7 +46,7 @@ def outside(f):
     valid = f.metadata["valid"]
     if isinstance(valid, tuple):
         return st.text(min_size=1, max_size=12).filter(lambda t: t not in valid)
-    low, low_in, high, high_in = launch.range_bounds(valid)
+    low, low_in, high, high_in = config.range_bounds(valid)
     below = low - 1 if low_in else low  # the highest value that is out below
     above = high + 1 if high_in else high
     if number_type(f) is int:
@@ -62,42 +66,47 @@ def inside(f):
     valid = f.metadata["valid"]
     if isinstance(valid, tuple):
         return st.sampled_from(valid)
-    low, low_in, high, high_in = launch.range_bounds(valid)
+    low, low_in, high, high_in = config.range_bounds(valid)
     if number_type(f) is int:
         first = int(low) if low_in else int(low) + 1
         return st.integers(min_value=first, max_value=None if high == math.inf else int(high))
-    return st.floats(min_value=None if low == -math.inf else low, max_value=None if high == math.inf else high,
-                     exclude_min=not low_in and low > -math.inf, exclude_max=not high_in and high < math.inf,
-                     allow_nan=False, allow_infinity=False)  # fmt: skip
+    return st.floats(
+        min_value=None if low == -math.inf else low,
+        max_value=None if high == math.inf else high,
+        exclude_min=not low_in and low > -math.inf,
+        exclude_max=not high_in and high < math.inf,
+        allow_nan=False,
+        allow_infinity=False,
+    )
 
 
 def flag_text(value):
     return repr(value) if isinstance(value, float) else str(value)
 
 
-FIELDS = [(script, f) for script, (config, _) in SCRIPTS.items() for f in checked_fields(config)]
+FIELDS = [(script, f) for script, (config_cls, _) in SCRIPTS.items() for f in checked_fields(config_cls)]
 
 
 def test_every_numeric_and_choice_field_declares_its_valid_values():
     """Every int and float field of both configs, and every str field with a fixed set of values,
     declares them, and --help shows them."""
     fixed_sets = {"algo", "shaping", "adv_norm", "loss_denominator", "loss_agg", "device", "parallel", "report_to"}
-    for script, (config, _) in SCRIPTS.items():
-        for f in dataclasses.fields(config):
+    for script, (config_cls, _) in SCRIPTS.items():
+        for f in dataclasses.fields(config_cls):
             if f.type in (int, float) or f.name in fixed_sets:
                 assert f.metadata.get("valid") is not None, (script, f.name)
             valid = f.metadata.get("valid")
             if valid is not None:
-                shown = launch.default_text(f, f.default)
+                shown = config.default_text(config_cls, f, f.default)
                 assert (", ".join(valid) if isinstance(valid, tuple) else valid) in shown, (script, f.name, shown)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_usage_guides_flag_tables_are_the_configs(script):
-    """docs/usage.md holds each script's flag table exactly as launch.flag_table makes it from the
+    """docs/usage.md holds each script's flag table exactly as config.flag_table makes it from the
     config dataclass: every flag with its default, valid values and meaning, never stale."""
     with open(os.path.join(ROOT, "docs", "usage.md"), encoding="utf-8") as f:
-        assert launch.flag_table(SCRIPTS[script][0]) in f.read()
+        assert config.flag_table(SCRIPTS[script][0]) in f.read()
 
 
 @given(data=st.data())
@@ -131,10 +140,10 @@ def test_a_value_inside_a_flags_range_is_accepted(data):
     assert getattr(cfg, f.name) == value or math.isclose(getattr(cfg, f.name), value)
     try:
         if script == "train.py":
-            train.check_config(cfg, WORLD)
+            config.check_config(cfg, WORLD)
         else:
             evaluation.resolve(dataclasses.replace(cfg, data=["toy"], model="demo"))
-    except launch.ConfigError as e:
+    except config.ConfigError as e:
         assert f"--{f.name}" in str(e), e
 
 
@@ -162,57 +171,101 @@ def test_a_bad_flag_stops_the_command_before_any_work(script, tmp_path):
 )
 def test_combinations_that_cannot_work_are_refused_with_the_reason(flags, message):
     """Values that are each valid but cannot work together are one ConfigError with the reason."""
-    cfg = train.Config(**{**SMALL, **flags})
-    with pytest.raises(launch.ConfigError, match=message):
-        train.check_config(cfg, WORLD)
+    cfg = config.TrainConfig(**{**SMALL, **flags})
+    with pytest.raises(config.ConfigError, match=message):
+        config.check_config(cfg, WORLD)
 
 
 def test_more_ranks_than_problems_per_step_is_refused():
     """Under torchrun every rank owns whole problem groups: fewer problems per step than ranks is
     refused, naming the number of ranks."""
-    cfg = train.Config(**{**SMALL, "prompts_per_step": 2})
-    with pytest.raises(launch.ConfigError, match="--prompts_per_step 2: must be a multiple of the 4 ranks"):
-        train.check_config(cfg, launch.World(0, 4, torch.device("cpu")))
+    cfg = config.TrainConfig(**{**SMALL, "prompts_per_step": 2})
+    with pytest.raises(config.ConfigError, match="--prompts_per_step 2: must be a multiple of the 4 ranks"):
+        config.check_config(cfg, parallel.World(0, 4, torch.device("cpu")))
 
 
 def test_a_prompt_longer_than_the_token_budget_is_refused_before_any_work(sft_model, tmp_path):
     """A --max_total_tokens that the chat prompt of a problem already fills is refused with the
     problem named, before the model is loaded or anything is written."""
-    cfg = train.Config(model=sft_model, out_dir=str(tmp_path), sft_steps=0, max_steps=1,
-                       **{**SMALL, "max_total_tokens": 8, "max_turn_tokens": 4})  # fmt: skip
-    with pytest.raises(launch.ConfigError, match=r"--max_total_tokens 8: the prompt of --data problem .* has \d+ tokens"):
+    cfg = config.TrainConfig(
+        model=sft_model,
+        out_dir=str(tmp_path),
+        sft_steps=0,
+        max_steps=1,
+        **{**SMALL, "max_total_tokens": 8, "max_turn_tokens": 4},
+    )
+    with pytest.raises(
+        config.ConfigError, match=r"--max_total_tokens 8: the prompt of --data problem .* has \d+ tokens"
+    ):
         train.main(cfg)
     assert not list(tmp_path.iterdir())
 
 
 EDGES = [
-    {"warmup_steps": 0}, {"gamma": 0.0}, {"alpha": 0.0}, {"kl_coef": 0.0}, {"max_grad_norm": 0.0}, {"seed": 0},
-    {"gamma": 1.0}, {"alpha": 1.0}, {"top_p": 1.0}, {"format_penalty": 0.0}, {"clip_low": 0.0, "clip_high": 0.0},
-    {"seed": 2147483647}, {"group_size": 1},
-]  # fmt: skip
+    {"warmup_steps": 0},
+    {"gamma": 0.0},
+    {"alpha": 0.0},
+    {"kl_coef": 0.0},
+    {"max_grad_norm": 0.0},
+    {"seed": 0},
+    {"gamma": 1.0},
+    {"alpha": 1.0},
+    {"top_p": 1.0},
+    {"format_penalty": 0.0},
+    {"clip_low": 0.0, "clip_high": 0.0},
+    {"seed": 2147483647},
+    {"group_size": 1},
+]
 
 
-TOGETHER = [{k: v for e in EDGES[:6] + EDGES[9:11] for k, v in e.items()},  # every lower edge at once
-            {k: v for e in EDGES[6:9] + EDGES[11:] for k, v in e.items()}]  # every upper one  # fmt: skip
+TOGETHER = [
+    {k: v for e in EDGES[:6] + EDGES[9:11] for k, v in e.items()},  # every lower edge at once
+    {k: v for e in EDGES[6:9] + EDGES[11:] for k, v in e.items()},
+]  # every upper one
 
 
-@pytest.mark.parametrize("edge", [pytest.param(e, marks=pytest.mark.slow) for e in EDGES] + TOGETHER,
-                         ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()))  # fmt: skip
+@pytest.mark.parametrize(
+    "edge",
+    [pytest.param(e, marks=pytest.mark.slow) for e in EDGES] + TOGETHER,
+    ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()),
+)
 def test_a_legitimate_edge_value_trains_one_step(edge, sft_model, tmp_path):
     """Each edge value at the end of a range runs one tiny RL step to its checkpoint with finite
     metrics (one run per value is slow-marked; the default suite runs the lower edges together
     and the upper edges together)."""
-    cfg = train.Config(model=sft_model, out_dir=str(tmp_path), sft_steps=0, max_steps=1, **{**SMALL, **edge})
+    cfg = config.TrainConfig(model=sft_model, out_dir=str(tmp_path), sft_steps=0, max_steps=1, **{**SMALL, **edge})
     train.main(cfg)
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["step"] == 1 and all(math.isfinite(v) for v in record.values() if isinstance(v, float)), record
     assert (tmp_path / "checkpoints" / "step_1").is_dir()
 
 
-SURVEY_BASE = ["--sft_steps", "0", "--max_steps", "1", "--eval_size", "0", "--demo_size", "64x2", "--toy_size", "200",
-               "--prompts_per_step", "2", "--group_size", "2", "--max_turn_tokens", "32", "--sandbox_workers", "2"]  # fmt: skip
-SURVEY = [(f.name, value) for f in dataclasses.fields(train.Config) if f.type in (int, float)
-          for value in ((0, -1) if f.type is int else (0.0, -1.0, math.nan))]  # fmt: skip
+SURVEY_BASE = [
+    "--sft_steps",
+    "0",
+    "--max_steps",
+    "1",
+    "--eval_size",
+    "0",
+    "--demo_size",
+    "64x2",
+    "--toy_size",
+    "200",
+    "--prompts_per_step",
+    "2",
+    "--group_size",
+    "2",
+    "--max_turn_tokens",
+    "32",
+    "--sandbox_workers",
+    "2",
+]
+SURVEY = [
+    (f.name, value)
+    for f in dataclasses.fields(config.TrainConfig)
+    if f.type in (int, float)
+    for value in ((0, -1) if f.type is int else (0.0, -1.0, math.nan))
+]
 
 
 @pytest.mark.slow
@@ -225,9 +278,9 @@ def test_the_survey_every_numeric_flag_at_0_minus_1_and_nan(name, value, tmp_pat
     args = [sys.executable, "train.py", "--out_dir", str(tmp_path / "run"), *SURVEY_BASE, f"--{name}={value}"]
     done = run_script(args, timeout=600)
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
-    valid = train.Config.__dataclass_fields__[name].metadata["valid"]
-    if not launch.in_range(value, valid):
+    valid = config.TrainConfig.__dataclass_fields__[name].metadata["valid"]
+    if not config.in_range(value, valid):
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-        assert f"--{name} {value!r}: must be {launch.range_text(valid)}" in done.stderr, done.stderr
+        assert f"--{name} {value!r}: must be {config.range_text(valid)}" in done.stderr, done.stderr
     elif done.returncode != 0:
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and f"--{name} " in done.stderr, done.stderr

@@ -17,9 +17,7 @@ ATOL = 1e-6
 
 # Rewards the project actually produces (0, 1, -0.1, shaped partial credit) plus a spread of
 # exact binary fractions, so statistics stay well conditioned.
-reward_values = st.one_of(
-    st.sampled_from([0.0, 1.0, -0.1, 0.45, 0.9]), st.integers(-40, 40).map(lambda k: k / 8)
-)
+reward_values = st.one_of(st.sampled_from([0.0, 1.0, -0.1, 0.45, 0.9]), st.integers(-40, 40).map(lambda k: k / 8))
 # 0 exactly, or at least 1e-6: a gamma within rounding of 0 (2e-16, or a subnormal 2e-313) makes
 # returns that differ only in their last bits or underflow, where scaling rounds them equal and a
 # reference's std divides by 0: float rounding of the inputs, not a property of the code.
@@ -147,9 +145,7 @@ def test_returns_match_the_reference_loop(batch, gamma):
     """The vectorised returns equal the loop over sum_{m=j..T} gamma^(m-j) r_m to 1e-6."""
     rewards, turn_mask, _ = batch
     expected = reference_returns(rewards, turn_mask, gamma)
-    torch.testing.assert_close(
-        gtpo.discounted_returns(rewards, turn_mask, gamma), expected, atol=ATOL, rtol=0
-    )
+    torch.testing.assert_close(gtpo.discounted_returns(rewards, turn_mask, gamma), expected, atol=ATOL, rtol=0)
 
 
 def test_a_turn_mask_that_is_not_a_prefix_is_rejected_naming_the_row():
@@ -170,12 +166,8 @@ def test_masked_turns_never_influence_any_advantage(batch, gamma, mode, junk):
     fill = torch.tensor(junk, dtype=torch.float64).repeat(rewards.numel())[: rewards.numel()].view_as(rewards)
     returns = gtpo.discounted_returns(rewards, turn_mask, gamma)
     advantages = gtpo.normalize(returns, turn_mask, group_index, mode)
-    assert torch.equal(
-        gtpo.discounted_returns(torch.where(turn_mask, rewards, fill), turn_mask, gamma), returns
-    )
-    assert torch.equal(
-        gtpo.normalize(torch.where(turn_mask, returns, fill), turn_mask, group_index, mode), advantages
-    )
+    assert torch.equal(gtpo.discounted_returns(torch.where(turn_mask, rewards, fill), turn_mask, gamma), returns)
+    assert torch.equal(gtpo.normalize(torch.where(turn_mask, returns, fill), turn_mask, group_index, mode), advantages)
     assert torch.isfinite(advantages).all()
 
 
@@ -217,9 +209,7 @@ def test_normalize_matches_the_reference_loop(batch, gamma, mode, eps):
     rewards, turn_mask, group_index = batch
     returns = gtpo.discounted_returns(rewards, turn_mask, gamma)
     expected = reference_normalize(returns, turn_mask, group_index, mode, eps)
-    torch.testing.assert_close(
-        gtpo.normalize(returns, turn_mask, group_index, mode, eps), expected, atol=ATOL, rtol=0
-    )
+    torch.testing.assert_close(gtpo.normalize(returns, turn_mask, group_index, mode, eps), expected, atol=ATOL, rtol=0)
 
 
 @given(turn_batches(), modes, st.floats(0.01, 100.0), st.floats(-100.0, 100.0))
@@ -269,15 +259,9 @@ def test_single_turn_gtpo_reduces_to_grpo(batch, gamma, eps):
     single = torch.zeros_like(turn_mask)
     single[:, 0] = True
     returns = gtpo.discounted_returns(rewards, single, gamma)  # = rewards on turn 1
-    for mode, groups in (
-        ("group", group_index),
-        ("turn", group_index),
-        ("batch", torch.zeros_like(group_index)),
-    ):
+    for mode, groups in (("group", group_index), ("turn", group_index), ("batch", torch.zeros_like(group_index))):
         gtpo_adv = gtpo.normalize(returns, single, group_index, mode, eps)[:, 0]
-        torch.testing.assert_close(
-            gtpo_adv, gtpo.grpo_advantages(rewards[:, 0], groups, eps), atol=1e-12, rtol=0
-        )
+        torch.testing.assert_close(gtpo_adv, gtpo.grpo_advantages(rewards[:, 0], groups, eps), atol=1e-12, rtol=0)
 
 
 @given(turn_batches(min_turns=1))
@@ -299,9 +283,7 @@ def test_grpo_trajectories_left_out_get_zero_and_do_not_move_the_others(batch, d
     mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(r), max_size=len(r))))
     adv = gtpo.grpo_advantages(r, group_index, 0.0, mask=mask)
     assert torch.equal(adv[~mask], torch.zeros_like(adv[~mask]))
-    torch.testing.assert_close(
-        adv[mask], gtpo.grpo_advantages(r[mask], group_index[mask], 0.0), atol=1e-12, rtol=0
-    )
+    torch.testing.assert_close(adv[mask], gtpo.grpo_advantages(r[mask], group_index[mask], 0.0), atol=1e-12, rtol=0)
 
 
 def test_flat_sets_give_finite_gradients_to_the_values():
@@ -366,9 +348,7 @@ def loss_inputs(draw, max_n=5, max_l=7):
     N, L = draw(st.integers(1, max_n)), draw(st.integers(1, max_l))
 
     def tensor(elements):
-        return torch.tensor(
-            draw(st.lists(elements, min_size=N * L, max_size=N * L)), dtype=torch.float64
-        ).view(N, L)
+        return torch.tensor(draw(st.lists(elements, min_size=N * L, max_size=N * L)), dtype=torch.float64).view(N, L)
 
     old_logp = tensor(st.floats(-6.0, 0.0))
     logp = old_logp + tensor(st.floats(-0.7, 0.7))
@@ -384,9 +364,7 @@ def test_policy_loss_matches_the_reference_loop(inputs, cl, ch, agg, with_ref, k
     logp, old_logp, advantages, loss_mask = inputs
     ref = old_logp - 0.3 if with_ref else None
     kl_coef = kl_coef if with_ref else 0.0
-    loss, _ = gtpo.policy_loss(
-        logp, old_logp, advantages, loss_mask, cl, ch, agg, ref_logp=ref, kl_coef=kl_coef
-    )
+    loss, _ = gtpo.policy_loss(logp, old_logp, advantages, loss_mask, cl, ch, agg, ref_logp=ref, kl_coef=kl_coef)
     expected = reference_policy_loss(logp, old_logp, advantages, loss_mask, cl, ch, agg, ref, kl_coef)
     assert abs(float(loss) - expected) < ATOL
 
@@ -420,11 +398,7 @@ def test_kl_coef_without_a_reference_is_an_error():
     """Asking for a KL penalty without reference log-probs fails loudly instead of being ignored."""
     with pytest.raises(AssertionError, match="ref_logp"):
         gtpo.policy_loss(
-            torch.zeros(1, 2),
-            torch.zeros(1, 2),
-            torch.ones(1, 2),
-            torch.ones(1, 2, dtype=torch.bool),
-            kl_coef=0.1,
+            torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool), kl_coef=0.1
         )
 
 
@@ -463,12 +437,7 @@ def test_clipping_stops_the_gradient_exactly_where_ppo_says(inputs, cl, ch):
     assert abs(float(stats["clip_frac"]) - int((clipped & loss_mask).sum()) / count) < 1e-12
 
 
-@given(
-    loss_inputs(max_n=8),
-    aggregations,
-    st.floats(0.0, 0.5),
-    st.lists(st.integers(1, 7), min_size=1, max_size=8),
-)
+@given(loss_inputs(max_n=8), aggregations, st.floats(0.0, 0.5), st.lists(st.integers(1, 7), min_size=1, max_size=8))
 def test_micro_batches_with_global_counts_sum_to_the_full_batch(inputs, agg, kl_coef, cuts):
     """Splitting the rows into micro-batches and passing the global num_tokens and num_seqs makes
     the losses and the gradients sum to the full batch's: accumulation and data parallelism are exact."""
@@ -477,9 +446,7 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch(inputs, agg, kl_
     N = logp.shape[0]
     bounds = sorted({0, N, *[c for c in cuts if c < N]})
     full_logp = logp.clone().requires_grad_(True)
-    full, _ = gtpo.policy_loss(
-        full_logp, old_logp, advantages, loss_mask, agg=agg, ref_logp=ref, kl_coef=kl_coef
-    )
+    full, _ = gtpo.policy_loss(full_logp, old_logp, advantages, loss_mask, agg=agg, ref_logp=ref, kl_coef=kl_coef)
     full.backward()
     num_tokens, num_seqs = loss_mask.sum(), loss_mask.any(dim=1).sum()
     micro_logp = logp.clone().requires_grad_(True)
@@ -508,8 +475,7 @@ def test_the_three_aggregations_agree_when_every_token_is_trained(inputs, cl, ch
     logp, old_logp, advantages, _ = inputs
     everything = torch.ones_like(logp, dtype=torch.bool)
     losses = [
-        float(gtpo.policy_loss(logp, old_logp, advantages, everything, cl, ch, agg)[0])
-        for agg in gtpo.AGGREGATIONS
+        float(gtpo.policy_loss(logp, old_logp, advantages, everything, cl, ch, agg)[0]) for agg in gtpo.AGGREGATIONS
     ]
     assert max(losses) - min(losses) < 1e-12
 
@@ -533,9 +499,7 @@ def test_untrained_positions_holding_inf_or_nan_give_finite_loss_and_gradients()
     advantages = torch.tensor([[1.0, math.inf, 2.0]])
     for agg in gtpo.AGGREGATIONS:
         logp.grad = None
-        loss, stats = gtpo.policy_loss(
-            logp, old_logp, advantages, loss_mask, agg=agg, ref_logp=old_logp, kl_coef=0.1
-        )
+        loss, stats = gtpo.policy_loss(logp, old_logp, advantages, loss_mask, agg=agg, ref_logp=old_logp, kl_coef=0.1)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
         assert all(torch.isfinite(v) for v in stats.values())

@@ -5,6 +5,7 @@ bf16 compute (the autocast path GPUs run) caches keys and values in one dtype.""
 
 import ast
 import contextlib
+import dataclasses
 import datetime
 import glob
 import os
@@ -16,16 +17,19 @@ import torch._lazy
 import torch._lazy.ts_backend
 import torch.distributed as dist
 
-import data
+import config
 import eval as evaluation
-import launch
+import grading
 import metrics
 import model
+import parallel
 import rewards
 import rollout
 import sandbox
 import sft
+import tasks
 import train
+
 from conftest import ROOT
 
 torch._lazy.ts_backend.init()
@@ -33,22 +37,22 @@ LAZY = torch.device("lazy", 0)  # a device other than the CPU on which tensors s
 
 
 class RecordingDist:
-    """A stand-in for torch.distributed in launch: two ranks holding the same data (a sum
+    """A stand-in for torch.distributed in parallel.py: two ranks holding the same data (a sum
     doubles, a gather repeats), recording the device of every tensor handed to a collective and
-    whether it came from launch.on_device."""
+    whether it came from parallel.on_device."""
 
     ReduceOp = dist.ReduceOp
 
     def __init__(self, monkeypatch):
         self.seen, self.placed = [], []  # (collective, device, placed by on_device); tensors kept alive
-        placed_by = launch.on_device
+        placed_by = parallel.on_device
 
         def on_device(t, world):
             self.placed.append(placed_by(t, world))
             return self.placed[-1]
 
-        monkeypatch.setattr(launch, "on_device", on_device)
-        monkeypatch.setattr(launch, "dist", self)
+        monkeypatch.setattr(parallel, "on_device", on_device)
+        monkeypatch.setattr(parallel, "dist", self)
 
     def _saw(self, name, t):
         self.seen.append((name, t.device, any(t is p for p in self.placed)))
@@ -82,7 +86,7 @@ class RecordingDist:
 def teacher_groups(tokenizer, session, problems=2, group_size=4):
     """Toy problems, each with the teacher's trajectory, one with a wrong answer, and copies."""
     trajs, rows = [], []
-    for p in data.toy_problems(problems, seed=3):
+    for p in tasks.toy_problems(problems, seed=3):
         prompt = model.chat_prompt_ids(tokenizer, p["problem"], system=None)
         for turns in [p["teacher"], p["teacher"][:-1] + ["\\boxed{0}"]] * (group_size // 2):
             session.reset()
@@ -97,73 +101,148 @@ def test_every_collective_gets_its_tensors_on_the_runs_device(monkeypatch):
     filter, the update's planning,
     metrics reduction, evaluation, the parity check and broadcasting hand to a collective is on
     the run's device, and results come back on the caller's; with the CPU as the run's device
-    the update and SFT hand over only tensors placed by launch.on_device."""
+    the update and SFT hand over only tensors placed by parallel.on_device."""
     fake = RecordingDist(monkeypatch)
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0)
-    world = launch.World(0, 2, LAZY)
+    world = parallel.World(0, 2, LAZY)
     with sandbox.Session() as session:
         trajs, rows = teacher_groups(tokenizer, session)
     group_index = torch.arange(2).repeat_interleave(4)
-    grader = rewards.Grader()
+    grader = grading.Grader()
     for algo in ("gtpo", "grpo"):
-        cfg = train.Config(algo=algo, prompts_per_step=4, group_size=4, micro_batch_size=2)
-        derived = train.check_config(cfg, world)
-        scored = train.score(trajs, rows, group_index, cfg=cfg, derived=derived, world=world, grader=grader,
-                             embedder=rewards.make_embedder("tokens", tokenizer))  # fmt: skip
+        cfg = config.TrainConfig(algo=algo, prompts_per_step=4, group_size=4, micro_batch_size=2)
+        derived = config.check_config(cfg, world)
+        scored = rewards.score(
+            trajs,
+            rows,
+            group_index,
+            cfg=cfg,
+            derived=derived,
+            world=world,
+            grader=grader,
+            embedder=rewards.make_embedder("tokens", tokenizer),
+        )
         assert scored.turn_advantages.device.type == "cpu" and scored.trained.any()
-    plan = launch.plan_minibatches(trajs, forwarded=scored.trained, counted=scored.counted, mini_batch_size=4,
-                                   micro_batch_size=2, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    halves = dataclasses.replace(cfg, mini_batch_size=4, micro_batch_size=2)
+    plan = train.plan_minibatches(
+        trajs, forwarded=scored.trained, counted=scored.counted, cfg=halves, world=world, pad=tokenizer.pad_token_id
+    )
     assert plan[0].num_tokens == 2 * sum(sum(trajs[i].loss_mask) for i in (0, 4))  # both ranks' rows
-    sums = metrics.step_sums(trajs, scored, groups=2, drawn=dict.fromkeys(metrics.DRAWN, 1),
-                             update_sums=dict.fromkeys(UPDATE_SUMS, 0.0),
-                             times=dict.fromkeys(("t_rollout", "t_reward", "t_old_logp", "t_update"), 0.0))  # fmt: skip
+    sums = metrics.step_sums(
+        trajs,
+        scored,
+        groups=2,
+        drawn=dict.fromkeys(metrics.DRAWN, 1),
+        update_sums=dict.fromkeys(UPDATE_SUMS, 0.0),
+        times=dict.fromkeys(("t_rollout", "t_reward", "t_old_logp", "t_update"), 0.0),
+    )
     assert metrics.reduce(1, sums, lr=1e-3, world=world)["accuracy"] == 0.5
     scores = rewards.outcome_scores(trajs, rows, grader=grader)  # (8,) a right and a wrong one per pair
-    monkeypatch.setattr(train, "sample_groups", lambda step, position, run, **_: (rows[::4], trajs, scores))
-    filtering = train.Config(prompts_per_step=4, group_size=4, filter_groups=True)
-    drawn = train.draw_groups(1, types.SimpleNamespace(data_position=0), cfg=filtering, world=world,
-                              derived=train.check_config(filtering, world))  # fmt: skip
+    monkeypatch.setattr(train, "sample_groups", lambda step, position, run: (rows[::4], trajs, scores))
+    filtering = config.TrainConfig(prompts_per_step=4, group_size=4, filter_groups=True)
+    stand_in = types.SimpleNamespace(data_position=0, cfg=filtering, world=world)
+    stand_in.derived = config.check_config(filtering, world)
+    drawn = train.draw_groups(1, stand_in)
     assert drawn.trajs == trajs and drawn.counts["groups_varied"] == 4
     with sandbox.Pool(4) as pool:
-        run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=launch.LogProbs(policy), pool=pool,
-                             grader=grader, problems=[])  # fmt: skip
-        accuracy = train.evaluate(run, rows[:1], cfg=cfg, derived=derived, world=world, temperature=0.0)
+        run = train.RunState(
+            cfg=cfg,
+            derived=derived,
+            world=world,
+            policy=policy,
+            tokenizer=tokenizer,
+            wrapped=parallel.LogProbs(policy),
+            pool=pool,
+            grader=grader,
+            problems=[],
+        )
+        accuracy = train.evaluate(run, rows[:1], temperature=0.0)
     assert 0 <= accuracy <= 1
-    assert launch.check_in_sync(launch.LogProbs(policy), world) is True
-    launch.replicate(launch.LogProbs(policy), world)
+    assert parallel.check_in_sync(parallel.LogProbs(policy), world) is True
+    parallel.replicate(parallel.LogProbs(policy), world)
     on_lazy = set(fake.seen)
     assert {name for name, _, _ in on_lazy} == {"all_reduce", "all_gather", "broadcast"}
     assert {(device, placed) for _, device, placed in on_lazy} == {(LAZY, True)}
 
     fake.seen.clear()
-    world = launch.World(0, 2, torch.device("cpu"))
-    cfg = train.Config(prompts_per_step=4, group_size=4, micro_batch_size=2, sft_steps=1, sft_batch_size=4,
-                       sft_check_every=0)  # fmt: skip
-    wrapped = launch.LogProbs(policy)
+    world = parallel.World(0, 2, torch.device("cpu"))
+    cfg = config.TrainConfig(
+        prompts_per_step=4, group_size=4, micro_batch_size=2, sft_steps=1, sft_batch_size=4, sft_check_every=0
+    )
+    wrapped = parallel.LogProbs(policy)
     optimizer = torch.optim.SGD(policy.parameters(), lr=1e-3)
-    train.update(wrapped, optimizer, trajs, turn_advantages=scored.turn_advantages, trained=scored.trained,
-                 counted=scored.counted, cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    train.update(
+        wrapped,
+        optimizer,
+        trajs,
+        turn_advantages=scored.turn_advantages,
+        trained=scored.trained,
+        counted=scored.counted,
+        cfg=cfg,
+        world=world,
+        pad=tokenizer.pad_token_id,
+    )
     sft.run(wrapped, tokenizer, [dict(p, turns=p["teacher"]) for p in rows[::4]], cfg=cfg, world=world)
     grader.close()
     assert fake.seen and all(placed for _, _, placed in fake.seen)
 
 
-UPDATE_SUMS = ("loss", "clip_frac", "approx_kl", "ratio", "kl_ref", "grad_norm", "skipped", "optimizer_steps",
-               "no_signal")  # fmt: skip
-TENSOR_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-                      "broadcast", "all_to_all", "all_to_all_single", "gather", "scatter", "reduce", "send", "recv",
-                      "isend", "irecv"}  # fmt: skip
-COLLECTIVES = TENSOR_COLLECTIVES | {"all_gather_object", "broadcast_object_list", "gather_object",
-                                    "scatter_object_list", "barrier", "monitored_barrier"}  # fmt: skip
+UPDATE_SUMS = (
+    "loss",
+    "clip_frac",
+    "approx_kl",
+    "ratio",
+    "kl_ref",
+    "grad_norm",
+    "skipped",
+    "optimizer_steps",
+    "no_signal",
+)
+TENSOR_COLLECTIVES = {
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "reduce",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+}
+COLLECTIVES = TENSOR_COLLECTIVES | {
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "scatter_object_list",
+    "barrier",
+    "monitored_barrier",
+}
 
 
 def distributed_calls(tree):
     """(function name, collective) of every call of a torch.distributed collective in a module."""
-    aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
-               if a.name == "torch.distributed"}  # fmt: skip
-    aliases |= {"dist"} if any(isinstance(n, ast.ImportFrom) and n.module == "torch" and
-                               any(a.name == "distributed" for a in n.names) for n in ast.walk(tree)) else set()  # fmt: skip
+    aliases = {
+        a.asname or a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import)
+        for a in n.names
+        if a.name == "torch.distributed"
+    }
+    aliases |= (
+        {"dist"}
+        if any(
+            isinstance(n, ast.ImportFrom) and n.module == "torch" and any(a.name == "distributed" for a in n.names)
+            for n in ast.walk(tree)
+        )
+        else set()
+    )
     calls = []
     for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
         for node in ast.walk(fn):
@@ -171,45 +250,50 @@ def distributed_calls(tree):
                 owner = ast.unparse(node.func.value)
                 if owner in aliases or owner == "torch.distributed":
                     calls.append((fn, node.func.attr))
-    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "torch.distributed"
-                for a in n.names if a.name in COLLECTIVES]  # fmt: skip
+    imported = [
+        a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module == "torch.distributed"
+        for a in n.names
+        if a.name in COLLECTIVES
+    ]
     return calls, imported
 
 
-def test_only_launch_calls_collectives_and_each_tensor_passes_through_on_device():
-    """No project module but launch.py calls a torch.distributed collective (they all go through
-    launch's helpers), and in launch.py every function that hands a tensor to one also calls
+def test_only_parallel_calls_collectives_and_each_tensor_passes_through_on_device():
+    """No project module but parallel.py calls a torch.distributed collective (they all go through
+    parallel.py's helpers), and in parallel.py every function that hands a tensor to one also calls
     on_device."""
     for path in sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py"))):
         with open(path) as f:
             calls, imported = distributed_calls(ast.parse(f.read()))
         name = os.path.relpath(path, ROOT)
         assert not imported, f"{name} imports {imported} from torch.distributed"
-        if name != "launch.py":
-            assert not calls, f"{name} calls {[c for _, c in calls]} directly: use launch's helpers"
+        if name != "parallel.py":
+            assert not calls, f"{name} calls {[c for _, c in calls]} directly: use parallel.py's helpers"
             continue
-        assert calls, "launch.py should hold the collectives"
+        assert calls, "parallel.py should hold the collectives"
         for fn, collective in calls:
             if collective in TENSOR_COLLECTIVES:
                 called = {ast.unparse(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
-                assert "on_device" in called, f"launch.{fn.name} hands {collective} a tensor not from on_device"
+                assert "on_device" in called, f"parallel.{fn.name} hands {collective} a tensor not from on_device"
 
 
 def test_the_process_group_waits_the_configured_timeout(monkeypatch):
     """Under torchrun the process group is made with an explicit timeout (default
-    launch.TIMEOUT_MINUTES, long enough for rank 0 to write a 7B checkpoint while the others
+    config.TIMEOUT_MINUTES, long enough for rank 0 to write a 7B checkpoint while the others
     wait), not the backend's own."""
     made = {}
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(launch.dist, "init_process_group", lambda backend, **kw: made.update(kw, backend=backend))
-    monkeypatch.setattr(launch.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(launch.dist, "get_world_size", lambda: 2)
-    world = launch.setup_distributed("cpu")
-    assert made == {"backend": "gloo", "timeout": datetime.timedelta(minutes=launch.TIMEOUT_MINUTES)}
-    assert world.size == 2 and launch.TIMEOUT_MINUTES >= 30
-    launch.setup_distributed("cpu", timeout_minutes=90)
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda backend, **kw: made.update(kw, backend=backend))
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
+    world = parallel.setup_distributed("cpu")
+    assert made == {"backend": "gloo", "timeout": datetime.timedelta(minutes=config.TIMEOUT_MINUTES)}
+    assert world.size == 2 and config.TIMEOUT_MINUTES >= 30
+    parallel.setup_distributed("cpu", timeout_minutes=90)
     assert made["timeout"] == datetime.timedelta(minutes=90)
-    assert train.Config().dist_timeout == launch.TIMEOUT_MINUTES
+    assert config.TrainConfig().dist_timeout == config.TIMEOUT_MINUTES
 
 
 # ---------------------------------------------------------------- ids the tokenizer lacks
@@ -240,14 +324,13 @@ def test_no_id_beyond_the_tokenizer_is_sampled_or_scored():
     prompts = [model.chat_prompt_ids(tokenizer, f"What is {k} times 7?", system=None) for k in range(4)]
     with sandbox.Pool(4) as pool, torch.no_grad():
         for temperature in (0.0, 1.0):
-            cfg = rollout.RolloutConfig(max_turns=2, max_turn_tokens=16, max_total_tokens=120,
-                                        temperature=temperature)  # fmt: skip
+            cfg = rollout.RolloutConfig(max_turns=2, max_turn_tokens=16, max_total_tokens=120, temperature=temperature)
             trajs = rollout.rollout(policy, tokenizer, prompts, pool, cfg, seeds=list(range(4)))
             sampled = [t for tr in trajs for t, m in zip(tr.input_ids, tr.loss_mask) if m]
             assert sampled and max(sampled) < n
     with torch.no_grad():
-        scored = launch.LogProbs(policy, vocab_size=n)(ids, torch.ones_like(ids))  # (8, 40)
-        whole = launch.LogProbs(policy)(ids, torch.ones_like(ids))
+        scored = parallel.LogProbs(policy, vocab_size=n)(ids, torch.ones_like(ids))  # (8, 40)
+        whole = parallel.LogProbs(policy)(ids, torch.ones_like(ids))
     expected = logits[:, :-1, :n].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(scored[:, 1:], expected, atol=1e-5, rtol=0)
     assert (whole[:, 1:] - expected).abs().max() > 1  # the extra rows would have mattered
@@ -259,8 +342,9 @@ def test_no_id_beyond_the_tokenizer_is_sampled_or_scored():
 def forward_rows(wrapped):
     """Rows of every forward of wrapped, and whether it was told which positions are needed."""
     seen = []
-    wrapped.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0].shape[0], kwargs.get("needed")
-                                                                           is not None)), with_kwargs=True)  # fmt: skip
+    wrapped.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0].shape[0], kwargs.get("needed") is not None)), with_kwargs=True
+    )
     return seen
 
 
@@ -268,13 +352,13 @@ def test_sft_forwards_micro_batches_and_its_gradient_does_not_depend_on_their_si
     """SFT runs forwards of at most --micro_batch_size rows, each projecting only trained
     positions, and its loss and gradients are the same whatever that size (to float rounding)."""
     tokenizer = model.tiny_tokenizer()
-    rows = [dict(p, turns=p["teacher"]) for p in data.toy_problems(6, seed=2, mistake_rate=0.5)]
+    rows = [dict(p, turns=p["teacher"]) for p in tasks.toy_problems(6, seed=2, mistake_rate=0.5)]
     trajs = sft.teacher_trajectories(rows, tokenizer, system_prompt=None, timeout=10.0)
-    world = launch.World(0, 1, torch.device("cpu"))
+    world = parallel.World(0, 1, torch.device("cpu"))
     results = []
     for size in (6, 4, 1):
         policy = model.tiny_model(tokenizer, seed=0)
-        wrapped = launch.LogProbs(policy)
+        wrapped = parallel.LogProbs(policy)
         seen = forward_rows(wrapped)
         loss = sft.accumulate(wrapped, trajs, pad=tokenizer.pad_token_id, micro_batch_size=size, world=world)
         assert [r for r, _ in seen] == [min(size, 6 - s) for s in range(0, 6, size)] and all(n for _, n in seen)
@@ -284,9 +368,9 @@ def test_sft_forwards_micro_batches_and_its_gradient_does_not_depend_on_their_si
         for g, g0 in zip(grads, results[0][1]):
             torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
     policy = model.tiny_model(tokenizer, seed=0)
-    wrapped = launch.LogProbs(policy)
+    wrapped = parallel.LogProbs(policy)
     seen = forward_rows(wrapped)
-    cfg = train.Config(sft_steps=1, sft_batch_size=6, micro_batch_size=2, sft_check_every=0)
+    cfg = config.TrainConfig(sft_steps=1, sft_batch_size=6, micro_batch_size=2, sft_check_every=0)
     sft.run(wrapped, tokenizer, rows, cfg=cfg, world=world)
     assert [r for r, _ in seen] == [2, 2, 2]
 
@@ -309,25 +393,43 @@ def test_evaluation_generates_at_most_rollout_batch_size_trajectories_at_once(tm
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0)
     seen = generate_rows(policy)
-    world = launch.World(0, 1, torch.device("cpu"))
-    problems = data.toy_held_out(7)
+    world = parallel.World(0, 1, torch.device("cpu"))
+    problems = tasks.toy_held_out(7)
     for size, widest in ((3, 3), (0, 7)):
-        cfg = train.Config(rollout_batch_size=size, max_turns=1, max_turn_tokens=8, eval_size=7)
+        cfg = config.TrainConfig(rollout_batch_size=size, max_turns=1, max_turn_tokens=8, eval_size=7)
         with sandbox.Pool(4) as pool:
-            run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=launch.LogProbs(policy), pool=pool,
-                                 grader=rewards.Grader(), problems=[])  # fmt: skip
-            train.evaluate(run, problems, cfg=cfg, derived=train.check_config(cfg, world), world=world,
-                           temperature=1.0)  # fmt: skip
+            run = train.RunState(
+                cfg=cfg,
+                derived=config.check_config(cfg, world),
+                world=world,
+                policy=policy,
+                tokenizer=tokenizer,
+                wrapped=parallel.LogProbs(policy),
+                pool=pool,
+                grader=grading.Grader(),
+                problems=[],
+            )
+            train.evaluate(run, problems, temperature=1.0)
             run.grader.close()
         assert max(seen) == widest and sum(seen) == 7
         seen.clear()
-    cfg = evaluation.parse_config(evaluation.Config, "eval.py", "", ["--model", "demo", "--data", "toy",
-                                  "--rollout_batch_size", "2", "--max_turns", "1", "--max_turn_tokens", "8"])  # fmt: skip
+    cfg = evaluation.parse_config(
+        config.EvalConfig,
+        "eval.py",
+        "",
+        ["--model", "demo", "--data", "toy", "--rollout_batch_size", "2", "--max_turns", "1", "--max_turn_tokens", "8"],
+    )
     evaluation.resolve(cfg)
     with sandbox.Pool(4) as pool:
-        grader = rewards.Grader()
-        evaluation.evaluate_batch(("toy", 0, list(enumerate(problems[:5]))), policy=policy, tokenizer=tokenizer,
-                                  pool=pool, grader=grader, cfg=cfg)  # fmt: skip
+        grader = grading.Grader()
+        evaluation.evaluate_batch(
+            ("toy", 0, list(enumerate(problems[:5]))),
+            policy=policy,
+            tokenizer=tokenizer,
+            pool=pool,
+            grader=grader,
+            cfg=cfg,
+        )
         grader.close()
     assert seen == [2, 2, 1]
 
@@ -343,7 +445,7 @@ def test_a_bf16_rollout_caches_keys_and_values_in_bf16_over_fp32_weights():
     prompts = [model.chat_prompt_ids(tokenizer, f"What is {k} times 7?", system=None) for k in range(3)]
     ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
     cfg = rollout.RolloutConfig(max_turn_tokens=6, temperature=1.0)
-    with torch.no_grad(), launch.mixed_precision(policy, torch.bfloat16):
+    with torch.no_grad(), parallel.mixed_precision(policy, torch.bfloat16):
         _, (_, _, cache) = rollout.generate_turn(policy, tokenizer, ids, mask, [6] * 3, cfg, seeds=[1, 2, 3])
     assert {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in policy.parameters())
@@ -353,12 +455,16 @@ def test_compute_dtype_auto_is_bf16_on_gpus_that_compute_it_and_fp32_elsewhere(m
     """--compute_dtype auto resolves by device: bf16 on a GPU with native bf16, fp32 on an older
     GPU (where bf16 is only emulated) and on the CPU; bf16 and fp32 are what they say."""
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native
-                            or including_emulation)  # fmt: skip
-        assert launch.resolve_dtype("auto", "cuda:0") == expected == model.default_dtype("cuda")
-    assert launch.resolve_dtype("auto", "cpu") == torch.float32
-    assert launch.resolve_dtype("bf16", "cpu") == torch.bfloat16 and launch.resolve_dtype("fp32", "cuda") == torch.float32
-    assert launch.setup_distributed("cpu", "bf16").dtype == torch.bfloat16
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation
+        )
+        assert parallel.resolve_dtype("auto", "cuda:0") == expected == model.default_dtype("cuda")
+    assert parallel.resolve_dtype("auto", "cpu") == torch.float32
+    assert (
+        parallel.resolve_dtype("bf16", "cpu") == torch.bfloat16
+        and parallel.resolve_dtype("fp32", "cuda") == torch.float32
+    )
+    assert parallel.setup_distributed("cpu", "bf16").dtype == torch.bfloat16
 
 
 def test_the_policy_embedder_gathers_once_per_call_on_every_rank_whatever_its_texts():
@@ -384,15 +490,23 @@ def test_a_rank_without_held_out_problems_evaluates_nothing_and_joins_the_sum(mo
     """With fewer held-out problems than ranks, a rank with none rolls nothing out and still
     takes part in the reduction (no crash while the other ranks wait)."""
     sums = []  # what this rank adds; the other rank had one problem, solved
-    monkeypatch.setattr(train, "all_reduce", lambda values, world: sums.append(values) or [v + 1 for v in values])
+    monkeypatch.setattr(parallel, "all_reduce", lambda values, world: sums.append(values) or [v + 1 for v in values])
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0)
-    world = launch.World(1, 2, torch.device("cpu"))
-    cfg = train.Config(prompts_per_step=2, max_turns=1, max_turn_tokens=8)
+    world = parallel.World(1, 2, torch.device("cpu"))
+    cfg = config.TrainConfig(prompts_per_step=2, max_turns=1, max_turn_tokens=8)
     with sandbox.Pool(2) as pool:
-        run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=launch.LogProbs(policy), pool=pool,
-                             grader=rewards.Grader(), problems=[])  # fmt: skip
-        accuracy = train.evaluate(run, data.toy_held_out(1), cfg=cfg, derived=train.check_config(cfg, world),
-                                  world=world, temperature=0.0)  # fmt: skip
+        run = train.RunState(
+            cfg=cfg,
+            derived=config.check_config(cfg, world),
+            world=world,
+            policy=policy,
+            tokenizer=tokenizer,
+            wrapped=parallel.LogProbs(policy),
+            pool=pool,
+            grader=grading.Grader(),
+            problems=[],
+        )
+        accuracy = train.evaluate(run, tasks.toy_held_out(1), temperature=0.0)
         run.grader.close()
     assert sums == [[0.0, 0.0]] and accuracy == 1.0

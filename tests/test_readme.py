@@ -28,12 +28,8 @@ from conftest import ROOT, constraint_pins, requirement_lines
 DOCS = ("README.md", "docs/usage.md", "docs/results.md", "docs/real_run.md")
 SHELL_BLOCKS = {"bash", "sh", "shell", "zsh"}
 NOT_SHELL = {"python", "py", "python3", "json", "yaml", "toml"}
-FENCE = re.compile(
-    r"^(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=fence)[ \t]*$", re.M | re.S
-)
+FENCE = re.compile(r"^(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=fence)[ \t]*$", re.M | re.S)
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-# Scripts that may not exist yet: their commands are skipped, with the reason, until they do.
-PENDING = {"repro.py": "repro.py does not exist yet (the miniature runner moves there from bench.py)"}
 
 
 @dataclass
@@ -133,6 +129,8 @@ def classify(argv):
                 module, args = rest[k + 1], rest[k + 2 :]
                 if module in ("pip", "pytest"):
                     return (module, args)
+                if module.startswith("tools."):  # python bench.py: the script bench.py
+                    return ("script", module.replace(".", "/") + ".py", args, 1)
                 return torchrun(args) if module == "torch.distributed.run" else None
             if rest[k] == "-c":
                 return None
@@ -292,22 +290,23 @@ def parse_train(command, args, ranks, monkeypatch):
     """train.parse_args, then check_config for the command's number of ranks."""
     import torch
 
-    import launch
+    import config
+    import parallel
     import train
 
     cfg = call_parser(command, "train.parse_args", lambda: train.parse_args(args))
-    world = launch.World(0, ranks, torch.device("cpu"))
-    call_parser(command, "train.check_config", lambda: train.check_config(cfg, world))
+    world = parallel.World(0, ranks, torch.device("cpu"))
+    call_parser(command, "config.check_config", lambda: config.check_config(cfg, world))
     return cfg
 
 
 def parse_eval(command, args, ranks, monkeypatch):
     """eval.py's parser (as its __main__ calls it), then eval.resolve, which checks the flags."""
+    import config
     import eval as evaluation
-    import launch
 
     parse = getattr(evaluation, "parse_args", None) or (
-        lambda argv: launch.parse_config(evaluation.Config, "eval.py", evaluation.__doc__, argv)
+        lambda argv: config.parse_config(config.EvalConfig, "eval.py", evaluation.__doc__, argv)
     )
     cfg = call_parser(command, "eval.py's parser", lambda: parse(args))
     call_parser(command, "eval.resolve", lambda: evaluation.resolve(cfg))
@@ -360,32 +359,30 @@ def run_here(args, timeout=600):
 
 
 def run_data(command, args, ranks, monkeypatch):
-    """data.py has no flags to parse (it takes an output directory): it runs, for real, here."""
-    done = run_here([sys.executable, os.path.join(ROOT, "data.py"), *args], timeout=120)
-    assert done.returncode == 0, refused(command, "data.py", done.stderr[-2000:])
+    """tasks.py has no flags to parse (it takes an output directory): it runs, for real, here."""
+    done = run_here([sys.executable, os.path.join(ROOT, "tasks.py"), *args], timeout=120)
+    assert done.returncode == 0, refused(command, "tasks.py", done.stderr[-2000:])
 
 
-PARSERS = {"train.py": parse_train, "eval.py": parse_eval, "data.py": run_data}
+PARSERS = {"train.py": parse_train, "eval.py": parse_eval, "tasks.py": run_data}
 
 
 @pytest.mark.parametrize("command", SCRIPT_COMMANDS, ids=lambda c: f"{c.doc}:{c.line}")
 def test_every_script_command_parses(command, monkeypatch, tmp_path):
     """Each documented command of a project script names a script that exists, and its flags pass
     that script's own parser and flag checks (train.parse_args and check_config; eval.py's parser
-    and resolve; the argparse parser of bench.py, repro.py, model.py); repro.py's train.py flags
+    and resolve; the argparse parser of bench.py, tools/repro.py, model.py); tools/repro.py's train.py flags
     after `--` pass train.py's. Paths and hub models that do not exist here are fine."""
     _, script, args, ranks = classify(command.argv)
     name = os.path.normpath(script)
     if not os.path.isfile(os.path.join(ROOT, name)):
-        if name in PENDING:
-            pytest.skip(f"{command}: {PENDING[name]}")
         pytest.fail(f"{command}\n{script} does not exist in the repository")
     monkeypatch.chdir(tmp_path)  # relative paths of the docs (runs/demo/...) resolve to nothing here
     if name in PARSERS:
         PARSERS[name](command, args, ranks, monkeypatch)
     else:
         parse_with_argparse(command, name, args, monkeypatch)
-    if name == "repro.py" and "--" in args:
+    if name == "tools/repro.py" and "--" in args:
         parse_train(command, args[args.index("--") + 1 :], 1, monkeypatch)
 
 
@@ -394,9 +391,9 @@ def test_command_extraction_finds_the_guides_commands():
     miniature runner, an export, a torchrun line with its number of ranks, and the real run's
     commands with their shell variables expanded."""
     scripts = {(os.path.normpath(classify(c.argv)[1]), c.doc) for c in SCRIPT_COMMANDS}
-    for script in ("train.py", "eval.py", "bench.py", "repro.py", "model.py"):
+    for script in ("train.py", "eval.py", "bench.py", "tools/repro.py", "model.py"):
         assert (script, "README.md") in scripts, f"README.md: no ```bash command of {script} found"
-    assert ("data.py", "docs/usage.md") in scripts
+    assert ("tasks.py", "docs/usage.md") in scripts
     ranks = {classify(c.argv)[3] for c in SCRIPT_COMMANDS if c.argv[0] == "torchrun"}
     assert 8 in ranks, ranks
     real = [c for c in SCRIPT_COMMANDS if c.doc == "docs/real_run.md" and "train.py" in c.argv]
@@ -430,11 +427,31 @@ def demo_tree(root, tiny):
 
 
 # Small overrides for commands that sample: a few problems, short turns.
-EVAL_SMALL = ["--limit", "4", "--max_turn_tokens", "24", "--max_total_tokens", "192",
-              "--sandbox_workers", "2"]  # fmt: skip
-TRAIN_SMALL = ["--sft_steps", "8", "--sft_check_every", "0", "--sft_stop_at", "0", "--max_steps", "1",
-               "--prompts_per_step", "2", "--group_size", "2", "--eval_size", "2", "--toy_size", "40",
-               "--max_turn_tokens", "24", "--max_total_tokens", "160", "--sandbox_workers", "2"]  # fmt: skip
+EVAL_SMALL = ["--limit", "4", "--max_turn_tokens", "24", "--max_total_tokens", "192", "--sandbox_workers", "2"]
+TRAIN_SMALL = [
+    "--sft_steps",
+    "8",
+    "--sft_check_every",
+    "0",
+    "--sft_stop_at",
+    "0",
+    "--max_steps",
+    "1",
+    "--prompts_per_step",
+    "2",
+    "--group_size",
+    "2",
+    "--eval_size",
+    "2",
+    "--toy_size",
+    "40",
+    "--max_turn_tokens",
+    "24",
+    "--max_total_tokens",
+    "160",
+    "--sandbox_workers",
+    "2",
+]
 
 
 def runnable_here(cfg):
@@ -446,14 +463,13 @@ def runnable_here(cfg):
 
 
 @pytest.mark.parametrize(
-    "docs",
-    [pytest.param(("README.md",), id="README.md"), pytest.param(DOCS, id="docs", marks=pytest.mark.slow)],
+    "docs", [pytest.param(("README.md",), id="README.md"), pytest.param(DOCS, id="docs", marks=pytest.mark.slow)]
 )
 def test_the_commands_that_can_run_here_run(docs, tiny, tmp_path, monkeypatch):
     """In a directory shaped like the demo's run, the documented commands that need nothing absent
     here run for real, in document order (each may read what an earlier one wrote), and exit 0:
     eval.py's evaluations (on 4 problems with short turns), --compare, --show, --html and --plot;
-    model.py export (of a tiny checkpoint made where the command's source is); data.py; and, in
+    model.py export (of a tiny checkpoint made where the command's source is); tasks.py; and, in
     the slow variant, train.py's demo commands with a tiny configuration."""
     demo_tree(tmp_path, tiny)
     monkeypatch.chdir(tmp_path)
@@ -479,7 +495,7 @@ def test_the_commands_that_can_run_here_run(docs, tiny, tmp_path, monkeypatch):
             if cfg.model != "demo" or cfg.data != "toy":
                 continue
             extra = [*TRAIN_SMALL, "--out_dir", str(tmp_path / "train" / str(command.line))]
-        elif name != "data.py":
+        elif name != "tasks.py":
             continue
         done = run_here([sys.executable, os.path.join(ROOT, name), *args, *extra])
         assert done.returncode == 0, f"{command}\nexit {done.returncode}: {done.stderr[-3000:]}"
@@ -487,7 +503,7 @@ def test_the_commands_that_can_run_here_run(docs, tiny, tmp_path, monkeypatch):
     assert any("eval.py" in r for r in ran) and any("model.py export" in r for r in ran), ran
     if len(docs) > 1:
         assert any("--compare" in r for r in ran) and any("--show" in r for r in ran), ran
-        assert any("train.py" in r for r in ran) and any("data.py" in r for r in ran), ran
+        assert any("train.py" in r for r in ran) and any("tasks.py" in r for r in ran), ran
 
 
 # ---------------------------------------------------------------- links

@@ -1,7 +1,6 @@
-"""repro.py: every variant and seed trains from the seed's SFT start, and a rerun reads the
+"""tools/repro.py: every variant and seed trains from the seed's SFT start, and a rerun reads the
 finished runs back to the same table."""
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -11,23 +10,46 @@ import types
 import pytest
 import torch
 
-import launch
-import repro
+import config
+import parallel
 import train
+from tools import repro
+
 from conftest import ROOT, SMALL, constraint_pins, run_script
 
 
 @pytest.mark.slow  # about a minute: four train.py and eval.py runs, twice; the README test parses its command
 def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, tmp_path):
-    """`repro.py --jobs 2` runs train.py once per variant and seed from the seed's SFT start
-    (the variant's flags applied, two at a time), writes a table row per variant, each variant's credit view
-    (a table, and credit.png), a by-kind table from eval.py on each final checkpoint and the start, and results.json; run again, it trains and evaluates nothing
-    and writes the same tables."""
+    """`python -m tools.repro --jobs 2` runs train.py once per variant and seed from the seed's SFT
+    start (the variant's flags applied, two at a time), writes a table row per variant, each
+    variant's credit view (a table, and credit.png), a by-kind table from eval.py on each final
+    checkpoint and the start, and results.json; run again, it trains and evaluates nothing and
+    writes the same tables."""
     start = os.path.dirname(os.path.dirname(sft_model))
     small = [f"--{k}={v}" for k, v in SMALL.items()]
-    args = [sys.executable, "repro.py", "--seeds", "0", "--starts", start, "--variants", "grpo",
-            "gtpo_code", "--max_steps", "2", "--eval_samples", "1", "--jobs", "2", "--out", str(tmp_path), "--", *small,
-            "--eval_size=8"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "tools.repro",
+        "--seeds",
+        "0",
+        "--starts",
+        start,
+        "--variants",
+        "grpo",
+        "gtpo_code",
+        "--max_steps",
+        "2",
+        "--eval_samples",
+        "1",
+        "--jobs",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--",
+        *small,
+        "--eval_size=8",
+    ]
     first = run_script(args, timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("seed 0:") == 2
@@ -39,17 +61,13 @@ def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, t
         assert "| 1 | " in table and "turns of correct trajectories with A < 0" in table
     assert (tmp_path / "credit.png").exists() or importlib.util.find_spec("matplotlib") is None
     assert [line.split(" | ")[0] for line in main.splitlines()[2:]] == ["| grpo", "| gtpo_code"]
-    assert [line.split(" | ")[0] for line in by_kind.splitlines()[2:]] == [
-        "| SFT start",
-        "| grpo",
-        "| gtpo_code",
-    ]
+    assert [line.split(" | ")[0] for line in by_kind.splitlines()[2:]] == ["| SFT start", "| grpo", "| gtpo_code"]
     with open(tmp_path / "grpo" / "seed0" / "eval_final.json") as f:  # the final checkpoint, evaluated
         assert json.load(f)["settings"]["model"].endswith("step_2")
     for variant, algo in (("grpo", "grpo"), ("gtpo_code", "gtpo")):
         with open(tmp_path / variant / "seed0" / "config.json") as f:
-            config = json.load(f)["config"]
-        assert config["algo"] == algo and config["model"].startswith(start) and config["max_steps"] == 2
+            saved = json.load(f)["config"]
+        assert saved["algo"] == algo and saved["model"].startswith(start) and saved["max_steps"] == 2
         with open(tmp_path / variant / "seed0" / "summary.json") as f:
             assert json.load(f)["held_out_problems"] == 8
     again = run_script(args, timeout=200)
@@ -58,18 +76,18 @@ def test_repro_trains_each_variant_and_a_rerun_gives_the_same_table(sft_model, t
 
 
 def test_an_rl_run_from_a_demo_checkpoint_directory_gets_the_demos_tuning_not_a_real_models():
-    """repro.py's RL command starts from a checkpoint directory, which train.py would give a real
+    """tools/repro.py's RL command starts from a checkpoint directory, which train.py would give a real
     model's defaults (lr 1e-6, 1,024-token turns): parsed, it has the demo's value of every flag
     whose default follows --model (but the run directory), and a flag after -- still wins."""
     args = types.SimpleNamespace(max_steps=40, train_flags=["--lr=1e-4"])
     command = repro.rl_command(args, "gtpo_turn_norm", 3, "runs/x/sft_seed3", "runs/x/gtpo_turn_norm/seed3")
-    cfg, demo = train.parse_args(command[2:]), train.Config()
-    real = train.Config(model=cfg.model)
+    cfg, demo = train.parse_args(command[2:]), config.TrainConfig()
+    real = config.TrainConfig(model=cfg.model)
     assert cfg.model == "runs/x/sft_seed3/checkpoints/step_0" and cfg.adv_norm == "turn" and cfg.seed == 3
     assert real.lr == 1e-6 and real.max_turn_tokens == 1024  # what the directory alone would get
-    for f in dataclasses.fields(demo):
-        if "demo" in f.metadata and f.name not in ("out_dir", "sft_steps", "lr"):
-            assert getattr(cfg, f.name) == getattr(demo, f.name), f.name
+    for name in config.MODEL_DEFAULTS:
+        if name not in ("out_dir", "sft_steps", "lr"):
+            assert getattr(cfg, name) == getattr(demo, name), name
     assert cfg.lr == 1e-4 and cfg.sft_steps == 0 and cfg.out_dir == "runs/x/gtpo_turn_norm/seed3"
 
 
@@ -98,19 +116,35 @@ def published():
 
 
 def here():
-    return launch.environment(launch.World(0, 1, torch.device("cpu")))
+    return parallel.environment(parallel.World(0, 1, torch.device("cpu")))
 
 
 def test_the_results_row_has_the_seconds_groups_drawn_and_masked_share_of_a_step():
     """repro_row: a step's seconds are its four timed phases summed; they, the groups drawn per
     step and the share of masked trajectories are means over steps, then (with their standard
     error) over seeds; where a run did not log the controls' counts, the table shows a dash."""
+
     def run(seconds, drawn, masked, controls=True):
-        steps = [{"accuracy": 0.5, "zero_adv_groups": 0.25, "turns": 2.0, "step": k + 1, "t_rollout": t - 0.5,
-                  "t_reward": 0.25, "t_old_logp": 0.0, "t_update": 0.25, **({"groups_drawn": d, "masked": m}
-                  if controls else {})} for k, (t, d, m) in enumerate(zip(seconds, drawn, masked))]  # fmt: skip
-        return {"after_rl_sampled": 0.5, "before_rl_sampled": 0.25, "after_rl_greedy": 0.5,
-                "before_rl_greedy": 0.5}, steps  # fmt: skip
+        steps = [
+            {
+                "accuracy": 0.5,
+                "zero_adv_groups": 0.25,
+                "turns": 2.0,
+                "step": k + 1,
+                "t_rollout": t - 0.5,
+                "t_reward": 0.25,
+                "t_old_logp": 0.0,
+                "t_update": 0.25,
+                **({"groups_drawn": d, "masked": m} if controls else {}),
+            }
+            for k, (t, d, m) in enumerate(zip(seconds, drawn, masked))
+        ]
+        return {
+            "after_rl_sampled": 0.5,
+            "before_rl_sampled": 0.25,
+            "after_rl_greedy": 0.5,
+            "before_rl_greedy": 0.5,
+        }, steps
 
     row = repro.repro_row("v", [run([2.0, 4.0], [16, 32], [0.0, 0.5]), run([5.0, 5.0], [16, 16], [0.25, 0.25])], 0.5)
     assert row["seconds_per_step"] == pytest.approx((4.0, 1.0))
@@ -125,15 +159,25 @@ def test_the_credit_summary_weights_each_step_by_its_turns():
     all its turns (a step weighs by its turns; an empty cell stays empty), the two shares are
     (mean, SE) over seeds of each run's mean over steps, and the table has a row per turn index
     and a column per (tool call, end)."""
-    step = lambda a, n, b, m, neg, pos: {"credit": {"1/ok/correct": [a, n], "1/ok/wrong": [None, 0],
-                                                    "2/ok/correct": [b, m], "2/ok/wrong": [None, 0]},
-                                         "credit_neg_correct": neg, "credit_pos_error": pos}  # fmt: skip
-    runs = [({}, [step(1.0, 1, -0.5, 2, 0.5, 0.0), step(0.0, 3, None, 0, 0.25, 0.5)]),
-            ({}, [step(0.5, 2, 0.5, 2, 0.0, 1.0)])]  # fmt: skip
+    step = lambda a, n, b, m, neg, pos: {
+        "credit": {"1/ok/correct": [a, n], "1/ok/wrong": [None, 0], "2/ok/correct": [b, m], "2/ok/wrong": [None, 0]},
+        "credit_neg_correct": neg,
+        "credit_pos_error": pos,
+    }
+    runs = [
+        ({}, [step(1.0, 1, -0.5, 2, 0.5, 0.0), step(0.0, 3, None, 0, 0.25, 0.5)]),
+        ({}, [step(0.5, 2, 0.5, 2, 0.0, 1.0)]),
+    ]
     credit = repro.repro_credit(runs)
-    assert credit["cells"] == {"1/ok/correct": [(1.0 + 0.0 * 3 + 0.5 * 2) / 6, 6], "1/ok/wrong": [None, 0],
-                               "2/ok/correct": [(-0.5 * 2 + 0.5 * 2) / 4, 4], "2/ok/wrong": [None, 0]}  # fmt: skip
-    assert credit["credit_neg_correct"] == repro.mean_se([0.375, 0.0]) and credit["credit_pos_error"] == repro.mean_se([0.25, 1.0])
+    assert credit["cells"] == {
+        "1/ok/correct": [(1.0 + 0.0 * 3 + 0.5 * 2) / 6, 6],
+        "1/ok/wrong": [None, 0],
+        "2/ok/correct": [(-0.5 * 2 + 0.5 * 2) / 4, 4],
+        "2/ok/wrong": [None, 0],
+    }
+    assert credit["credit_neg_correct"] == repro.mean_se([0.375, 0.0]) and credit["credit_pos_error"] == repro.mean_se(
+        [0.25, 1.0]
+    )
     table = repro.repro_credit_table("gtpo_code", credit)
     assert "| turn | ok, correct | ok, wrong |" in table
     assert "| 1 | +0.33 (6) | — |" in table and "| 2 | +0.00 (4) | — |" in table
@@ -142,13 +186,13 @@ def test_the_credit_summary_weights_each_step_by_its_turns():
 
 
 def test_environment_records_the_versions_the_modules_report():
-    """launch.environment's versions are the installed distributions' (torch's with its build,
+    """parallel.environment's versions are the installed distributions' (torch's with its build,
     +cpu or +cuXYZ), the thread count torch uses, and torch's CPU kernel dispatch."""
     import importlib.metadata
 
     env = here()
     assert env["torch"] == torch.__version__
-    for name in launch.VERSIONED:  # the installed distribution's version, its build label aside
+    for name in parallel.VERSIONED:  # the installed distribution's version, its build label aside
         assert env[name].split("+")[0] == importlib.metadata.version(name).split("+")[0], name
     assert env["threads"] == torch.get_num_threads() and env["ranks"] == 1
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
@@ -187,7 +231,7 @@ def test_another_runs_settings_are_refused_not_blamed_on_the_code(tmp_path):
     """A summary.json of other settings than the demo's (here 4 evaluation samples) is not
     compared: exit code 2, one line naming the setting."""
     path = summary_file(tmp_path / "four.json", eval_samples=4)
-    done = run_script([sys.executable, "repro.py", "--check_demo", path])
+    done = run_script([sys.executable, "-m", "tools.repro", "--check_demo", path])
     assert done.returncode == 2 and "not the demo's settings: eval_samples 4 (the demo's: 1)" in done.stderr
 
 
@@ -215,24 +259,24 @@ def test_the_published_figures_are_the_ones_docs_show():
     with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
         assert repro.demo_table(reference) in f.read()
     pins = constraint_pins()
-    for name in launch.VERSIONED:
+    for name in parallel.VERSIONED:
         assert reference["environment"][name].split("+")[0] == pins[name], name
 
 
 def test_check_demo_command_reads_a_finished_run(tmp_path):
-    """`repro.py --check_demo SUMMARY` exits 0 for the published figures, 1 for moved ones, and 2
+    """`python -m tools.repro --check_demo SUMMARY` exits 0 for the published figures, 1 for moved ones, and 2
     with one line naming the file for one that is missing or not a summary."""
-    ok = run_script([sys.executable, "repro.py", "--check_demo", summary_file(tmp_path / "a.json")])
+    ok = run_script([sys.executable, "-m", "tools.repro", "--check_demo", summary_file(tmp_path / "a.json")])
     assert ok.returncode == 0, ok.stdout + ok.stderr
     moved = summary_file(tmp_path / "b.json", sft_steps_done=published()["summaries"]["0"]["sft_steps_done"] + 250)
-    bad = run_script([sys.executable, "repro.py", "--check_demo", moved])
+    bad = run_script([sys.executable, "-m", "tools.repro", "--check_demo", moved])
     assert bad.returncode == 1 and "sft_steps_done" in bad.stdout
     (tmp_path / "list.json").write_text("[1]")
     for path in (tmp_path / "missing.json", tmp_path / "list.json"):
-        refused = run_script([sys.executable, "repro.py", "--check_demo", str(path)])
+        refused = run_script([sys.executable, "-m", "tools.repro", "--check_demo", str(path)])
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 2 and len(lines) == 1, refused.stderr
-        assert lines[0].startswith(f"repro.py: {path}: not a train.py summary.json"), lines
+        assert lines[0].startswith(f"tools.repro: {path}: not a train.py summary.json"), lines
 
 
 def test_check_demo_refuses_before_any_run_what_it_cannot_check(tmp_path):
@@ -241,11 +285,13 @@ def test_check_demo_refuses_before_any_run_what_it_cannot_check(tmp_path):
     argparse would take for train.py flags), leaving the published file as it was."""
     before = open(repro.DEMO_REFERENCE).read()
     (tmp_path / "demo" / "seed0").mkdir(parents=True)
-    for args, said in ((["--seeds", "7"], "no published figures for seed 7"),
-                       (["--out", str(tmp_path)], "exists: compare it with --check_demo"),
-                       (["--publish", "a.json"], "no train.py flags"),
-                       (["--", "--max_steps", "3"], "no train.py flags")):  # fmt: skip
-        done = run_script([sys.executable, "repro.py", "--check_demo", *args], timeout=60)
+    for args, said in (
+        (["--seeds", "7"], "no published figures for seed 7"),
+        (["--out", str(tmp_path)], "exists: compare it with --check_demo"),
+        (["--publish", "a.json"], "no train.py flags"),
+        (["--", "--max_steps", "3"], "no train.py flags"),
+    ):
+        done = run_script([sys.executable, "-m", "tools.repro", "--check_demo", *args], timeout=60)
         assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
     assert open(repro.DEMO_REFERENCE).read() == before
 
@@ -255,8 +301,8 @@ def test_demo_seed0_reproduces_its_published_summary(tmp_path):
     """`python train.py` (seed 0) at the published thread count gives exactly the published
     summary figures, where the versions and CPU kernels are the published ones (constraints.txt)."""
     reference = published()["environment"]
-    differ = [k for k in ("python", *launch.VERSIONED, "cpu_capability") if here()[k] != reference[k]]
+    differ = [k for k in ("python", *parallel.VERSIONED, "cpu_capability") if here()[k] != reference[k]]
     if differ:
         pytest.skip(f"not the published environment ({', '.join(differ)}): the figures are promised for it only")
-    done = run_script([sys.executable, "repro.py", "--check_demo", "--out", str(tmp_path)], timeout=3600)
+    done = run_script([sys.executable, "-m", "tools.repro", "--check_demo", "--out", str(tmp_path)], timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

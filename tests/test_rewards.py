@@ -10,7 +10,6 @@ import rewards
 import sandbox
 from rollout import Trajectory, Turn
 
-
 # ---------------------------------------------------------------- format and turn rewards
 
 
@@ -116,9 +115,7 @@ def test_token_embedder_cosine_is_exact_for_identical_code():
     tokenizer = model.tiny_tokenizer()
     e = rewards.make_embedder("tokens", tokenizer)(["print(1)", "print(1)", "while True: pass", ""])
     assert e.shape[0] == 4 and not e[3].any()
-    shaped = rewards.shape_outcomes(
-        torch.tensor([True, False, False, False]), e, torch.zeros(4, dtype=torch.long)
-    )
+    shaped = rewards.shape_outcomes(torch.tensor([True, False, False, False]), e, torch.zeros(4, dtype=torch.long))
     assert shaped[1] == 0.5 and 0 <= shaped[2] < 0.5 and shaped[3] == 0
 
 

@@ -22,11 +22,7 @@ SCRIPTS = {
     "Say hello.": ["Hello! \\boxed{1}"],
     "Say nothing.": ["I will not say."],
     "Divide one by zero.": ["```python\nprint(1/0)\n```", "It failed, so \\boxed{0}"],
-    "Count up.": [
-        "```python\nx = 1\nprint(x)\n```",
-        "```python\nprint(x + 1)\n```",
-        "```python\nprint(x)\n```",
-    ],
+    "Count up.": ["```python\nx = 1\nprint(x)\n```", "```python\nprint(x + 1)\n```", "```python\nprint(x)\n```"],
 }
 MAX_TURNS = 2
 
@@ -65,9 +61,7 @@ def memorised(tokenizer):
     for problem, turns in SCRIPTS.items():
         with sandbox.Session() as session:
             trajs.append(
-                rollout.teacher_trajectory(
-                    tokenizer, model.chat_prompt_ids(tokenizer, problem), turns, session
-                )
+                rollout.teacher_trajectory(tokenizer, model.chat_prompt_ids(tokenizer, problem), turns, session)
             )
     ids, attention, loss_mask = padded(trajs, tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
@@ -81,14 +75,10 @@ def memorised(tokenizer):
 
 
 def run(policy, tokenizer, problems, **overrides):
-    cfg = rollout.RolloutConfig(
-        **{"max_turns": MAX_TURNS, "max_turn_tokens": 48, "max_total_tokens": 400, **overrides}
-    )
+    cfg = rollout.RolloutConfig(**{"max_turns": MAX_TURNS, "max_turn_tokens": 48, "max_total_tokens": 400, **overrides})
     calls = spy_on_generate(policy)
     with sandbox.Pool(max_workers=4, timeout=5) as pool:
-        trajs = rollout.rollout(
-            policy, tokenizer, [model.chat_prompt_ids(tokenizer, p) for p in problems], pool, cfg
-        )
+        trajs = rollout.rollout(policy, tokenizer, [model.chat_prompt_ids(tokenizer, p) for p in problems], pool, cfg)
     del policy.generate  # drop the spy
     return trajs, calls, cfg
 
@@ -136,9 +126,7 @@ def test_random_policy_rollouts_keep_an_exact_record(tokenizer):
     text, observations are never trained, and no limit is exceeded."""
     policy = model.tiny_model(tokenizer)
     torch.manual_seed(0)
-    trajs, calls, cfg = run(
-        policy, tokenizer, [f"What is {i} times 7?" for i in range(6)], max_turn_tokens=24
-    )
+    trajs, calls, cfg = run(policy, tokenizer, [f"What is {i} times 7?" for i in range(6)], max_turn_tokens=24)
     check_record(tokenizer, trajs, calls, cfg)
 
 
@@ -231,8 +219,10 @@ def test_logprobs_of_the_needed_positions_only_are_those_of_all_positions(tokeni
     (g2,) = torch.autograd.grad(every[needed].sum(), weight)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
     none = torch.zeros_like(needed)
-    assert torch.equal(model.token_logprobs(policy, ids, attention, temperature=0.9, needed=none),
-                       model.token_logprobs(policy, ids, attention, temperature=0.9))  # fmt: skip
+    assert torch.equal(
+        model.token_logprobs(policy, ids, attention, temperature=0.9, needed=none),
+        model.token_logprobs(policy, ids, attention, temperature=0.9),
+    )
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 64, 100_000])
@@ -259,9 +249,7 @@ def test_saving_and_loading_round_trips_model_and_tokenizer(tokenizer, tmp_path)
     policy = model.tiny_model(tokenizer)
     model.save_policy(policy, tokenizer, str(tmp_path / "ckpt"))
     reloaded, retokenizer = model.load_policy(str(tmp_path / "ckpt"))
-    text = (
-        "Compute 12345 * 6789.\n```python\nprint(12345 * 6789)\n```\n```output\n83810205\n```\nπ \\boxed{1}"
-    )
+    text = "Compute 12345 * 6789.\n```python\nprint(12345 * 6789)\n```\n```output\n83810205\n```\nπ \\boxed{1}"
     assert retokenizer.encode(text) == tokenizer.encode(text)
     prompt = model.chat_prompt_ids(tokenizer, "What is 2 + 2?")
     assert model.chat_prompt_ids(retokenizer, "What is 2 + 2?") == prompt
@@ -282,23 +270,16 @@ def test_the_record_counts_trained_and_masked_tokens_per_turn(tokenizer, memoris
     are those fed back, and the turn values are kept; the record is JSON-able."""
     trajs, _, _ = run(memorised, tokenizer, ["Divide one by zero."], temperature=0)
     traj = trajs[0]
-    record = rollout.trajectory_record(
-        traj, turn_rewards=[0.0, 1.0], returns=[0.9, 1.0], advantages=[0.5, 0.7]
-    )
+    record = rollout.trajectory_record(traj, turn_rewards=[0.0, 1.0], returns=[0.9, 1.0], advantages=[0.5, 0.7])
     assert json.loads(json.dumps(record)) == record
     assert sum(t["tokens"] for t in record["turns"]) == sum(traj.loss_mask)
     masked_after_prompt = len(traj.loss_mask) - traj.prompt_len - sum(traj.loss_mask)
     assert sum(t["observation_tokens"] for t in record["turns"]) == masked_after_prompt
     trained = [i for i, m in zip(traj.input_ids, traj.loss_mask) if m]
     assert tokenizer.decode(trained) == "".join(t["text"] for t in record["turns"])
-    masked = [
-        i for i, m in zip(traj.input_ids[traj.prompt_len :], traj.loss_mask[traj.prompt_len :]) if not m
-    ]
+    masked = [i for i, m in zip(traj.input_ids[traj.prompt_len :], traj.loss_mask[traj.prompt_len :]) if not m]
     assert tokenizer.decode(masked) == "".join(t["observation"] for t in record["turns"])
-    assert [(t["reward"], t["return"], t["advantage"]) for t in record["turns"]] == [
-        (0.0, 0.9, 0.5),
-        (1.0, 1.0, 0.7),
-    ]
+    assert [(t["reward"], t["return"], t["advantage"]) for t in record["turns"]] == [(0.0, 0.9, 0.5), (1.0, 1.0, 0.7)]
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
@@ -309,7 +290,9 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
         assert policy.is_activation_checkpointing == checkpointing
         policy.train()
         ids = torch.tensor([model.chat_prompt_ids(tok, "What is 2 + 2?")])
-        sft.nll(model.token_logprobs(policy, ids, torch.ones_like(ids)), torch.ones_like(ids, dtype=torch.bool)).backward()
+        sft.nll(
+            model.token_logprobs(policy, ids, torch.ones_like(ids)), torch.ones_like(ids, dtype=torch.bool)
+        ).backward()
         grads.append(policy.model.embed_tokens.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
@@ -317,9 +300,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
 code_lines = st.lists(st.text(alphabet=st.characters(blacklist_characters="\n"), max_size=20), max_size=4)
 
 
-@given(
-    code_lines, st.text(alphabet="ab \n", max_size=10), st.sampled_from(["python", "py", "Python", "python3"])
-)
+@given(code_lines, st.text(alphabet="ab \n", max_size=10), st.sampled_from(["python", "py", "Python", "python3"]))
 def test_a_closed_code_block_gives_back_its_code_and_validity(lines, prose, language):
     """parse_turn returns the code of a closed ```python block exactly, backticks inside the code
     included (only ``` at the start of a line closes); the call is valid iff the code is non-blank
@@ -358,9 +339,7 @@ def test_sampling_applies_temperature_and_nothing_else(tokenizer, temperature):
 
     policy.generate = generate
     with sandbox.Pool(max_workers=2, timeout=5) as pool:
-        cfg = rollout.RolloutConfig(
-            max_turns=1, max_turn_tokens=16, max_total_tokens=400, temperature=temperature
-        )
+        cfg = rollout.RolloutConfig(max_turns=1, max_turn_tokens=16, max_total_tokens=400, temperature=temperature)
         prompt = model.chat_prompt_ids(tokenizer, "Hi")
         rollout.rollout(policy, tokenizer, [prompt], pool, cfg, seeds=[123])
     out = seen[0]
@@ -379,8 +358,9 @@ def test_seeded_sampling_draws_from_the_tempered_nucleus_distribution(temperatur
     token (the standard error is at most 0.0025), and tokens outside the nucleus never come."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
     rows = 40_000
-    sampler = rollout.SeededSampler(list(range(rows)), real_lengths=[7] * rows, prompt_width=3,
-                                    temperature=temperature, top_p=top_p)  # fmt: skip
+    sampler = rollout.SeededSampler(
+        list(range(rows)), real_lengths=[7] * rows, prompt_width=3, temperature=temperature, top_p=top_p
+    )
     picks = sampler(torch.zeros(rows, 3, dtype=torch.long), logits.expand(rows, -1)).argmax(dim=1)
     probs = (logits[0] / temperature).softmax(-1)
     ordered, order = probs.sort(descending=True)
@@ -399,8 +379,13 @@ def test_rollouts_do_not_depend_on_the_batch_size(tokenizer, memorised):
     for temperature in (1.5, 0.0):
         results = []
         for batch_size in (0, 4, 1):
-            cfg = rollout.RolloutConfig(max_turns=MAX_TURNS, max_turn_tokens=48, max_total_tokens=400,
-                                        temperature=temperature, batch_size=batch_size)  # fmt: skip
+            cfg = rollout.RolloutConfig(
+                max_turns=MAX_TURNS,
+                max_turn_tokens=48,
+                max_total_tokens=400,
+                temperature=temperature,
+                batch_size=batch_size,
+            )
             with sandbox.Pool(max_workers=4, timeout=5) as pool:
                 trajs = rollout.rollout(memorised, tokenizer, prompts, pool, cfg, seeds=[11, 12, 13, 14, 15, 16])
             results.append([(t.input_ids, t.loss_mask, [u.text for u in t.turns], t.stop_reason) for t in trajs])

@@ -72,11 +72,7 @@ HOSTILE = [
     ("os-exit", "import os\nos._exit(7)", lambda r: not r.ok and "exit code 7" in r.stderr),
     ("sys-exit", "import sys\nsys.exit(3)", lambda r: not r.ok and "SystemExit: 3" in r.stderr),
     ("recursion-overflow", "def f():\n    return f()\nf()", lambda r: "RecursionError" in r.stderr),
-    (
-        "c-stack-overflow",
-        "import sys\nsys.setrecursionlimit(10**8)\ndef f():\n    return f()\nf()",
-        lambda r: not r.ok,
-    ),
+    ("c-stack-overflow", "import sys\nsys.setrecursionlimit(10**8)\ndef f():\n    return f()\nf()", lambda r: not r.ok),
     ("segfault", "import ctypes\nctypes.string_at(0)", lambda r: not r.ok and "SIGSEGV" in r.stderr),
     ("read-stdin", "import sys\nprint(repr(sys.stdin.read()))\ninput()", lambda r: "EOFError" in r.stderr),
     (
@@ -147,9 +143,7 @@ def test_no_connection_to_a_listener_on_the_host_loopback():
 def test_the_sandbox_cannot_see_or_signal_the_trainer():
     """The trainer's PID does not exist inside the sandbox, and signalling the namespace's init fails."""
     with sandbox.Session(timeout=TIMEOUT) as session:
-        result = session.run(
-            f"import os\nprint(os.path.exists('/proc/{os.getpid()}'), os.getpid() != {os.getpid()})"
-        )
+        result = session.run(f"import os\nprint(os.path.exists('/proc/{os.getpid()}'), os.getpid() != {os.getpid()})")
         assert result.stdout == "False True\n" or os.getpid() <= 2, result
         result = session.run("import os\nos.kill(1, 9)")
         assert "PermissionError" in result.stderr, result
@@ -193,9 +187,7 @@ def test_a_bare_last_expression_is_printed_only_when_nothing_else_was(session):
 
 def test_unicode_and_binary_output_arrive_intact_or_replaced(session):
     """Unicode round-trips; invalid UTF-8 bytes become replacement characters, not an error."""
-    code = (
-        "import sys\nprint('π ≈ 3.14159 — 数学 ✓', flush=True)\nsys.stdout.buffer.write(b'\\xff\\xfe ok\\n')"
-    )
+    code = "import sys\nprint('π ≈ 3.14159 — 数学 ✓', flush=True)\nsys.stdout.buffer.write(b'\\xff\\xfe ok\\n')"
     result = session.run(code)
     assert result.ok and result.stdout == "π ≈ 3.14159 — 数学 ✓\n\ufffd\ufffd ok\n", result
 
@@ -282,10 +274,7 @@ def test_the_pool_runs_calls_concurrently_and_keeps_order():
     """Pool.run returns results in input order, and calls of different sessions overlap in time."""
     with sandbox.Pool(max_workers=4, timeout=10) as pool:
         sessions = [pool.session() for _ in range(4)]
-        codes = [
-            f"import time\nstart = time.time()\ntime.sleep(0.5)\nprint({i}, start, time.time())"
-            for i in range(4)
-        ]
+        codes = [f"import time\nstart = time.time()\ntime.sleep(0.5)\nprint({i}, start, time.time())" for i in range(4)]
         results = pool.run(sessions, codes)
     spans = [tuple(map(float, r.stdout.split()[1:])) for r in results]
     assert [int(r.stdout.split()[0]) for r in results] == [0, 1, 2, 3]
@@ -439,10 +428,7 @@ def test_a_trainer_that_dies_without_closing_takes_its_sandboxes_with_it(tmp_pat
 def test_output_written_between_calls_is_not_blamed_on_the_next_call():
     """Output a background thread writes after its call returned is dropped with a note."""
     with sandbox.Session(timeout=TIMEOUT) as session:
-        session.run(
-            "import threading, time\n"
-            "threading.Thread(target=lambda: (time.sleep(0.1), print('late'))).start()"
-        )
+        session.run("import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.1), print('late'))).start()")
         time.sleep(0.5)
         result = session.run("print(42)")
         assert result.stdout == "42\n" and "dropped" in result.stderr, result

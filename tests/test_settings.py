@@ -10,14 +10,17 @@ import re
 import pytest
 import torch
 
+import config
 import data
 import eval as evaluation
-import launch
+import grading
 import model
+import parallel
 import rewards
 import rollout
 import sandbox
 import train
+
 from conftest import SMALL, run_script
 
 
@@ -25,15 +28,20 @@ def test_defaults_follow_the_model_and_given_flags_win():
     """The demo keeps its tuning; any other model gets a real model's settings (no toy SFT, lr
     1e-6, long turns, no SFT early stop, its own out_dir); a flag given explicitly always wins,
     and --help shows both defaults."""
-    demo = train.Config()
+    demo = config.TrainConfig()
     assert (demo.lr, demo.sft_steps, demo.sft_data, demo.max_turn_tokens, demo.out_dir) == (
-        3e-4, 5000, "toy", 64, "runs/demo")
-    real = train.Config(model="/ckpt/Qwen2.5-7B-Instruct/", data="sets/gsm8k.jsonl")
+        3e-4,
+        5000,
+        "toy",
+        64,
+        "runs/demo",
+    )
+    real = config.TrainConfig(model="/ckpt/Qwen2.5-7B-Instruct/", data="sets/gsm8k.jsonl")
     assert (real.lr, real.sft_steps, real.sft_data, real.sft_stop_at, real.sft_check_every) == (1e-6, 0, "none", 0, 0)
     assert real.max_turn_tokens >= 1024 and real.max_total_tokens >= 4096
     assert real.out_dir == os.path.join("runs", "Qwen2.5-7B-Instruct-gsm8k")
-    assert train.Config(model="org/m", sft_data="sft.jsonl").sft_steps is None  # one pass, once loaded
-    assert train.Config(model="org/m", lr=5e-6, out_dir="x").lr == 5e-6
+    assert config.TrainConfig(model="org/m", sft_data="sft.jsonl").sft_steps is None  # one pass, once loaded
+    assert config.TrainConfig(model="org/m", lr=5e-6, out_dir="x").lr == 5e-6
     assert train.parse_args(["--model", "org/m", "--lr", "2e-6"]).lr == 2e-6
     text = " ".join(run_script(["python", "train.py", "--help"]).stdout.split())
     assert "demo: 0.0003; other models: 1e-06" in text and "demo: toy; other models: none" in text
@@ -49,22 +57,33 @@ def test_a_real_models_sft_is_one_pass_over_the_given_rows(tmp_path, monkeypatch
     model.save_policy(model.tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2), tokenizer, str(demo_dir))
     steps = []
     monkeypatch.setattr(train.sft, "run", lambda *a, cfg, **k: steps.append(cfg.sft_steps) or cfg.sft_steps)
-    cfg = train.Config(model=str(demo_dir), sft_data=str(tmp_path / "sft.jsonl"), sft_batch_size=2, max_steps=0,
-                       out_dir=str(tmp_path / "run"), **{**SMALL, "lr": None})  # fmt: skip
+    cfg = config.TrainConfig(
+        model=str(demo_dir),
+        sft_data=str(tmp_path / "sft.jsonl"),
+        sft_batch_size=2,
+        max_steps=0,
+        out_dir=str(tmp_path / "run"),
+        **{**SMALL, "lr": None},
+    )
     train.main(cfg)
     assert steps == [3]
-    with pytest.raises(launch.ConfigError, match="--sft_steps 4: SFT needs --sft_data"):
-        train.main(train.Config(model=str(demo_dir), sft_steps=4, out_dir=str(tmp_path / "other")))
+    with pytest.raises(config.ConfigError, match="--sft_steps 4: SFT needs --sft_data"):
+        train.main(config.TrainConfig(model=str(demo_dir), sft_steps=4, out_dir=str(tmp_path / "other")))
 
 
 def test_resuming_under_other_settings_is_refused_listing_every_difference(sft_model, tmp_path):
     """A second run into the same out_dir with other settings that change the run is refused,
     every differing flag named; more steps (or another save cadence) resume."""
-    train.main(train.Config(model=sft_model, sft_steps=0, out_dir=str(tmp_path), max_steps=1, **SMALL))
-    with pytest.raises(launch.ConfigError, match=r"--gamma 0\.9 there, 0\.5 here; --lr 0\.0003 there, 0\.001 here"):
-        train.main(train.Config(model=sft_model, sft_steps=0, out_dir=str(tmp_path), max_steps=1,
-                                **{**SMALL, "lr": 1e-3, "gamma": 0.5}))  # fmt: skip
-    train.main(train.Config(model=sft_model, sft_steps=0, out_dir=str(tmp_path), max_steps=2, save_every=1, **SMALL))
+    train.main(config.TrainConfig(model=sft_model, sft_steps=0, out_dir=str(tmp_path), max_steps=1, **SMALL))
+    with pytest.raises(config.ConfigError, match=r"--gamma 0\.9 there, 0\.5 here; --lr 0\.0003 there, 0\.001 here"):
+        train.main(
+            config.TrainConfig(
+                model=sft_model, sft_steps=0, out_dir=str(tmp_path), max_steps=1, **{**SMALL, "lr": 1e-3, "gamma": 0.5}
+            )
+        )
+    train.main(
+        config.TrainConfig(model=sft_model, sft_steps=0, out_dir=str(tmp_path), max_steps=2, save_every=1, **SMALL)
+    )
     with open(tmp_path / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
 
@@ -72,8 +91,11 @@ def test_resuming_under_other_settings_is_refused_listing_every_difference(sft_m
 def test_a_step_whose_trajectories_mostly_hit_a_token_limit_warns_once(sft_model, tmp_path, capsys):
     """When more than half of a step's trajectories stop at a token limit, the log says so once
     (not every step), and every step records the truncated share."""
-    train.main(train.Config(model=sft_model, sft_steps=0, out_dir=str(tmp_path), max_steps=2,
-                            **{**SMALL, "max_turn_tokens": 3}))  # fmt: skip
+    train.main(
+        config.TrainConfig(
+            model=sft_model, sft_steps=0, out_dir=str(tmp_path), max_steps=2, **{**SMALL, "max_turn_tokens": 3}
+        )
+    )
     out = capsys.readouterr().out
     assert out.count("stopped at a token limit") == 1 and "--max_turn_tokens 3" in out
     with open(tmp_path / "metrics.jsonl") as f:
@@ -89,11 +111,18 @@ def answered(tokenizer, guesses, gold="5", call=False):
 
 
 def scored(trajs, rows, reward_fn=None, **overrides):
-    world = launch.World(0, 1, torch.device("cpu"))
-    cfg = train.Config(prompts_per_step=1, group_size=len(trajs), **{"shaping": "none", **overrides})
-    return train.score(trajs, rows, torch.zeros(len(trajs), dtype=torch.long), cfg=cfg,
-                       derived=train.check_config(cfg, world), world=world, grader=rewards.Grader(),
-                       reward_fn=reward_fn)  # fmt: skip
+    world = parallel.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(prompts_per_step=1, group_size=len(trajs), **{"shaping": "none", **overrides})
+    return rewards.score(
+        trajs,
+        rows,
+        torch.zeros(len(trajs), dtype=torch.long),
+        cfg=cfg,
+        derived=config.check_config(cfg, world),
+        world=world,
+        grader=grading.Grader(),
+        reward_fn=reward_fn,
+    )
 
 
 @pytest.mark.parametrize("algo", ["gtpo", "grpo"])
@@ -137,9 +166,13 @@ def test_a_reward_fn_replaces_the_grader_with_the_row_at_hand(tmp_path, algo):
 
 @pytest.mark.parametrize(
     "spec,message",
-    [("nofunction", "expected 'file.py:function'"), ("missing.py:f", "no such file"),
-     ("json:nothing_here", "has no function 'nothing_here'"), ("no_such_module_xyz:f", "importing no_such_module_xyz failed")],
-)  # fmt: skip
+    [
+        ("nofunction", "expected 'file.py:function'"),
+        ("missing.py:f", "no such file"),
+        ("json:nothing_here", "has no function 'nothing_here'"),
+        ("no_such_module_xyz:f", "importing no_such_module_xyz failed"),
+    ],
+)
 def test_a_reward_fn_that_cannot_be_loaded_is_one_clear_error(spec, message):
     """A malformed spec, a missing file, a missing function or a failing import is a RewardFnError
     naming the spec; a dotted import of a real function loads it."""
@@ -153,12 +186,15 @@ def test_evaluation_samples_when_asked_for_several_samples(tmp_path):
     report's settings say which; one sample stays greedy."""
     run = tmp_path / "run"
     (run / "checkpoints" / "step_3").mkdir(parents=True)
-    saved = {"config": {**vars(train.Config()), "temperature": 0.7}, "derived": {"system_prompt": None}}
+    saved = {"config": {**vars(config.TrainConfig()), "temperature": 0.7}, "derived": {"system_prompt": None}}
     (run / "config.json").write_text(json.dumps(saved))
-    cases = [(str(run / "checkpoints" / "step_3"), 4, 0.7, "training's config.json"),
-             ("demo", 4, 1.0, "1.0: no training config"), ("demo", 1, 0.0, "greedy: one sample")]  # fmt: skip
+    cases = [
+        (str(run / "checkpoints" / "step_3"), 4, 0.7, "training's config.json"),
+        ("demo", 4, 1.0, "1.0: no training config"),
+        ("demo", 1, 0.0, "greedy: one sample"),
+    ]
     for model_dir, samples, temperature, source in cases:
-        cfg = evaluation.Config(model=model_dir, data=["toy"], samples=samples)
+        cfg = config.EvalConfig(model=model_dir, data=["toy"], samples=samples)
         settings = evaluation.resolve(cfg)
         assert (settings["temperature"], settings["temperature_from"]) == (temperature, source)
 
@@ -166,8 +202,16 @@ def test_evaluation_samples_when_asked_for_several_samples(tmp_path):
 def test_evaluation_grades_with_the_reward_fn(tmp_path):
     """eval.py --reward_fn scores every sample with the given function instead of the grader."""
     (tmp_path / "always.py").write_text("def right(record, row):\n    return True\n")
-    cfg = evaluation.Config(model="demo", data=["toy"], limit=2, max_turns=1, max_turn_tokens=8, sandbox_workers=2,
-                            reward_fn=f"{tmp_path}/always.py:right", out=str(tmp_path / "r.json"))  # fmt: skip
+    cfg = config.EvalConfig(
+        model="demo",
+        data=["toy"],
+        limit=2,
+        max_turns=1,
+        max_turn_tokens=8,
+        sandbox_workers=2,
+        reward_fn=f"{tmp_path}/always.py:right",
+        out=str(tmp_path / "r.json"),
+    )
     report = evaluation.main(cfg)
     assert report["accuracy"] == 1.0 and report["settings"]["reward_fn"].endswith("always.py:right")
 
@@ -176,16 +220,30 @@ def test_every_data_flag_goes_through_the_same_loader_and_keys(tmp_path, capsys)
     """--data, --eval_data and --sft_data take the same formats and --problem_key/--answer_key
     (here DAPO-style rows: a chat prompt and reward_model.ground_truth, as .jsonl and .json), and
     each prints its one-line load summary."""
-    rows = [{"prompt": [{"role": "user", "content": f"What is {k} + 1?"}], "reward_model": {"ground_truth": str(k + 1)},
-             "data_source": "mine", "turns": [f"\\boxed{{{k + 1}}}"]} for k in range(4)]  # fmt: skip
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {k} + 1?"}],
+            "reward_model": {"ground_truth": str(k + 1)},
+            "data_source": "mine",
+            "turns": [f"\\boxed{{{k + 1}}}"],
+        }
+        for k in range(4)
+    ]
     (tmp_path / "dapo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "dapo.json").write_text(json.dumps(rows))
-    cfg = train.Config(model="org/m", data=str(tmp_path / "dapo.jsonl"), eval_data=str(tmp_path / "dapo.json"),
-                       sft_data=str(tmp_path / "dapo.jsonl"), answer_key="reward_model.ground_truth", out_dir="x")  # fmt: skip
+    cfg = config.TrainConfig(
+        model="org/m",
+        data=str(tmp_path / "dapo.jsonl"),
+        eval_data=str(tmp_path / "dapo.json"),
+        sft_data=str(tmp_path / "dapo.jsonl"),
+        answer_key="reward_model.ground_truth",
+        out_dir="x",
+    )
     sets = data.load_run(cfg)
     for loaded in (sets.train, sets.held_out, sets.sft_rows):
         assert [(p["problem"], p["answer"], p["data_source"]) for p in loaded] == [
-            (f"What is {k} + 1?", str(k + 1), "mine") for k in range(4)]  # fmt: skip
+            (f"What is {k} + 1?", str(k + 1), "mine") for k in range(4)
+        ]
     assert capsys.readouterr().out.count("4 rows, 4 answers") == 3
 
 
@@ -199,8 +257,13 @@ def test_the_readmes_reward_example_runs_as_documented(tmp_path):
     (tmp_path / "my_reward.py").write_text("# my_reward.py" + code)
     fn = rewards.load_reward_fn(f"{tmp_path}/my_reward.py:units_checked")
     row = {"problem": "How far?", "answer": "12", "unit": "km"}
-    cases = [("12 km", "\\boxed{12 km}", 1.0), ("12", "\\boxed{12}", 0.5), ("13", "\\boxed{13 km}", 0.0), (None, "", 0.0),
-             ("", "\\boxed{}", 0.0)]
+    cases = [
+        ("12 km", "\\boxed{12 km}", 1.0),
+        ("12", "\\boxed{12}", 0.5),
+        ("13", "\\boxed{13 km}", 0.0),
+        (None, "", 0.0),
+        ("", "\\boxed{}", 0.0),
+    ]
     for answer, final_text, expected in cases:
         assert fn({"answer": answer, "final_text": final_text, "turns": []}, row) == expected
 
@@ -209,11 +272,28 @@ def test_an_evaluation_run_prints_no_warnings(sft_model, tmp_path):
     """eval.py on a checkpoint that makes tool calls (so later turns continue from the KV cache),
     sampling because --samples 2 asks for it, writes no Python warning and no transformers
     deprecation or invalid-generation-flag message on stderr."""
-    out = run_script([
-        "python", "-W", "error::FutureWarning", "-W", "error::DeprecationWarning:transformers", "eval.py",
-        "--model", sft_model, "--data", "toy", "--limit", "4", "--samples", "2", "--sandbox_workers", "2",
-        "--out", str(tmp_path / "r.json"),
-    ])  # fmt: skip
+    out = run_script(
+        [
+            "python",
+            "-W",
+            "error::FutureWarning",
+            "-W",
+            "error::DeprecationWarning:transformers",
+            "eval.py",
+            "--model",
+            sft_model,
+            "--data",
+            "toy",
+            "--limit",
+            "4",
+            "--samples",
+            "2",
+            "--sandbox_workers",
+            "2",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "r.json") as f:
         report = json.load(f)
@@ -226,14 +306,23 @@ def test_trainings_held_out_evaluation_grades_with_the_reward_fn(tmp_path):
     """train.py's held-out accuracy (summary.json) grades with --reward_fn, as eval.py does."""
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer)
-    cfg = train.Config(**{**SMALL, "max_turns": 1, "max_turn_tokens": 8})
-    world = launch.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(**{**SMALL, "max_turns": 1, "max_turn_tokens": 8})
+    world = parallel.World(0, 1, torch.device("cpu"))
     problems = [{"problem": "What is 2 + 3?", "answer": "5"}] * 2
     with sandbox.Pool(2) as pool:
-        grader = rewards.Grader()
-        run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=policy, pool=pool, grader=grader, problems=[],
-                             reward_fn=lambda record, row: True)  # fmt: skip
-        accuracy = train.evaluate(run, problems, cfg=cfg, derived=train.check_config(cfg, world), world=world,
-                                  temperature=0.0)  # fmt: skip
+        grader = grading.Grader()
+        run = train.RunState(
+            cfg=cfg,
+            derived=config.check_config(cfg, world),
+            world=world,
+            policy=policy,
+            tokenizer=tokenizer,
+            wrapped=policy,
+            pool=pool,
+            grader=grader,
+            problems=[],
+            reward_fn=lambda record, row: True,
+        )
+        accuracy = train.evaluate(run, problems, temperature=0.0)
         grader.close()
     assert accuracy == 1.0

@@ -9,16 +9,34 @@ import sys
 
 import pytest
 
-from launch import ConfigError
+from config import ConfigError
 from metrics import TRACKERS, numeric_fields, open_tracker
 
 # Two records shaped like metrics.jsonl's, plus fields a tracker must leave out (not numbers).
 RECORDS = [
-    {"step": 1, "reward": 0.25, "accuracy": 0.5, "loss": -0.0123, "infra_errors": 0, "lr": 3e-4,
-     "note": "warm-up", "ranks_in_sync": True, "stop": {"answer": 3}},
-    {"step": 2, "reward": 0.75, "accuracy": 1.0, "loss": 0.0456, "infra_errors": 2, "lr": 2.5e-4,
-     "note": "", "ranks_in_sync": False, "stop": {"answer": 4}},
-]  # fmt: skip
+    {
+        "step": 1,
+        "reward": 0.25,
+        "accuracy": 0.5,
+        "loss": -0.0123,
+        "infra_errors": 0,
+        "lr": 3e-4,
+        "note": "warm-up",
+        "ranks_in_sync": True,
+        "stop": {"answer": 3},
+    },
+    {
+        "step": 2,
+        "reward": 0.75,
+        "accuracy": 1.0,
+        "loss": 0.0456,
+        "infra_errors": 2,
+        "lr": 2.5e-4,
+        "note": "",
+        "ranks_in_sync": False,
+        "stop": {"answer": 4},
+    },
+]
 LOGGED = {"reward", "accuracy", "loss", "infra_errors", "lr"}
 CONFIG = {"lr": 3e-4, "algo": "gtpo", "data": ["toy"], "seed": 0}
 
@@ -26,8 +44,13 @@ CONFIG = {"lr": 3e-4, "algo": "gtpo", "data": ["toy"], "seed": 0}
 def test_numeric_fields_are_the_numbers_but_step():
     """A tracker logs the record's ints and floats under their metrics.jsonl names, as floats;
     not step (the x-axis), bools, strings or containers."""
-    assert numeric_fields(RECORDS[0]) == {"reward": 0.25, "accuracy": 0.5, "loss": -0.0123, "infra_errors": 0.0,
-                                          "lr": 3e-4}  # fmt: skip
+    assert numeric_fields(RECORDS[0]) == {
+        "reward": 0.25,
+        "accuracy": 0.5,
+        "loss": -0.0123,
+        "infra_errors": 0.0,
+        "lr": 3e-4,
+    }
     assert set(numeric_fields(RECORDS[1])) == LOGGED
 
 
@@ -61,11 +84,19 @@ def test_packages_are_imported_only_when_asked(tmp_path):
     """Opening "none" imports neither tensorboard nor wandb (a fresh interpreter checks)."""
     import subprocess
 
-    code = ("import sys, metrics; metrics.open_tracker('none', '.', {}).close(); "
-            "print([m for m in ('tensorboard', 'wandb') if m in sys.modules])")  # fmt: skip
+    code = (
+        "import sys, metrics; metrics.open_tracker('none', '.', {}).close(); "
+        "print([m for m in ('tensorboard', 'wandb') if m in sys.modules])"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=root),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=root),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

@@ -20,17 +20,20 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import checkpoint
-import data
-import eval as evaluation
+import config
+import grading
 import gtpo
-import launch
 import metrics
 import model
+import parallel
+import reports
 import rewards
 import rollout
 import sandbox
 import sft
+import tasks
 import train
+
 from conftest import ROOT, SMALL, run_script, torchrun
 
 
@@ -38,8 +41,8 @@ def weights(directory):
     return load_file(os.path.join(directory, "model.safetensors"))
 
 
-def config(sft_model, out_dir, **overrides):
-    return train.Config(model=sft_model, sft_steps=0, out_dir=str(out_dir), **{**SMALL, **overrides})
+def train_config(sft_model, out_dir, **overrides):
+    return config.TrainConfig(model=sft_model, sft_steps=0, out_dir=str(out_dir), **{**SMALL, **overrides})
 
 
 # A run of two RL steps with a KL term, a checkpoint and a sample dump per step: what one run checks
@@ -56,7 +59,7 @@ CONTROLS = dict(TWO_STEPS, filter_groups=True, max_filter_rounds=3, mask_truncat
 def controlled(sft_model, tmp_path_factory):
     """The out_dir of CONTROLS's run (fp32, one process, made once)."""
     out = tmp_path_factory.mktemp("controls")
-    train.main(config(sft_model, out, compute_dtype="fp32", **CONTROLS))
+    train.main(train_config(sft_model, out, compute_dtype="fp32", **CONTROLS))
     return out
 
 
@@ -64,14 +67,43 @@ def controlled(sft_model, tmp_path_factory):
 def two_steps(sft_model, tmp_path_factory):
     """The out_dir of TWO_STEPS's run (fp32, made once)."""
     out = tmp_path_factory.mktemp("two_steps")
-    train.main(config(sft_model, out, compute_dtype="fp32", **TWO_STEPS))
+    train.main(train_config(sft_model, out, compute_dtype="fp32", **TWO_STEPS))
     return out
+
+
+STEP_MODULES = {"model.py", "rollout.py", "rewards.py", "gtpo.py", "parallel.py"}  # and train.py itself
+
+
+def test_one_rl_steps_code_calls_into_five_project_modules(sft_model, tmp_path, monkeypatch):
+    """A reader following one RL step (train.rl_step, with a KL term so that every pass runs)
+    opens at most six files: train.py's step code calls into no project module but STEP_MODULES
+    (the sandbox and the grader sit behind rollout and rewards; data order, metrics and
+    checkpoints are the loop's, outside the step)."""
+    train_py, called = os.path.join(ROOT, "train.py"), set()
+
+    def watch(frame, event, arg):
+        if event == "call" and frame.f_back is not None and frame.f_back.f_code.co_filename == train_py:
+            path = frame.f_code.co_filename
+            if os.path.dirname(path) == ROOT and path != train_py:
+                called.add(os.path.basename(path))
+
+    def watched_step(*args, real=train.rl_step, **kwargs):
+        sys.setprofile(watch)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            sys.setprofile(None)
+
+    monkeypatch.setattr(train, "rl_step", watched_step)
+    train.main(train_config(sft_model, tmp_path, max_steps=1, kl_coef=0.05, mini_batch_size=8))
+    assert called and called <= STEP_MODULES, called
 
 
 def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, two_steps):
     """Two RL steps (with a KL term) move every parameter tensor of the policy, log finite metrics
-    with every field (and the credit view, covering every turn), and leave a summary with the seed and the environment it ran in; the checkpoint is a loadable HF model;
-    the sample dumps hold each turn's reward, return and advantage, consistent with gamma."""
+    with every field (and the credit view, covering every turn), and leave a summary with the
+    seed and the environment it ran in; the checkpoint is a loadable HF model; the sample dumps
+    hold each turn's reward, return and advantage, consistent with gamma."""
     tmp_path = two_steps
     before, after = weights(sft_model), weights(tmp_path / "checkpoints" / "step_2")
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
@@ -82,26 +114,23 @@ def test_two_rl_steps_change_every_parameter_with_finite_metrics(sft_model, two_
         credit = r.pop("credit")  # {"turn/call/end": [mean advantage or None, turns]}
         assert all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in r.values()), r
         assert set(metrics.FIELDS) <= set(r)
-        assert len(credit) == train.Config.max_turns * 3 * 2  # K turn indices x 3 kinds of call x 2 ends
+        assert len(credit) == config.TrainConfig.max_turns * 3 * 2  # K turn indices x 3 kinds of call x 2 ends
         every_turn = round(r["turns"] * SMALL["prompts_per_step"] * SMALL["group_size"])
         assert sum(n for _, n in credit.values()) == every_turn and 0 <= r["credit_neg_correct"] <= 1
     assert records[0]["kl"] == 0 < records[1]["kl"], "step 1 samples from the reference itself"
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["seed"] == 0 and summary["ranks_in_sync"] is True
-    assert summary["environment"] == launch.environment(launch.World(0, 1, torch.device("cpu")))
+    assert summary["environment"] == parallel.environment(parallel.World(0, 1, torch.device("cpu")))
     reloaded, _ = model.load_policy(str(tmp_path / "checkpoints" / "step_2"))
     assert torch.equal(reloaded.model.embed_tokens.weight, after["model.embed_tokens.weight"])
-    dump = evaluation.load_report(tmp_path / "samples" / "step_1.json")  # what `eval.py --show` reads
-    assert len(dump["problems"]) == 2 and all(
-        len(p["samples"]) == SMALL["group_size"] for p in dump["problems"]
-    )
+    dump = reports.load_report(tmp_path / "samples" / "step_1.json")  # what `eval.py --show` reads
+    assert len(dump["problems"]) == 2 and all(len(p["samples"]) == SMALL["group_size"] for p in dump["problems"])
     for s in (s for p in dump["problems"] for s in p["samples"]):
         r, R = [t["reward"] for t in s["turns"]], [t["return"] for t in s["turns"]]
         for j in range(len(r)):  # the dumped returns are the discounted sums of the dumped rewards
             assert R[j] == pytest.approx(r[j] + (0.9 * R[j + 1] if j + 1 < len(r) else 0.0), abs=1e-5)
     assert re.search(
-        r"--- turn 1 · \d+ tokens trained · r [+-]\d\.\d{3} · R .* · A ",
-        evaluation.show_text(dump["problems"][0]),
+        r"--- turn 1 · \d+ tokens trained · r [+-]\d\.\d{3} · R .* · A ", reports.show_text(dump["problems"][0])
     )
 
 
@@ -126,20 +155,44 @@ def test_grpo_is_gtpo_reduced_on_single_turn_data():
     with sandbox.Session() as session:
         trajs, golds = single_turn_group(tokenizer, session)
     assert all(len(t.turns) == 1 and t.turns[0].valid_call for t in trajs)
-    world = launch.World(0, 1, torch.device("cpu"))
+    world = parallel.World(0, 1, torch.device("cpu"))
     group_index = torch.arange(2).repeat_interleave(4)
     results = []
     for algo, gamma in (("grpo", 0.9), ("gtpo", 0.5), ("gtpo", 1.0)):
-        cfg = train.Config(algo=algo, gamma=gamma, shaping="none", adv_norm="group", prompts_per_step=2,
-                           group_size=4, micro_batch_size=3, lr=1e-2)  # fmt: skip
-        derived = train.check_config(cfg, world)
-        scored = train.score(trajs, [{"answer": g} for g in golds], group_index, cfg=cfg, derived=derived, world=world,
-                             grader=rewards.Grader())
+        cfg = config.TrainConfig(
+            algo=algo,
+            gamma=gamma,
+            shaping="none",
+            adv_norm="group",
+            prompts_per_step=2,
+            group_size=4,
+            micro_batch_size=3,
+            lr=1e-2,
+        )
+        derived = config.check_config(cfg, world)
+        scored = rewards.score(
+            trajs,
+            [{"answer": g} for g in golds],
+            group_index,
+            cfg=cfg,
+            derived=derived,
+            world=world,
+            grader=grading.Grader(),
+        )
         policy = model.tiny_model(tokenizer, seed=0).train()
-        wrapped = launch.wrap(policy, world, cfg.parallel)
+        wrapped = parallel.wrap(policy, world, cfg.parallel)
         optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr)
-        train.update(wrapped, optimizer, trajs, turn_advantages=scored.turn_advantages, trained=scored.trained,
-                     counted=scored.counted, cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+        train.update(
+            wrapped,
+            optimizer,
+            trajs,
+            turn_advantages=scored.turn_advantages,
+            trained=scored.trained,
+            counted=scored.counted,
+            cfg=cfg,
+            world=world,
+            pad=tokenizer.pad_token_id,
+        )
         results.append((scored.turn_advantages, policy.state_dict()))
     (adv_grpo, grpo), *gtpos = results
     assert adv_grpo.abs().sum() > 0, "the data must have reward variance"
@@ -154,10 +207,10 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(capsys):
     tokenizer = model.tiny_tokenizer()
     with sandbox.Session() as session:
         trajs, _ = single_turn_group(tokenizer, session)
-    world = launch.World(0, 1, torch.device("cpu"))
-    cfg = train.Config(prompts_per_step=2, group_size=4, micro_batch_size=4)
+    world = parallel.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(prompts_per_step=2, group_size=4, micro_batch_size=4)
     policy = model.tiny_model(tokenizer, seed=0).train()
-    wrapped = launch.wrap(policy, world, cfg.parallel)
+    wrapped = parallel.wrap(policy, world, cfg.parallel)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     advantages = torch.zeros(8, cfg.max_turns)
@@ -165,15 +218,29 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights(capsys):
     advantages[3, 0] = float("nan")
     everyone = torch.ones(8, dtype=torch.bool)
     sums, _ = train.update(
-        wrapped, optimizer, trajs, turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg,
-        world=world, pad=0,
+        wrapped,
+        optimizer,
+        trajs,
+        turn_advantages=advantages,
+        trained=everyone,
+        counted=everyone,
+        cfg=cfg,
+        world=world,
+        pad=0,
     )
     assert sums["skipped"] == 1 and "non-finite" in capsys.readouterr().out
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
     advantages[3, 0] = 1.0
     sums, _ = train.update(
-        wrapped, optimizer, trajs, turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg,
-        world=world, pad=0,
+        wrapped,
+        optimizer,
+        trajs,
+        turn_advantages=advantages,
+        trained=everyone,
+        counted=everyone,
+        cfg=cfg,
+        world=world,
+        pad=0,
     )
     assert sums["skipped"] == 0 and not all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
@@ -192,33 +259,41 @@ def test_groups_with_all_zero_advantages_and_sandbox_failures_are_not_trained():
     have trained=False; every other row of a group with signal is trained."""
     tokenizer = model.tiny_tokenizer()
     trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
-    world = launch.World(0, 1, torch.device("cpu"))
-    cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4)
-    scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg=cfg, derived=train.check_config(cfg, world), world=world,
-                             grader=rewards.Grader())  # fmt: skip
+    world = parallel.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(shaping="none", prompts_per_step=2, group_size=4)
+    scored = rewards.score(
+        trajs,
+        [{"answer": g} for g in golds],
+        torch.arange(2).repeat_interleave(4),
+        cfg=cfg,
+        derived=config.check_config(cfg, world),
+        world=world,
+        grader=grading.Grader(),
+    )
     assert scored.trained.tolist() == [True, False, True, True, False, False, False, False]
     assert (scored.turn_advantages[1] == 0).all()
 
 
 def random_rollouts(tokenizer, policy, temperature, n=8):
     """n sampled single-problem rollouts of a tiny policy, with the sampler's own log-probs."""
-    cfg = rollout.RolloutConfig(max_turns=2, max_turn_tokens=24, max_total_tokens=200, temperature=temperature,
-                                record_logprobs=True)  # fmt: skip
+    cfg = rollout.RolloutConfig(
+        max_turns=2, max_turn_tokens=24, max_total_tokens=200, temperature=temperature, record_logprobs=True
+    )
     prompts = [model.chat_prompt_ids(tokenizer, f"What is {k} times 7?", system=None) for k in range(n)]
     with sandbox.Pool(max_workers=4, timeout=5) as pool:
         return rollout.rollout(policy, tokenizer, prompts, pool, cfg, seeds=list(range(n)))
 
 
 def spy_on_old_logprobs(monkeypatch):
-    """Record the batches and outputs of every train.old_logprobs call."""
-    calls, original = [], train.old_logprobs
+    """Record the batches and outputs of every train.no_grad_logprobs call."""
+    calls, original = [], train.no_grad_logprobs
 
-    def spy(wrapped, batch, **settings):
-        out = original(wrapped, batch, **settings)
-        calls.append((batch, out))
+    def spy(wrapped, mb, **settings):
+        out = original(wrapped, mb, **settings)
+        calls.append((mb.batch, out))
         return out
 
-    monkeypatch.setattr(train, "old_logprobs", spy)
+    monkeypatch.setattr(train, "no_grad_logprobs", spy)
     return calls
 
 
@@ -228,22 +303,32 @@ def test_old_logprobs_are_the_samplers_own_at_the_sampling_temperature(monkeypat
     tokenizer = model.tiny_tokenizer()
     policy = model.tiny_model(tokenizer, seed=0)
     trajs = random_rollouts(tokenizer, policy, temperature=0.7)
-    world = launch.World(0, 1, torch.device("cpu"))
-    cfg = train.Config(prompts_per_step=2, group_size=4, mini_batch_size=4, temperature=0.7, micro_batch_size=3)
+    world = parallel.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(prompts_per_step=2, group_size=4, mini_batch_size=4, temperature=0.7, micro_batch_size=3)
     calls = spy_on_old_logprobs(monkeypatch)
     everything = rollout.collate(trajs, tokenizer.pad_token_id)
     with torch.no_grad():  # the same tokens scored at temperature 1, before the update
         at_one = model.token_logprobs(policy, everything["input_ids"], everything["attention_mask"])
-    wrapped = launch.wrap(policy.train(), world, cfg.parallel)
+    wrapped = parallel.wrap(policy.train(), world, cfg.parallel)
     everyone = torch.ones(8, dtype=torch.bool)
     advantages = torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, cfg.max_turns)
-    train.update(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), trajs, turn_advantages=advantages,
-                 trained=everyone, counted=everyone, cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    train.update(
+        wrapped,
+        torch.optim.SGD(wrapped.parameters(), lr=0.1),
+        trajs,
+        turn_advantages=advantages,
+        trained=everyone,
+        counted=everyone,
+        cfg=cfg,
+        world=world,
+        pad=tokenizer.pad_token_id,
+    )
     assert len(calls) == 2, "one pass per mini-batch, both before the first optimizer step"
     for batch, old in calls:
         mask = batch["loss_mask"]
-        sampler = torch.tensor([t.sample_logp + [0.0] * (mask.shape[1] - len(t.sample_logp))
-                                for t in rows_of(batch, trajs)])  # fmt: skip
+        sampler = torch.tensor(
+            [t.sample_logp + [0.0] * (mask.shape[1] - len(t.sample_logp)) for t in rows_of(batch, trajs)]
+        )
         torch.testing.assert_close(old[mask], sampler[mask], atol=1e-4, rtol=0)
     mask = everything["loss_mask"]
     sampler = torch.tensor([t.sample_logp + [0.0] * (mask.shape[1] - len(t.sample_logp)) for t in trajs])
@@ -262,18 +347,28 @@ def test_one_optimizer_step_skips_the_old_logprob_pass_and_changes_nothing(monke
     is 1 by construction) and ends at the same parameters, to 1e-6, as with the pass."""
     tokenizer = model.tiny_tokenizer()
     trajs = random_rollouts(tokenizer, model.tiny_model(tokenizer, seed=0), temperature=1.0)
-    world = launch.World(0, 1, torch.device("cpu"))
-    cfg = train.Config(prompts_per_step=2, group_size=4, micro_batch_size=3)
+    world = parallel.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(prompts_per_step=2, group_size=4, micro_batch_size=3)
     everyone = torch.ones(8, dtype=torch.bool)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)[:, None].expand(8, cfg.max_turns)
     calls = spy_on_old_logprobs(monkeypatch)
     results = []
     for always in (False, True):
         policy = model.tiny_model(tokenizer, seed=0).train()
-        wrapped = launch.wrap(policy, world, cfg.parallel)
-        sums, _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=1e-2), trajs,
-                               turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg, world=world,
-                               pad=tokenizer.pad_token_id, always_old_logprobs=always)  # fmt: skip
+        wrapped = parallel.wrap(policy, world, cfg.parallel)
+        if always:
+            monkeypatch.setattr(train, "needs_old_logprobs", lambda cfg, num_minibatches: True)
+        sums, _ = train.update(
+            wrapped,
+            torch.optim.AdamW(wrapped.parameters(), lr=1e-2),
+            trajs,
+            turn_advantages=advantages,
+            trained=everyone,
+            counted=everyone,
+            cfg=cfg,
+            world=world,
+            pad=tokenizer.pad_token_id,
+        )
         assert len(calls) == int(always) and sums["optimizer_steps"] == 1 and sums["ratio"] == pytest.approx(1.0)
         results.append(policy.state_dict())
     for name, value in results[0].items():
@@ -286,16 +381,24 @@ def test_the_denominator_counts_every_sampled_token_and_zero_advantage_rows_get_
     with --loss_denominator signal; only trained rows are in its batch."""
     tokenizer = model.tiny_tokenizer()
     trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
-    world = launch.World(0, 1, torch.device("cpu"))
+    world = parallel.World(0, 1, torch.device("cpu"))
     sampled = [sum(t.loss_mask) for t in trajs]
     for denominator in ("sampled", "signal"):
-        cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, mini_batch_size=4,
-                           loss_denominator=denominator)  # fmt: skip
-        scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg=cfg, derived=train.check_config(cfg, world), world=world,
-                             grader=rewards.Grader())  # fmt: skip
-        plan = launch.plan_minibatches(trajs, forwarded=scored.trained, counted=scored.counted,
-                                       mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
-                                       world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+        cfg = config.TrainConfig(
+            shaping="none", prompts_per_step=2, group_size=4, mini_batch_size=4, loss_denominator=denominator
+        )
+        scored = rewards.score(
+            trajs,
+            [{"answer": g} for g in golds],
+            torch.arange(2).repeat_interleave(4),
+            cfg=cfg,
+            derived=config.check_config(cfg, world),
+            world=world,
+            grader=grading.Grader(),
+        )
+        plan = train.plan_minibatches(
+            trajs, forwarded=scored.trained, counted=scored.counted, cfg=cfg, world=world, pad=tokenizer.pad_token_id
+        )
         assert len(plan) == 2
         for k, mb in enumerate(plan):
             members = range(k, 8, 2)
@@ -313,17 +416,25 @@ def test_several_minibatches_move_the_ratio_and_clip():
     statistics are means over the four optimizer steps."""
     tokenizer = model.tiny_tokenizer()
     trajs = random_rollouts(tokenizer, model.tiny_model(tokenizer, seed=0), temperature=1.0)
-    world = launch.World(0, 1, torch.device("cpu"))
+    world = parallel.World(0, 1, torch.device("cpu"))
     everyone = torch.ones(8, dtype=torch.bool)
     advantages = torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, 4)
     stats = {}
     for mini in (0, 2):
-        cfg = train.Config(prompts_per_step=2, group_size=4, mini_batch_size=mini, micro_batch_size=4)
+        cfg = config.TrainConfig(prompts_per_step=2, group_size=4, mini_batch_size=mini, micro_batch_size=4)
         policy = model.tiny_model(tokenizer, seed=0).train()
-        wrapped = launch.wrap(policy, world, cfg.parallel)
-        stats[mini], _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=3e-2), trajs,
-                                      turn_advantages=advantages, trained=everyone, counted=everyone, cfg=cfg,
-                                      world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+        wrapped = parallel.wrap(policy, world, cfg.parallel)
+        stats[mini], _ = train.update(
+            wrapped,
+            torch.optim.AdamW(wrapped.parameters(), lr=3e-2),
+            trajs,
+            turn_advantages=advantages,
+            trained=everyone,
+            counted=everyone,
+            cfg=cfg,
+            world=world,
+            pad=tokenizer.pad_token_id,
+        )
     assert stats[0]["optimizer_steps"] == 1 and stats[0]["clip_frac"] == 0 and stats[0]["approx_kl"] == 0
     assert stats[2]["optimizer_steps"] == 4
     assert stats[2]["clip_frac"] > 0 and stats[2]["approx_kl"] > 0 and stats[2]["ratio"] != pytest.approx(1.0)
@@ -340,16 +451,23 @@ def truncated_and_void(tokenizer):
             for k, guess in enumerate((a + b, a + b + 1, a + b + 2, a - b)):
                 session.reset()
                 last = f"so \\boxed{{{guess}}}" if (a, k) not in ((40, 1), (40, 2)) else "I am not sure."
-                trajs.append(rollout.teacher_trajectory(tokenizer, prompt, [f"```python\nprint({a} + {b})\n```", last],
-                                                        session))  # fmt: skip
+                trajs.append(
+                    rollout.teacher_trajectory(tokenizer, prompt, [f"```python\nprint({a} + {b})\n```", last], session)
+                )
                 golds.append(str(a + b))
     for i in (1, 6):
         trajs[i].stop_reason = "max_length"
     return trajs, golds
 
 
-@pytest.mark.parametrize("flags, masked", [({"mask_truncated": True}, [1, 6]), ({"mask_void_turns": True}, [5, 6]),
-                                           ({"mask_truncated": True, "mask_void_turns": True}, [1, 5, 6])])
+@pytest.mark.parametrize(
+    "flags, masked",
+    [
+        ({"mask_truncated": True}, [1, 6]),
+        ({"mask_void_turns": True}, [5, 6]),
+        ({"mask_truncated": True, "mask_void_turns": True}, [1, 5, 6]),
+    ],
+)
 def test_masked_trajectories_stay_in_their_groups_statistics_but_get_no_gradient_and_no_denominator(flags, masked):
     """--mask_truncated (rows stopped at a token limit) and --mask_void_turns (rows with a turn
     that neither calls nor answers), alone and together: the masked rows keep their rewards and
@@ -359,34 +477,61 @@ def test_masked_trajectories_stay_in_their_groups_statistics_but_get_no_gradient
     bit-identical; without the flags, scrambling them changes the weights)."""
     tokenizer = model.tiny_tokenizer()
     trajs, golds = truncated_and_void(tokenizer)
-    world = launch.World(0, 1, torch.device("cpu"))
+    world = parallel.World(0, 1, torch.device("cpu"))
     scores = {}
     for name, extra in (("plain", {}), ("masked", flags)):
-        cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, **extra)
-        scores[name] = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4),
-                                   cfg=cfg, derived=train.check_config(cfg, world), world=world,
-                                   grader=rewards.Grader())  # fmt: skip
+        cfg = config.TrainConfig(shaping="none", prompts_per_step=2, group_size=4, **extra)
+        scores[name] = rewards.score(
+            trajs,
+            [{"answer": g} for g in golds],
+            torch.arange(2).repeat_interleave(4),
+            cfg=cfg,
+            derived=config.check_config(cfg, world),
+            world=world,
+            grader=grading.Grader(),
+        )
     plain, scored = scores["plain"], scores["masked"]
-    assert scored.truncated.nonzero().flatten().tolist() == [1, 6] and scored.void.nonzero().flatten().tolist() == [5, 6]
+    assert scored.truncated.nonzero().flatten().tolist() == [1, 6] and scored.void.nonzero().flatten().tolist() == [
+        5,
+        6,
+    ]
     assert scored.masked.nonzero().flatten().tolist() == masked and not plain.masked.any()
     assert torch.equal(scored.turn_advantages, plain.turn_advantages) and (scored.turn_advantages[masked] != 0).any()
     assert not (scored.trained[masked] | scored.counted[masked]).any()
     assert scored.counted.sum() == 8 - len(masked) and plain.trained.all()
-    plan = launch.plan_minibatches(trajs, forwarded=scored.trained, counted=scored.counted, mini_batch_size=0,
-                                   micro_batch_size=16, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    plan = train.plan_minibatches(
+        trajs,
+        forwarded=scored.trained,
+        counted=scored.counted,
+        cfg=dataclasses.replace(cfg, mini_batch_size=0, micro_batch_size=16),
+        world=world,
+        pad=tokenizer.pad_token_id,
+    )
     assert plan[0].num_tokens == sum(sum(t.loss_mask) for i, t in enumerate(trajs) if i not in masked)
 
     def updated(score, trajectories):
         torch.manual_seed(0)
         policy = model.tiny_model(tokenizer, seed=0).train()
-        wrapped = launch.wrap(policy, world, "ddp")
-        train.update(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.5), trajectories,
-                     turn_advantages=score.turn_advantages, trained=score.trained, counted=score.counted,
-                     cfg=train.Config(prompts_per_step=2, group_size=4), world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+        wrapped = parallel.wrap(policy, world, "ddp")
+        train.update(
+            wrapped,
+            torch.optim.SGD(wrapped.parameters(), lr=0.5),
+            trajectories,
+            turn_advantages=score.turn_advantages,
+            trained=score.trained,
+            counted=score.counted,
+            cfg=config.TrainConfig(prompts_per_step=2, group_size=4),
+            world=world,
+            pad=tokenizer.pad_token_id,
+        )
         return policy.state_dict()
 
-    scrambled = [dataclasses.replace(t, input_ids=[(x * 7 + 3) % 300 if m else x for x, m in zip(t.input_ids, t.loss_mask)])
-                 if i in masked else t for i, t in enumerate(trajs)]  # fmt: skip
+    scrambled = [
+        dataclasses.replace(t, input_ids=[(x * 7 + 3) % 300 if m else x for x, m in zip(t.input_ids, t.loss_mask)])
+        if i in masked
+        else t
+        for i, t in enumerate(trajs)
+    ]
     for score, differ in ((scored, False), (plain, True)):
         before, after = updated(score, trajs), updated(score, scrambled)
         assert any(not torch.equal(before[n], after[n]) for n in before) is differ
@@ -398,12 +543,19 @@ def test_with_a_kl_penalty_zero_advantage_rows_are_forwarded_and_the_loss_is_the
     count as the denominator."""
     tokenizer = model.tiny_tokenizer()
     trajs, golds = without_signal_and_a_sandbox_failure(tokenizer)
-    world = launch.World(0, 1, torch.device("cpu"))
-    cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4, kl_coef=0.5, micro_batch_size=3)
-    scored = train.score(trajs, [{"answer": g} for g in golds], torch.arange(2).repeat_interleave(4), cfg=cfg, derived=train.check_config(cfg, world), world=world,
-                             grader=rewards.Grader())  # fmt: skip
+    world = parallel.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(shaping="none", prompts_per_step=2, group_size=4, kl_coef=0.5, micro_batch_size=3)
+    scored = rewards.score(
+        trajs,
+        [{"answer": g} for g in golds],
+        torch.arange(2).repeat_interleave(4),
+        cfg=cfg,
+        derived=config.check_config(cfg, world),
+        world=world,
+        grader=grading.Grader(),
+    )
     policy, reference = model.tiny_model(tokenizer, seed=0).train(), model.tiny_model(tokenizer, seed=1)
-    ref = launch.LogProbs(reference.eval().requires_grad_(False))
+    ref = parallel.LogProbs(reference.eval().requires_grad_(False))
     counted = [i for i in range(8) if scored.counted[i]]
     batch = rollout.collate([trajs[i] for i in counted], tokenizer.pad_token_id)
     with torch.no_grad():
@@ -411,10 +563,19 @@ def test_with_a_kl_penalty_zero_advantage_rows_are_forwarded_and_the_loss_is_the
         ref_logp = model.token_logprobs(reference, batch["input_ids"], batch["attention_mask"])
     advantages = gtpo.token_advantages(scored.turn_advantages[counted], batch["token_turn"])
     expected, _ = gtpo.policy_loss(logp, logp, advantages, batch["loss_mask"], ref_logp=ref_logp, kl_coef=0.5)
-    wrapped = launch.wrap(policy, world, cfg.parallel)
-    sums, _ = train.update(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), trajs,
-                           turn_advantages=scored.turn_advantages, trained=scored.trained,
-                           counted=scored.counted, cfg=cfg, world=world, pad=tokenizer.pad_token_id, ref=ref)  # fmt: skip
+    wrapped = parallel.wrap(policy, world, cfg.parallel)
+    sums, _ = train.update(
+        wrapped,
+        torch.optim.SGD(wrapped.parameters(), lr=0.0),
+        trajs,
+        turn_advantages=scored.turn_advantages,
+        trained=scored.trained,
+        counted=scored.counted,
+        cfg=cfg,
+        world=world,
+        pad=tokenizer.pad_token_id,
+        ref=ref,
+    )
     assert sums["loss"] == pytest.approx(float(expected), abs=1e-6) and sums["kl_ref"] > 0
 
 
@@ -428,21 +589,40 @@ def test_the_credit_view_is_the_mean_advantage_by_turn_tool_call_and_end():
     call = lambda result, valid=True: rollout.Turn(text="```python\n1\n```", code="1", valid_call=valid, result=result)
     answer = rollout.Turn(text="\\boxed{1}")
     infra = sandbox.Result(ok=False, stdout="", stderr="", infra_error=True)
-    turns = [[call(ran(True)), answer], [call(ran(False)), call(ran(True)), answer], [call(None, valid=False), answer],
-             [call(infra), answer]]  # fmt: skip
+    turns = [
+        [call(ran(True)), answer],
+        [call(ran(False)), call(ran(True)), answer],
+        [call(None, valid=False), answer],
+        [call(infra), answer],
+    ]
     trajs = [rollout.Trajectory(0, [], [], [], turns=t) for t in turns]
-    advantages = torch.tensor([[0.5, -0.25, 0.0], [-1.0, 0.375, -0.5], [0.625, 0.125, 0.0], [0.75, 0.75, 0.0]])  # (N, K)
-    scored = types.SimpleNamespace(turn_advantages=advantages, correct=torch.tensor([True, False, True, False]),
-                                   infra=torch.tensor([False, False, False, True]))  # fmt: skip
+    advantages = torch.tensor(
+        [[0.5, -0.25, 0.0], [-1.0, 0.375, -0.5], [0.625, 0.125, 0.0], [0.75, 0.75, 0.0]]
+    )  # (N, K)
+    scored = types.SimpleNamespace(
+        turn_advantages=advantages,
+        correct=torch.tensor([True, False, True, False]),
+        infra=torch.tensor([False, False, False, True]),
+    )
     view = metrics.credit_view(metrics.credit_sums(trajs, scored))
-    expected = {"1/ok/correct": [0.5, 1], "1/error/wrong": [-1.0, 1], "1/error/correct": [0.625, 1],
-                "2/none/correct": [-0.0625, 2], "2/ok/wrong": [0.375, 1], "3/none/wrong": [-0.5, 1]}  # fmt: skip
+    expected = {
+        "1/ok/correct": [0.5, 1],
+        "1/error/wrong": [-1.0, 1],
+        "1/error/correct": [0.625, 1],
+        "2/none/correct": [-0.0625, 2],
+        "2/ok/wrong": [0.375, 1],
+        "3/none/wrong": [-0.5, 1],
+    }
     assert len(view["credit"]) == 3 * 3 * 2
     assert {cell: v for cell, v in view["credit"].items() if v[1]} == expected
     assert all(v == [None, 0] for cell, v in view["credit"].items() if cell not in expected)
     assert view["credit_neg_correct"] == 1 / 4 and view["credit_pos_error"] == 1 / 2
-    halves = [metrics.credit_sums(trajs[i : i + 2], types.SimpleNamespace(**{k: v[i : i + 2] for k, v in
-                                                                              vars(scored).items()})) for i in (0, 2)]  # fmt: skip
+    halves = [
+        metrics.credit_sums(
+            trajs[i : i + 2], types.SimpleNamespace(**{k: v[i : i + 2] for k, v in vars(scored).items()})
+        )
+        for i in (0, 2)
+    ]
     assert metrics.credit_view({k: halves[0][k] + halves[1][k] for k in halves[0]}) == view
 
 
@@ -451,9 +631,9 @@ def test_logged_statistics_are_means_over_the_optimizer_steps(monkeypatch):
     tokens, then averaged over the steps (two mini-batches, two epochs: four steps)."""
     tokenizer = model.tiny_tokenizer()
     trajs = random_rollouts(tokenizer, model.tiny_model(tokenizer, seed=0), temperature=1.0)
-    world = launch.World(0, 1, torch.device("cpu"))
+    world = parallel.World(0, 1, torch.device("cpu"))
     everyone = torch.ones(8, dtype=torch.bool)
-    cfg = train.Config(prompts_per_step=2, group_size=4, mini_batch_size=4, ppo_epochs=2, micro_batch_size=3)
+    cfg = config.TrainConfig(prompts_per_step=2, group_size=4, mini_batch_size=4, ppo_epochs=2, micro_batch_size=3)
     seen, original = [], gtpo.policy_loss
 
     def spy(logp, old_logp, advantages, loss_mask, **settings):
@@ -462,10 +642,18 @@ def test_logged_statistics_are_means_over_the_optimizer_steps(monkeypatch):
         return loss, stats
 
     monkeypatch.setattr(gtpo, "policy_loss", spy)
-    wrapped = launch.wrap(model.tiny_model(tokenizer, seed=0).train(), world, cfg.parallel)
-    sums, _ = train.update(wrapped, torch.optim.AdamW(wrapped.parameters(), lr=3e-2), trajs,
-                           turn_advantages=torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, 4), trained=everyone,
-                           counted=everyone, cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    wrapped = parallel.wrap(model.tiny_model(tokenizer, seed=0).train(), world, cfg.parallel)
+    sums, _ = train.update(
+        wrapped,
+        torch.optim.AdamW(wrapped.parameters(), lr=3e-2),
+        trajs,
+        turn_advantages=torch.tensor([1.0, -1.0] * 4)[:, None].expand(8, 4),
+        trained=everyone,
+        counted=everyone,
+        cfg=cfg,
+        world=world,
+        pad=tokenizer.pad_token_id,
+    )
     assert sums["optimizer_steps"] == 4 and len(seen) == 8, "two micro-batches per mini-batch"
     for name, key in (("clip_frac", "clip_frac"), ("approx_kl", "approx_kl"), ("ratio", "ratio_mean")):
         per_step = []
@@ -489,16 +677,16 @@ def test_dynamic_sampling_trains_the_first_groups_whose_scores_differ(varied, ro
     P, G, start = 4, 2, 8
     differs = lambda q: varied[q % len(varied)]  # the group at stream position q has differing scores
 
-    def sample_groups(step, position, run, **_):
+    def sample_groups(step, position, run):
         stream = range(position, position + P)
         scores = torch.tensor([[1.0, 0.0] if differs(q) else [1.0, 1.0] for q in stream]).flatten()  # (P * G,)
         return [{"position": q} for q in stream], [f"{q}/{j}" for q in stream for j in range(G)], scores
 
-    cfg = train.Config(prompts_per_step=P, group_size=G, filter_groups=filtering, max_filter_rounds=rounds)
-    world = launch.World(0, 1, torch.device("cpu"))
-    run = types.SimpleNamespace(data_position=start)
+    cfg = config.TrainConfig(prompts_per_step=P, group_size=G, filter_groups=filtering, max_filter_rounds=rounds)
+    world = parallel.World(0, 1, torch.device("cpu"))
+    run = types.SimpleNamespace(data_position=start, cfg=cfg, derived=config.check_config(cfg, world), world=world)
     with unittest.mock.patch.object(train, "sample_groups", sample_groups):
-        drawn = train.draw_groups(1, run, cfg=cfg, derived=train.check_config(cfg, world), world=world)
+        drawn = train.draw_groups(1, run)
     enough = lambda r: sum(map(differs, range(start, start + P * r))) >= P
     used = next((r for r in range(1, rounds + 1) if enough(r)), rounds) if filtering else 1
     seen = range(start, start + P * used)
@@ -536,7 +724,10 @@ def test_rollout_seeds_depend_on_the_position_in_the_stream_only():
     """A trajectory's seed is a function of (seed, step, global position): the seeds of a step
     cut into two ranks' shares are the seeds of the whole step, and they are distinct."""
     whole = rollout.rollout_seeds(3, step=5, first=80, count=16)
-    assert rollout.rollout_seeds(3, step=5, first=80, count=8) + rollout.rollout_seeds(3, step=5, first=88, count=8) == whole
+    assert (
+        rollout.rollout_seeds(3, step=5, first=80, count=8) + rollout.rollout_seeds(3, step=5, first=88, count=8)
+        == whole
+    )
     assert len(set(whole)) == 16 and all(0 <= s < 2**63 for s in whole)
     assert rollout.rollout_seeds(4, step=5, first=80, count=16) != whole
 
@@ -544,11 +735,19 @@ def test_rollout_seeds_depend_on_the_position_in_the_stream_only():
 # dist_update.py's settings (parallel, adv_norm, mini_batch_size, compute_dtype, embedder) of the
 # default suite, all run in one launch per world size; the slow ones cover the same paths with
 # fewer mini-batches, or in fp32.
-UPDATES = [("ddp", "group", 0, "fp32", "tokens"), ("ddp", "batch", 0, "fp32", "tokens"),
-           ("fsdp", "group", 4, "fp32", "policy"), ("ddp", "group", 2, "fp32", "tokens"),
-           ("fsdp", "group", 2, "fp32", "tokens"), ("fsdp", "group", 4, "bf16", "policy")]  # fmt: skip
-SLOW_UPDATES = [("fsdp", "group", 0, "fp32", "tokens"), ("ddp", "group", 4, "fp32", "tokens"),
-                ("ddp", "group", 2, "bf16", "tokens")]  # fmt: skip
+UPDATES = [
+    ("ddp", "group", 0, "fp32", "tokens"),
+    ("ddp", "batch", 0, "fp32", "tokens"),
+    ("fsdp", "group", 4, "fp32", "policy"),
+    ("ddp", "group", 2, "fp32", "tokens"),
+    ("fsdp", "group", 2, "fp32", "tokens"),
+    ("fsdp", "group", 4, "bf16", "policy"),
+]
+SLOW_UPDATES = [
+    ("fsdp", "group", 0, "fp32", "tokens"),
+    ("ddp", "group", 4, "fp32", "tokens"),
+    ("ddp", "group", 2, "bf16", "tokens"),
+]
 NO_SIGNAL = "ddp:group:0:none:fp32:tokens"
 
 
@@ -593,10 +792,13 @@ def updates(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("parallel, adv_norm, mini_batch_size, compute_dtype, embedder",
-                         UPDATES + [pytest.param(*u, marks=pytest.mark.slow) for u in SLOW_UPDATES])
-def test_two_process_update_equals_one_process_update(updates, parallel, adv_norm, mini_batch_size, compute_dtype,
-                                                      embedder):  # fmt: skip
+@pytest.mark.parametrize(
+    "parallel, adv_norm, mini_batch_size, compute_dtype, embedder",
+    UPDATES + [pytest.param(*u, marks=pytest.mark.slow) for u in SLOW_UPDATES],
+)
+def test_two_process_update_equals_one_process_update(
+    updates, parallel, adv_norm, mini_batch_size, compute_dtype, embedder
+):
     """Fed the same trajectories (each rank its share of the groups, the second rank fewer trained
     rows in fewer micro-batches, and its own initial weights until wrap gives it rank 0's), the
     2-process update (DDP, or FSDP2 fully_shard) gives the 1-process parameters (fp32: to 1e-5;
@@ -645,37 +847,72 @@ def test_without_signal_the_update_runs_no_forward_and_the_log_line_says_skipped
     tokenizer = model.tiny_tokenizer()
     with sandbox.Session() as session:
         trajs, _ = single_turn_group(tokenizer, session)
-    world = launch.World(0, 1, torch.device("cpu"))
-    cfg = train.Config(shaping="none", prompts_per_step=2, group_size=4)
-    scored = train.score(trajs, [{"answer": "999"}] * 8, torch.arange(2).repeat_interleave(4),
-                         cfg=cfg, derived=train.check_config(cfg, world), world=world, grader=rewards.Grader())  # fmt: skip
+    world = parallel.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(shaping="none", prompts_per_step=2, group_size=4)
+    scored = rewards.score(
+        trajs,
+        [{"answer": "999"}] * 8,
+        torch.arange(2).repeat_interleave(4),
+        cfg=cfg,
+        derived=config.check_config(cfg, world),
+        world=world,
+        grader=grading.Grader(),
+    )
     assert not scored.trained.any()
     policy = model.tiny_model(tokenizer, seed=0).train()
     forwards = []
     policy.register_forward_pre_hook(lambda *_: forwards.append(1))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    sums, _ = train.update(launch.wrap(policy, world, cfg.parallel), optimizer, trajs,
-                           turn_advantages=scored.turn_advantages, trained=scored.trained, counted=scored.counted,
-                           cfg=cfg, world=world, pad=tokenizer.pad_token_id)  # fmt: skip
+    sums, _ = train.update(
+        parallel.wrap(policy, world, cfg.parallel),
+        optimizer,
+        trajs,
+        turn_advantages=scored.turn_advantages,
+        trained=scored.trained,
+        counted=scored.counted,
+        cfg=cfg,
+        world=world,
+        pad=tokenizer.pad_token_id,
+    )
     assert forwards == [] and optimizer.state == {} and sums["optimizer_steps"] == 0 and sums["no_signal"] == 1
-    step_sums = metrics.step_sums(trajs, scored, groups=2, drawn=dict.fromkeys(metrics.DRAWN, 1),
-                             update_sums=sums,
-                                  times=dict.fromkeys(("t_rollout", "t_reward", "t_old_logp", "t_update"), 0.0))
+    step_sums = metrics.step_sums(
+        trajs,
+        scored,
+        groups=2,
+        drawn=dict.fromkeys(metrics.DRAWN, 1),
+        update_sums=sums,
+        times=dict.fromkeys(("t_rollout", "t_reward", "t_old_logp", "t_update"), 0.0),
+    )
     assert "upd skipped (no signal)" in metrics.log_line(metrics.reduce(1, step_sums, lr=1e-2, world=world))
 
 
 def torchrun_train(model_dir, out_dir, parallel, max_steps, *flags):
     """tests/dist_train.py (train.py, counting each rank's weight reads) under a 2-process torchrun."""
-    args = ["tests/dist_train.py", "--model", model_dir, "--sft_steps", "0", "--max_steps", str(max_steps),
-            "--save_every", "1", "--out_dir", str(out_dir), "--parallel", parallel,
-            *[f"--{k}={v}" for k, v in SMALL.items()], *flags]  # fmt: skip
+    args = [
+        "tests/dist_train.py",
+        "--model",
+        model_dir,
+        "--sft_steps",
+        "0",
+        "--max_steps",
+        str(max_steps),
+        "--save_every",
+        "1",
+        "--out_dir",
+        str(out_dir),
+        "--parallel",
+        parallel,
+        *[f"--{k}={v}" for k, v in SMALL.items()],
+        *flags,
+    ]
     done = run_script(torchrun(*args), timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-@pytest.mark.parametrize("parallel, compute_dtype", [("ddp", "fp32"), ("fsdp", "bf16"),
-                                                     pytest.param("fsdp", "fp32", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "parallel, compute_dtype", [("ddp", "fp32"), ("fsdp", "bf16"), pytest.param("fsdp", "fp32", marks=pytest.mark.slow)]
+)
 def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_model, tmp_path, parallel, compute_dtype):
     """`torchrun --nproc_per_node 2 train.py` (gloo; DDP, or FSDP2 with parameters gathered for
     generation; fp32 or bf16 compute) trains, saves (the optimizer sharded by
@@ -700,25 +937,26 @@ def test_torchrun_training_ends_with_identical_parameters_on_both_ranks(sft_mode
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("compute_dtype, steps, controls", [("fp32", 2, False), ("bf16", 2, False),
-                                                            ("fp32", 2, True),
-                                                            pytest.param("fp32", 4, False, marks=pytest.mark.slow)])
-def test_resuming_gives_bit_identical_parameters(sft_model, two_steps, controlled, tmp_path, compute_dtype, steps,
-                                                 controls):  # fmt: skip
+@pytest.mark.parametrize(
+    "compute_dtype, steps, controls",
+    [("fp32", 2, False), ("bf16", 2, False), ("fp32", 2, True), pytest.param("fp32", 4, False, marks=pytest.mark.slow)],
+)
+def test_resuming_gives_bit_identical_parameters(
+    sft_model, two_steps, controlled, tmp_path, compute_dtype, steps, controls
+):
     """N steps straight and N/2 steps, stop, resume, N/2 steps give bit-identical parameters
     (model, optimizer, scheduler, RNG, data position and the KL reference are all restored), in
     fp32 and in bf16 compute alike, and with the practitioner's controls (dynamic sampling's
     rounds move the data position further)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run = dict(CONTROLS if controls else TWO_STEPS, max_steps=steps, save_every=steps // 2,
-               compute_dtype=compute_dtype)  # fmt: skip
+    run = dict(CONTROLS if controls else TWO_STEPS, max_steps=steps, save_every=steps // 2, compute_dtype=compute_dtype)
     if (compute_dtype, steps) == ("fp32", 2):
         straight = controlled if controls else two_steps  # the same run, made once
     else:
-        train.main(config(sft_model, straight, **run))
-    train.main(config(sft_model, resumed, **{**run, "max_steps": steps // 2}))
-    train.main(config(sft_model, resumed, **run))
-    a, b = weights(straight / "checkpoints" / f"step_{steps}"), weights(resumed / "checkpoints" / f"step_{steps}")
+        train.main(train_config(sft_model, straight, **run))
+    train.main(train_config(sft_model, resumed, **{**run, "max_steps": steps // 2}))
+    train.main(train_config(sft_model, resumed, **run))
+    a, b = (weights(straight / "checkpoints" / f"step_{steps}"), weights(resumed / "checkpoints" / f"step_{steps}"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], weights(sft_model)[k]) for k in a)
     lines = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]
@@ -760,25 +998,42 @@ def test_resuming_under_fsdp_gives_bit_identical_parameters(sft_model, tmp_path)
 def test_resuming_on_another_number_of_ranks_is_refused(tmp_path):
     """A run saved by 2 ranks does not resume in 1 process: one error naming both counts and how
     to resume, before any work."""
-    cfg = train.Config(out_dir=str(tmp_path), **SMALL)
+    cfg = config.TrainConfig(out_dir=str(tmp_path), **SMALL)
     os.makedirs(tmp_path / "checkpoints" / "step_3")
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"config": dataclasses.asdict(cfg)}, f)
     with open(tmp_path / "checkpoints" / "step_3" / "trainer.json", "w") as f:
         json.dump({"step": 3, "ranks": 2}, f)
-    with pytest.raises(launch.ConfigError, match=r"written by 2 rank\(s\), this run has 1: resume with 2 \(torchrun "
-                                                  r"--nproc_per_node 2\)"):
-        checkpoint.check_resume(cfg, launch.World(0, 1, torch.device("cpu")))
+    with pytest.raises(
+        config.ConfigError,
+        match=r"written by 2 rank\(s\), this run has 1: resume with 2 \(torchrun "
+        r"--nproc_per_node 2\)",
+    ):
+        checkpoint.check_resume(cfg, parallel.World(0, 1, torch.device("cpu")))
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(sft_model, tmp_path):
     """SIGKILL during training, then the same command: it resumes from the newest checkpoint,
     redoes only the lost steps and finishes with one metrics record per step."""
-    args = [sys.executable, "train.py", "--model", sft_model, "--sft_steps", "0", "--max_steps", "2",
-            "--save_every", "1", "--out_dir", str(tmp_path), *[f"--{k}={v}" for k, v in SMALL.items()]]  # fmt: skip
+    args = [
+        sys.executable,
+        "train.py",
+        "--model",
+        sft_model,
+        "--sft_steps",
+        "0",
+        "--max_steps",
+        "2",
+        "--save_every",
+        "1",
+        "--out_dir",
+        str(tmp_path),
+        *[f"--{k}={v}" for k, v in SMALL.items()],
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not os.path.isdir(tmp_path / "checkpoints" / "step_1") and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before its first RL checkpoint"
@@ -798,22 +1053,32 @@ def test_held_out_accuracy_is_the_mean_over_eval_samples_trajectories_per_proble
     """Sampled held-out accuracy rolls out exactly eval_samples trajectories per problem, each
     problem's copies together, and returns the share of them graded correct; greedy rolls out
     one per problem whatever eval_samples is."""
-    problems = data.toy_held_out(100)[:6]
+    problems = tasks.toy_held_out(100)[:6]
     policy, tokenizer = model.load_policy(sft_model)
-    world = launch.World(0, 1, torch.device("cpu"))
-    cfg = train.Config(model=sft_model, eval_samples=3, **SMALL)
-    graded, real_grade = [], rewards.grade
+    world = parallel.World(0, 1, torch.device("cpu"))
+    cfg = config.TrainConfig(model=sft_model, eval_samples=3, **SMALL)
+    graded, real_grade = [], grading.grade
 
     def grade(trajs, golds, grader):  # records what train.evaluate grades
         graded.append((golds, real_grade(trajs, golds, grader)))
         return graded[-1][1]
 
-    monkeypatch.setattr(train.rewards, "grade", grade)
+    monkeypatch.setattr(grading, "grade", grade)
     with sandbox.Pool(4) as pool:
-        grader = rewards.Grader()
-        run = train.RunState(policy=policy, tokenizer=tokenizer, wrapped=policy, pool=pool, grader=grader, problems=[])
-        derived = train.check_config(cfg, world)
-        evaluate = lambda t: train.evaluate(run, problems, cfg=cfg, derived=derived, world=world, temperature=t)
+        grader = grading.Grader()
+        derived = config.check_config(cfg, world)
+        run = train.RunState(
+            cfg=cfg,
+            derived=derived,
+            world=world,
+            policy=policy,
+            tokenizer=tokenizer,
+            wrapped=policy,
+            pool=pool,
+            grader=grader,
+            problems=[],
+        )
+        evaluate = lambda t: train.evaluate(run, problems, temperature=t)
         sampled = evaluate(1.0)
         sampled_golds = [g for golds, _ in graded for g in golds]
         sampled_correct = torch.cat([c for _, c in graded])
@@ -834,21 +1099,22 @@ def test_sft_ends_at_the_first_check_that_reaches_sft_stop_at(tmp_path, monkeypa
     scripted = iter([0.1, 0.6, 0.2, 0.9])  # the accuracies the checks see, in turn
     seen = []
 
-    def evaluate(run, problems, *, cfg, derived, world, temperature):
+    def evaluate(run, problems, *, temperature):
         if not problems:  # eval_size 0: no held-out problems
             return None
         seen.append(([p["id"] for p in problems], temperature))
         return next(scripted)
 
     monkeypatch.setattr(train, "evaluate", evaluate)
-    cfg = train.Config(out_dir=str(tmp_path), sft_steps=20, sft_check_every=5, sft_stop_at=stop_at, val_size=6,
-                       max_steps=0, **SMALL)  # fmt: skip
+    cfg = config.TrainConfig(
+        out_dir=str(tmp_path), sft_steps=20, sft_check_every=5, sft_stop_at=stop_at, val_size=6, max_steps=0, **SMALL
+    )
     train.main(cfg)
     records = [json.loads(line) for line in open(tmp_path / "sft_checks.jsonl")]
     assert [r["step"] for r in records] == checks
     assert [r["stop"] for r in records] == [False] * (len(checks) - 1) + [stop_at > 0]
     assert [r["val_greedy"] for r in records] == [0.1, 0.6, 0.2, 0.9][: len(checks)]
-    validation = [p["id"] for p in data.toy_held_out(6, cfg.toy_size, seed=2)]
+    validation = [p["id"] for p in tasks.toy_held_out(6, cfg.toy_size, seed=2)]
     assert seen == [(validation, 0.0)] * len(checks), "greedy, on the validation problems"
     assert json.load(open(tmp_path / "summary.json"))["sft_steps_done"] == steps_done
 
@@ -864,8 +1130,14 @@ def test_sft_ends_at_the_first_check_that_reaches_sft_stop_at(tmp_path, monkeypa
         (["--sft_decay_start", "1.5"], r"--sft_decay_start 1.5: must be in \[0, 1\]"),
         (["--eval_samples", "0"], r"--eval_samples 0: must be >= 1"),
         (["--sft_stop_at", "1.5"], r"--sft_stop_at 1.5: must be in \[0, 1\]"),
-        (["--sft_steps", "5", "--sft_stop_at", "0.5", "--sft_check_every", "0"], r"--sft_stop_at 0.5: needs --sft_check_every"),
-        (["--mini_batch_size", "48"], r"--mini_batch_size 48: must be 0 \(the whole batch\) or divide the batch of 128"),
+        (
+            ["--sft_steps", "5", "--sft_stop_at", "0.5", "--sft_check_every", "0"],
+            r"--sft_stop_at 0.5: needs --sft_check_every",
+        ),
+        (
+            ["--mini_batch_size", "48"],
+            r"--mini_batch_size 48: must be 0 \(the whole batch\) or divide the batch of 128",
+        ),
         (["--rollout_batch_size", "-1"], r"--rollout_batch_size -1: must be >= 0"),
         (["--loss_denominator", "all"], r"--loss_denominator 'all': must be one of sampled, signal"),
     ],
@@ -879,7 +1151,7 @@ def test_bad_input_is_one_error_line_without_a_traceback(tmp_path, capsys, flags
     flags = [str(bad) if f == "BAD" else f for f in flags]
     with pytest.raises(SystemExit) as done:
         argv = ["--out_dir", str(tmp_path / "run"), "--sft_steps", "0", *flags]
-        launch.run_command(train.main, train.parse_args(argv), prog="train.py", input_errors=train.INPUT_ERRORS)
+        parallel.run_command(train.main, train.parse_args(argv), prog="train.py", input_errors=train.INPUT_ERRORS)
     stderr = capsys.readouterr().err
     assert done.value.code != 0
     assert "Traceback" not in stderr
@@ -891,11 +1163,11 @@ def test_problem_stream_is_a_permutation_per_epoch_and_resumable():
     """problems_at visits every problem once per epoch, and any window equals the same window of
     one long read (so resuming needs only the position)."""
     problems = [{"problem": str(k)} for k in range(7)]
-    long = [p["problem"] for p in data.problems_at(problems, 0, 21, seed=3)]
+    long = [p["problem"] for p in train.problems_at(problems, 0, 21, seed=3)]
     for epoch in range(3):
         assert sorted(long[7 * epoch : 7 * epoch + 7], key=int) == [str(k) for k in range(7)]
-    assert [p["problem"] for p in data.problems_at(problems, 5, 9, seed=3)] == long[5:14]
-    assert long != [p["problem"] for p in data.problems_at(problems, 0, 21, seed=4)]
+    assert [p["problem"] for p in train.problems_at(problems, 5, 9, seed=3)] == long[5:14]
+    assert long != [p["problem"] for p in train.problems_at(problems, 0, 21, seed=4)]
 
 
 def test_toy_teacher_trajectories_are_correct_and_use_one_to_three_tool_turns():
@@ -904,25 +1176,25 @@ def test_toy_teacher_trajectories_are_correct_and_use_one_to_three_tool_turns():
     followed by a fixed one, the two-step families are at least 30% of problems, and the
     problems are reproducible with distinct ids."""
     tokenizer = model.tiny_tokenizer()
-    problems = data.toy_problems(60, seed=11, mistake_rate=0.5)
-    two_step = [p for p in problems if p["family"] in data.TWO_STEP_FAMILIES]
+    problems = tasks.toy_problems(60, seed=11, mistake_rate=0.5)
+    two_step = [p for p in problems if p["family"] in tasks.TWO_STEP_FAMILIES]
     assert len(two_step) >= 0.3 * len(problems)
     with sandbox.Session() as session:
         for p in problems:
             session.reset()
             prompt = model.chat_prompt_ids(tokenizer, p["problem"], system=None)
             traj = rollout.teacher_trajectory(tokenizer, prompt, p["teacher"], session)
-            assert rewards.is_equivalent(rewards.extract_answer(traj.final_text), p["answer"]), p
+            assert grading.is_equivalent(grading.extract_answer(traj.final_text), p["answer"]), p
             calls = [t for t in traj.turns if t.code is not None]
             good = [t for t in calls if t.result.ok]
             assert 1 <= len(good) <= 3 and len(calls) - len(good) <= 1
-            assert len(good) == (2 if p["family"] in data.TWO_STEP_FAMILIES else 1)
+            assert len(good) == (2 if p["family"] in tasks.TWO_STEP_FAMILIES else 1)
             for k, t in enumerate(calls[:-1]):
                 if not t.result.ok:
                     assert calls[k + 1].result.ok and "Error" in t.observation
             if len(good) == 2:  # the second call uses the first call's printed output
                 assert good[0].result.stdout.strip() in good[1].code
-    assert data.toy_problems(5, seed=1) == data.toy_problems(5, seed=1)
+    assert tasks.toy_problems(5, seed=1) == tasks.toy_problems(5, seed=1)
     assert len({p["id"] for p in problems}) == len(problems)
 
 
@@ -930,15 +1202,11 @@ def test_sft_trains_exactly_the_assistant_turns():
     """The SFT trajectories' trained tokens decode to the assistant's turns (ending with the
     end-of-message token) and the untrained ones after the prompt to the real tool outputs."""
     tokenizer = model.tiny_tokenizer()
-    rows = [dict(p, turns=p["teacher"]) for p in data.toy_problems(10, seed=2, mistake_rate=0.5)]
+    rows = [dict(p, turns=p["teacher"]) for p in tasks.toy_problems(10, seed=2, mistake_rate=0.5)]
     for row, traj in zip(rows, sft.teacher_trajectories(rows, tokenizer, system_prompt=None, timeout=10.0)):
         trained = [t for t, m in zip(traj.input_ids, traj.loss_mask) if m]
         assert tokenizer.decode(trained) == "".join(row["turns"]) + "<|im_end|>"
-        observed = [
-            t
-            for k, (t, m) in enumerate(zip(traj.input_ids, traj.loss_mask))
-            if not m and k >= traj.prompt_len
-        ]
+        observed = [t for k, (t, m) in enumerate(zip(traj.input_ids, traj.loss_mask)) if not m and k >= traj.prompt_len]
         assert tokenizer.decode(observed) == "".join(t.observation for t in traj.turns[:-1])
         assert "```output" in tokenizer.decode(observed)
 

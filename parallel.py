@@ -1,172 +1,30 @@
-"""What the entry scripts (train.py, eval.py) share: flags read from a config dataclass;
-torch.distributed set up, used and ended the same way under `python` and `torchrun`; the policy
-wrapped for data parallelism (DDP or FSDP2), its gradient-sync helpers, and the split of a
-batch into mini- and micro-batches that keeps every rank in step.
+"""Data parallelism, the same under `python` (one process) and `torchrun`: the process group
+and its collectives (every tensor put on the run's device first), the policy wrapped for DDP or
+FSDP2 with its gradient-sync helpers, micro-batches that keep ranks in step, and exit handling
+that leaves no rank waiting.
 
-    @dataclass
-    class Config:
-        lr: float = arg(3e-4, "peak learning rate")
-    cfg = parse_config(Config, "train.py", __doc__)
-    world = setup_distributed(cfg.device)   # World(rank 0, size 1) without torchrun
-    ...
-    finish(world)                           # barrier, then destroy the process group
-    run_command(main, cfg, "train.py", INPUT_ERRORS)   # errors as one line; no hang under torchrun
+    world = setup_distributed(cfg.device)            # World(rank 0, size 1) without torchrun
     wrapped = wrap(policy, world, parallel="fsdp")   # LogProbs(policy); forward -> (B, L) log-probs
     with full_parameters(wrapped): ...               # generation (FSDP2 gathers once per phase)
-    environment(world)     # versions, threads, CPU kernels, device: recorded beside every figure
+    finish(world)                                    # barrier, then destroy the process group
+    run_command(main, cfg, "train.py", INPUT_ERRORS) # errors as one line; no hang under torchrun
 """
 
-import argparse
 import contextlib
-import dataclasses
 import datetime
 import importlib
-import math
 import os
 import platform
-import re
 import sys
 import traceback
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import model as policies
-import rollout
-
-
-def arg(default, meaning, valid=None, **per_model):
-    """A config field with its one-line meaning (the flag's --help text) and its valid values:
-    a range (">= 1", "> 0", "<= 0", "[0, 1]", "(0, 1]", "[0, 1)"; floats must also be finite) or a
-    tuple of choices. None ("auto") always passes: the entry script resolves it. per_model
-    (demo=..., model=...): a default that depends on the model; the field defaults to None and
-    the entry script fills in the value for its --model (see train.Config.default_of)."""
-    metadata = {"help": meaning, "valid": valid, **per_model}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def default_text(f, default):
-    """How --help shows a field's default and valid values."""
-    valid = valid_text(f)
-    return f"{shown_default(f, default)}; {valid}" if valid else shown_default(f, default)
-
-
-def shown_default(f, default, show=str):
-    """A field's default as its value, its value per model, or auto."""
-    if "demo" in f.metadata:
-        return f"demo: {show(f.metadata['demo'])}; other models: {show(f.metadata['model'])}"
-    return "auto" if default is None else show(default)
-
-
-def valid_text(f):
-    """A field's valid values as words ("" when any value goes)."""
-    valid = f.metadata.get("valid")
-    if valid is None:
-        return ""
-    return f"one of {', '.join(valid)}" if isinstance(valid, tuple) else range_text(valid)
-
-
-def flag_table(config_cls):
-    """Every flag of config_cls as a markdown table: default, valid values, meaning (docs/usage.md
-    holds train.py's and eval.py's; a test keeps them in step with the code)."""
-    code = lambda v: f"`{v!r}`" if v in ("", []) else f"`{v}`"
-    rows = ["| flag | default | valid | meaning |", "| --- | --- | --- | --- |"]
-    for f in dataclasses.fields(config_cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        cells = [f"`--{f.name}`", shown_default(f, default, code), valid_text(f), f.metadata["help"]]
-        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(rows)
-
-
-def range_text(valid):
-    return f"in {valid}" if valid[0] in "[(" else valid
-
-
-def range_bounds(valid):
-    """(low, low included, high, high included) of a range text (see arg)."""
-    if m := re.fullmatch(r"(>=|>|<=|<) (\S+)", valid):
-        op, bound = m.group(1), float(m.group(2))
-        return (bound, op == ">=", math.inf, False) if op[0] == ">" else (-math.inf, False, bound, op == "<=")
-    m = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", valid)
-    assert m, f"not a range: {valid!r}"
-    return float(m.group(2)), m.group(1) == "[", float(m.group(3)), m.group(4) == "]"
-
-
-def in_range(value, valid):
-    """Whether a number lies in a range text (see arg); NaN and infinities never do."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return False
-    low, low_in, high, high_in = range_bounds(valid)
-    return (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
-
-
-def check_fields(cfg):
-    """A ConfigError naming every field of cfg outside its valid values (flag, value, range), in
-    one line."""
-    bad = []
-    for f in dataclasses.fields(cfg):
-        value, valid = getattr(cfg, f.name), f.metadata.get("valid")
-        if value is None or valid is None:
-            continue
-        if isinstance(valid, tuple) and value not in valid:
-            bad.append(f"--{f.name} {value!r}: must be one of {', '.join(valid)}")
-        elif isinstance(valid, str) and not in_range(value, valid):
-            finite = isinstance(value, float) and not math.isfinite(value)
-            bad.append(f"--{f.name} {value!r}: must be {range_text(valid)}" + (", a finite number" if finite else ""))
-    if bad:
-        raise ConfigError("; ".join(bad))
-
-
-class ConfigError(ValueError):
-    """A flag value that cannot work, named."""
-
-
-def parse_demo_size(text):
-    """(hidden size, layers) of a --demo_size HIDDENxLAYERS, or a ConfigError naming it."""
-    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", text):
-        raise ConfigError(f"--demo_size {text!r}: expected HIDDENxLAYERS, e.g. 128x3")
-    return tuple(map(int, text.split("x")))
-
-
-def _flag_bool(text):
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-
-def parse_config(config_cls, prog, description, argv=None):
-    """config_cls from the command line: one --flag per field, with its meaning and default in
-    --help; list fields take several values. A bad flag is one error line and exit code 2."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(config_cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kind, nargs = f.type, None
-        if typing.get_origin(f.type) is list:
-            kind, nargs = typing.get_args(f.type)[0], "*"
-        extra = {}
-        if kind is bool:  # --flag alone means true; --flag false also works
-            kind, nargs, extra = _flag_bool, "?", {"const": True}
-        meaning = f"{f.metadata['help']} ({default_text(f, default)})".replace("%", "%%")
-        parser.add_argument(f"--{f.name}", type=kind, nargs=nargs, default=default, help=meaning, **extra)
-
-    def one_line_error(message):
-        print(f"{prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-    parser.error = one_line_error
-    cfg = config_cls(**vars(parser.parse_args(argv)))
-    try:
-        check_fields(cfg)
-    except ConfigError as e:
-        one_line_error(str(e))
-    return cfg
+from config import TIMEOUT_MINUTES, ConfigError
 
 
 @dataclass
@@ -185,9 +43,7 @@ class World:
         return self.rank == 0
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-COMPUTE_DTYPES = ("auto", *DTYPES)
-TIMEOUT_MINUTES = 60  # a collective's wait: long enough for rank 0 to write a 7B checkpoint
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # config.DTYPES
 
 
 def resolve_dtype(flag, device):
@@ -222,7 +78,7 @@ def environment(world):
     """What a measured figure depends on besides the code, the flags and the seed: the Python and
     library versions, torch's thread count (float sums split differently over threads), the CPU's
     vector instructions torch dispatches to, the device and the number of ranks. Written to
-    summary.json and eval.py's reports; `repro.py --check_demo` compares it with the published one."""
+    summary.json and eval.py's reports; `tools.repro --check_demo` compares it with the published one."""
     device = str(world.device)
     if world.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(world.device)}, CUDA {torch.version.cuda})"
@@ -252,11 +108,11 @@ def peak_memory_gb(world):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def all_reduce(values, world, op=None):
-    """Element-wise sum (or op) over ranks of a list of floats (float64, so counts stay exact)."""
+def all_reduce(values, world, op="sum"):
+    """Element-wise sum (or max) over ranks of a list of floats (float64, so counts stay exact)."""
     t = on_device(torch.tensor(values, dtype=torch.float64), world)
     if world.size > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t.tolist()
 
 
@@ -315,9 +171,8 @@ def exit_now(code=0):
     """End a torchrun process without the interpreter's teardown. After destroy_process_group a
     gloo worker thread can still drop its last reference to a finished collective's tensor; if
     that happens while the interpreter finalises, taking the GIL ends the thread mid-unwind and
-    std::terminate aborts a rank that had finished cleanly (seen in about 1 of 15 two-rank runs,
-    gdb: ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit). Everything is written
-    and closed by then, so skipping the teardown loses nothing."""
+    std::terminate aborts a rank that had finished cleanly. Everything is written and closed by
+    then, so skipping the teardown loses nothing."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -366,8 +221,14 @@ class LogProbs(nn.Module):
 
     def forward(self, input_ids, attention_mask, temperature=1.0, needed=None):
         with mixed_precision(self.policy, self.dtype):
-            return policies.token_logprobs(self.policy, input_ids, attention_mask, temperature=temperature,
-                                           needed=needed, vocab_size=self.vocab_size)  # (B, L) fmt: skip
+            return policies.token_logprobs(
+                self.policy,
+                input_ids,
+                attention_mask,
+                temperature=temperature,
+                needed=needed,
+                vocab_size=self.vocab_size,
+            )  # (B, L)
 
 
 @contextlib.contextmanager
@@ -494,49 +355,6 @@ def check_in_sync(wrapped, world):
     sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in wrapped.parameters()])
     everyone = all_gather_rows(sums[None], world)  # (ranks, P, 2)
     return bool((everyone == everyone[0]).all())
-
-
-@dataclass
-class MiniBatch:
-    """The rows of one optimizer step on this rank, and the global counts its loss divides by."""
-
-    rows: list  # local row indices forwarded, longest first (empty: a stand-in row that trains nothing)
-    batch: dict  # rollout.collate of those rows (or of the stand-in), on the device
-    num_tokens: float  # the denominator: sampled tokens of its counted rows, over all ranks
-    num_seqs: float  # counted rows with a sampled token, over all ranks
-    forwarded_tokens: float  # sampled tokens of its forwarded rows, over all ranks (0: nothing to do)
-    micro_batches: int  # the same on every rank
-
-
-def plan_minibatches(trajs, *, forwarded, counted, mini_batch_size, micro_batch_size, world, pad):
-    """This rank's rows in the step's mini-batches: row i goes to mini-batch i mod M (M = the global
-    batch / mini_batch_size, 1 when 0). A rank holds a multiple of M rows, so global row r * N + i
-    lands in the same mini-batch as local row i: the mini-batches are the same sets of
-    trajectories whatever the number of ranks, and a group's G rows spread over min(G, M) of
-    them. Forwarded rows get forward passes; counted rows (forwarded or not) make up the
-    denominator."""
-    N = len(trajs)
-    M = N * world.size // mini_batch_size if mini_batch_size else 1
-    assert N % M == 0, f"{N} rows per rank do not split into {M} mini-batches"
-    sampled = [sum(t.loss_mask) for t in trajs]
-    members = [range(k, N, M) for k in range(M)]
-    rows = [sorted((i for i in m if forwarded[i]), key=lambda i: -len(trajs[i].input_ids)) for m in members]
-    local_counts = []  # per mini-batch: denominator tokens, denominator rows, forwarded tokens
-    for m, r in zip(members, rows):
-        local_counts += [sum(sampled[i] for i in m if counted[i]), sum(1 for i in m if counted[i] and sampled[i]),
-                         sum(sampled[i] for i in r)]  # fmt: skip
-    counts = all_reduce(local_counts, world)
-    micro_counts = all_reduce([math.ceil(len(r) / micro_batch_size) for r in rows], world, dist.ReduceOp.MAX)
-    shortest = min(range(N), key=lambda i: len(trajs[i].input_ids))
-    plan = []
-    for k, r in enumerate(rows):
-        batch = {key: v.to(world.device) for key, v in rollout.collate([trajs[i] for i in r or [shortest]], pad).items()}
-        if not r:  # a stand-in row that keeps this rank in the collectives and trains nothing
-            batch["loss_mask"][:] = False
-        num_tokens, num_seqs, forwarded_tokens = counts[3 * k : 3 * k + 3]
-        plan.append(MiniBatch(rows=r, batch=batch, num_tokens=num_tokens, num_seqs=num_seqs,
-                              forwarded_tokens=forwarded_tokens, micro_batches=int(micro_counts[k])))  # fmt: skip
-    return plan
 
 
 def micro_batches(batch, *, size, trim, count):

@@ -2,10 +2,10 @@
 sweep, seeds x variants, each run trained by train.py from the same SFT start per seed; and the
 check that the demo still gives its published figures.
 
-    python repro.py                                         # every variant, seeds 0 1 2, 40 RL steps
-    python repro.py --seeds 0 1 2 3 4 --jobs 2 --variants gtpo_code grpo -- --eval_samples 4
-    python repro.py --check_demo                            # python train.py, seed 0, vs the published summary
-    python repro.py --check_demo runs/demo/summary.json     # a finished demo run vs the published summary
+    python -m tools.repro                                         # every variant, seeds 0 1 2, 40 RL steps
+    python -m tools.repro --seeds 0 1 2 3 4 --jobs 2 --variants gtpo_code grpo -- --eval_samples 4
+    python -m tools.repro --check_demo                            # python train.py, seed 0, vs the published summary
+    python -m tools.repro --check_demo runs/demo/summary.json     # a finished demo run vs the published summary
 
 Each seed gets its SFT start (train.py --max_steps 0, or a run directory given with --starts);
 every variant (REPRO_VARIANTS: train.py flags) then trains --max_steps RL steps from it, and
@@ -19,7 +19,7 @@ credit.png to --out.
 --check_demo runs `python train.py --seed S` (--seeds, default 0) at the published thread count
 into --out/demo/seedS, or reads the summary.json files given, and compares each with
 DEMO_REFERENCE: the summary figures, exactly, and the environment they were measured in
-(launch.environment). Exit code 0 when every figure is the published one, 1 when one differs,
+(parallel.environment). Exit code 0 when every figure is the published one, 1 when one differs,
 2 when a summary cannot be read.
 --publish writes DEMO_REFERENCE from the runs instead (after a deliberate change) and prints the
 table docs/results.md shows.
@@ -27,7 +27,6 @@ table docs/results.md shows.
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))  # train.py and eval.py run here
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py and eval.py run here
 REPRO_VARIANTS = {  # name -> train.py flags (everything else: the demo's defaults)
     "grpo": ["--algo", "grpo"],
     "gtpo_no_shaping": ["--shaping", "none"],
@@ -69,18 +68,32 @@ def demo_tuning():
     """The demo's own settings of every train.py flag whose default follows --model, as flags:
     an RL run from a checkpoint directory would otherwise get a real model's (lr 1e-6, turns of
     1,024 tokens), under which the demo's policy does not move in 40 steps."""
-    import train
+    import config
 
-    demo = train.Config()
-    return [f"--{f.name}={getattr(demo, f.name)}" for f in dataclasses.fields(demo)
-            if "demo" in f.metadata and f.name not in ("out_dir", "sft_steps")]  # fmt: skip
+    return [
+        f"--{name}={demo}" for name, (demo, _) in config.MODEL_DEFAULTS.items() if name not in ("out_dir", "sft_steps")
+    ]
 
 
 def rl_command(args, variant, seed, start, out):
     """train.py's command of one RL run: the demo's tuning, the variant's flags, then --'s."""
-    return [sys.executable, "train.py", "--model", os.path.join(start, "checkpoints", "step_0"), "--sft_steps", "0",
-            "--seed", str(seed), "--max_steps", str(args.max_steps), "--out_dir", out, *demo_tuning(),
-            *REPRO_VARIANTS[variant], *args.train_flags]  # fmt: skip
+    return [
+        sys.executable,
+        "train.py",
+        "--model",
+        os.path.join(start, "checkpoints", "step_0"),
+        "--sft_steps",
+        "0",
+        "--seed",
+        str(seed),
+        "--max_steps",
+        str(args.max_steps),
+        "--out_dir",
+        out,
+        *demo_tuning(),
+        *REPRO_VARIANTS[variant],
+        *args.train_flags,
+    ]
 
 
 def repro_run(args, variant, seed, start):
@@ -91,10 +104,9 @@ def repro_run(args, variant, seed, start):
         command = rl_command(args, variant, seed, start, out)
         started = time.time()
         with open(os.path.join(out, "log.txt"), "a") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                  cwd=ROOT, env=child_env(args))  # fmt: skip
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env(args))
         if done.returncode:
-            sys.exit(f"repro.py: {variant} seed {seed} failed; see {out}/log.txt")
+            sys.exit(f"tools.repro: {variant} seed {seed} failed; see {out}/log.txt")
         print(f"{variant:<16} seed {seed}: {(time.time() - started) / 60:.1f} min", flush=True)
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
@@ -109,12 +121,21 @@ def repro_start(args, seed, index):
         return args.starts[index]
     start = os.path.join(args.out, f"sft_seed{seed}")
     if not os.path.exists(os.path.join(start, "summary.json")):
-        command = [sys.executable, "train.py", "--seed", str(seed), "--max_steps", "0", "--out_dir", start,
-                   *args.train_flags]  # fmt: skip
+        command = [
+            sys.executable,
+            "train.py",
+            "--seed",
+            str(seed),
+            "--max_steps",
+            "0",
+            "--out_dir",
+            start,
+            *args.train_flags,
+        ]
         os.makedirs(start, exist_ok=True)
         with open(os.path.join(start, "log.txt"), "a") as log:
             if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(args)).returncode:
-                sys.exit(f"repro.py: SFT of seed {seed} failed; see {start}/log.txt")
+                sys.exit(f"tools.repro: SFT of seed {seed} failed; see {start}/log.txt")
     return start
 
 
@@ -147,11 +168,7 @@ def repro_row(variant, runs, threshold):
     row = {"variant": variant, "seeds": len(runs)}
     for kind in ("sampled", "greedy"):
         row[f"{kind}_after"] = mean_se([s[f"after_rl_{kind}"] for s, _ in runs])
-        gains = [
-            s[f"after_rl_{kind}"] - s[f"before_rl_{kind}"]
-            for s, _ in runs
-            if s[f"before_rl_{kind}"] is not None
-        ]
+        gains = [s[f"after_rl_{kind}"] - s[f"before_rl_{kind}"] for s, _ in runs if s[f"before_rl_{kind}"] is not None]
         row[f"{kind}_gain"] = mean_se(gains)
     reached = [steps_to(m, threshold) for _, m in runs]
     row["steps_to_threshold"] = mean_se(reached)
@@ -169,21 +186,37 @@ def repro_table(rows, threshold):
     fmt = lambda ms, scale=100, digits=1, unit="": (
         "—" if ms[0] is None else f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}{unit}"
     )  # noqa: E731
+    columns = [
+        "variant",
+        "seeds",
+        "sampled after RL",
+        "sampled gain",
+        "greedy after RL",
+        "greedy gain",
+        f"steps to train acc {threshold:.2f} (seeds)",
+        "zero-adv groups",
+        "turns",
+        "s / step",
+        "groups drawn / step",
+        "masked",
+    ]
     lines = [
-        f"| variant | seeds | sampled after RL | sampled gain | greedy after RL | greedy gain | steps to train acc {threshold:.2f} (seeds) | zero-adv groups | turns | s / step | groups drawn / step | masked |",
+        "| " + " | ".join(columns) + " |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]  # fmt: skip
+    ]
     for r in rows:
         steps = (
             "—"
             if r["steps_to_threshold"][0] is None
             else f"{fmt(r['steps_to_threshold'], 1)} ({r['reached_threshold']})"
         )
-        lines.append(f"| {r['variant']} | {r['seeds']} | {fmt(r['sampled_after'])} | {fmt(r['sampled_gain'])} | "
-                     f"{fmt(r['greedy_after'])} | {fmt(r['greedy_gain'])} | {steps} | "
-                     f"{fmt(r['zero_adv_groups'], unit='%')} | {fmt(r['turns'], 1, 2)} | "
-                     f"{fmt(r['seconds_per_step'], 1, 1)} | {fmt(r['groups_drawn'], 1, 1)} | "
-                     f"{fmt(r['masked'], unit='%')} |")  # fmt: skip
+        lines.append(
+            f"| {r['variant']} | {r['seeds']} | {fmt(r['sampled_after'])} | {fmt(r['sampled_gain'])} | "
+            f"{fmt(r['greedy_after'])} | {fmt(r['greedy_gain'])} | {steps} | "
+            f"{fmt(r['zero_adv_groups'], unit='%')} | {fmt(r['turns'], 1, 2)} | "
+            f"{fmt(r['seconds_per_step'], 1, 1)} | {fmt(r['groups_drawn'], 1, 1)} | "
+            f"{fmt(r['masked'], unit='%')} |"
+        )
     return "\n".join(lines)
 
 
@@ -195,21 +228,35 @@ def repro_paired(finished, variants, seeds, baseline="grpo", kind="sampled", eff
     the mean difference of held-out accuracy after RL, its 95% t-interval over seeds, and the
     seeds a difference of `effect` would need to be found at that spread (a paired test at 5%
     with 80% power: n = ((1.96 + 0.84) sd / effect)^2, normal approximation)."""
-    lines = [f"| {kind} accuracy after RL, minus {baseline} | seeds | mean | 95% interval | per seed | "
-             f"seeds for {100 * effect:.0f} points |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"| {kind} accuracy after RL, minus {baseline} | seeds | mean | 95% interval | per seed | "
+        f"seeds for {100 * effect:.0f} points |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     rows = []
     for variant in variants:
         if variant == baseline:
             continue
-        diffs = [finished[variant, s][0][f"after_rl_{kind}"] - finished[baseline, s][0][f"after_rl_{kind}"] for s in seeds]
+        diffs = [
+            finished[variant, s][0][f"after_rl_{kind}"] - finished[baseline, s][0][f"after_rl_{kind}"] for s in seeds
+        ]
         mean, se = mean_se(diffs)
         sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
         half = T_975[len(diffs) - 2] * se if 2 <= len(diffs) <= len(T_975) + 1 else float("nan")
         need = math.ceil(((1.96 + 0.84) * sd / effect) ** 2) if sd == sd else None
-        rows.append({"variant": variant, "diffs": diffs, "mean": mean, "interval": [mean - half, mean + half],
-                     "seeds_for_effect": need})  # fmt: skip
-        lines.append(f"| {variant} | {len(diffs)} | {100 * mean:+.1f} | [{100 * (mean - half):+.1f}, "
-                     f"{100 * (mean + half):+.1f}] | {', '.join(f'{100 * d:+.0f}' for d in diffs)} | {need} |")  # fmt: skip
+        rows.append(
+            {
+                "variant": variant,
+                "diffs": diffs,
+                "mean": mean,
+                "interval": [mean - half, mean + half],
+                "seeds_for_effect": need,
+            }
+        )
+        lines.append(
+            f"| {variant} | {len(diffs)} | {100 * mean:+.1f} | [{100 * (mean - half):+.1f}, "
+            f"{100 * (mean + half):+.1f}] | {', '.join(f'{100 * d:+.0f}' for d in diffs)} | {need} |"
+        )
     return "\n".join(lines), rows
 
 
@@ -217,22 +264,34 @@ def repro_family_accuracy(args, checkpoint, out):
     """Held-out accuracy on the toy task's two-step and one-step problems: eval.py on the same 100
     held-out problems as train.py, --eval_samples per problem at T = 1 (the training
     temperature); skipped when its report exists."""
-    import data
+    import tasks
 
     if not os.path.exists(out):
-        command = [sys.executable, "eval.py", "--model", checkpoint, "--data", "toy", "--samples",
-                   str(args.eval_samples), "--temperature", "1", "--system_prompt", "none", "--out", out]  # fmt: skip
+        command = [
+            sys.executable,
+            "eval.py",
+            "--model",
+            checkpoint,
+            "--data",
+            "toy",
+            "--samples",
+            str(args.eval_samples),
+            "--temperature",
+            "1",
+            "--system_prompt",
+            "none",
+            "--out",
+            out,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, env=child_env(args))
         if done.returncode:
-            sys.exit(f"repro.py: evaluating {checkpoint} failed: {done.stderr[-2000:]}")
+            sys.exit(f"tools.repro: evaluating {checkpoint} failed: {done.stderr[-2000:]}")
     with open(out) as f:
         report = json.load(f)
-    two_step = {k for k, p in enumerate(data.toy_held_out(100)) if p["family"] in data.TWO_STEP_FAMILIES}
+    two_step = {k for k, p in enumerate(tasks.toy_held_out(100)) if p["family"] in tasks.TWO_STEP_FAMILIES}
     split = {"two_step": [], "one_step": []}
     for r in report["problems"]:
-        split["two_step" if r["index"] in two_step else "one_step"].append(
-            r["num_correct"] / len(r["samples"])
-        )
+        split["two_step" if r["index"] in two_step else "one_step"].append(r["num_correct"] / len(r["samples"]))
     return {"all": report["accuracy"], **{k: statistics.fmean(v) for k, v in split.items()}}
 
 
@@ -243,8 +302,11 @@ def repro_family_table(starts, finals):
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
     kinds = ("all", "two_step", "one_step")
     start = [cell for k in kinds for cell in (pct(mean_se([s[k] for s in starts.values()])), "")]
-    lines = ["| run | all problems | gain | two-step problems | gain | one-step problems | gain |",
-             "| --- | --- | --- | --- | --- | --- | --- |", "| SFT start | " + " | ".join(start) + " |"]  # fmt: skip
+    lines = [
+        "| run | all problems | gain | two-step problems | gain | one-step problems | gain |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| SFT start | " + " | ".join(start) + " |",
+    ]
     for variant, by_seed in finals.items():
         cells = []
         for kind in kinds:
@@ -274,7 +336,10 @@ def repro_credit(runs):
     turns = {cell: sum(r["credit"][cell][1] for r in records) for cell in records[0]["credit"]}
     weighted = lambda cell: sum(r["credit"][cell][0] * r["credit"][cell][1] for r in records if r["credit"][cell][1])
     cells = {cell: [weighted(cell) / n if n else None, n] for cell, n in turns.items()}
-    shares = {k: mean_se([statistics.fmean(r[k] for r in m) for _, m in runs]) for k in ("credit_neg_correct", "credit_pos_error")}
+    shares = {
+        k: mean_se([statistics.fmean(r[k] for r in m) for _, m in runs])
+        for k in ("credit_neg_correct", "credit_pos_error")
+    }
     return {"cells": cells, **shares}
 
 
@@ -284,14 +349,20 @@ def repro_credit_table(variant, credit):
     columns = list(dict.fromkeys(cell.split("/", 1)[1] for cell in credit["cells"]))  # "call/end"
     turns = list(dict.fromkeys(cell.split("/", 1)[0] for cell in credit["cells"]))
     text = lambda mean, n: "—" if mean is None else f"{mean:+.2f} ({n})"
-    lines = [f"credit view, {variant}: mean advantage (turns) by turn and the turn's tool call / the trajectory's end",
-             "", "| turn | " + " | ".join(c.replace("/", ", ") for c in columns) + " |",
-             "| --- |" + " --- |" * len(columns)]  # fmt: skip
+    lines = [
+        f"credit view, {variant}: mean advantage (turns) by turn and the turn's tool call / the trajectory's end",
+        "",
+        "| turn | " + " | ".join(c.replace("/", ", ") for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
     for j in turns:
         lines.append(f"| {j} | " + " | ".join(text(*credit["cells"][f"{j}/{c}"]) for c in columns) + " |")
     (neg, neg_se), (pos, pos_se) = credit["credit_neg_correct"], credit["credit_pos_error"]
-    lines += ["", f"turns of correct trajectories with A < 0: {100 * neg:.1f} ± {100 * neg_se:.1f}%; "
-              f"erroring tool calls' turns with A > 0: {100 * pos:.1f} ± {100 * pos_se:.1f}% (mean ± SE over seeds)"]  # fmt: skip
+    lines += [
+        "",
+        f"turns of correct trajectories with A < 0: {100 * neg:.1f} ± {100 * neg_se:.1f}%; "
+        f"erroring tool calls' turns with A > 0: {100 * pos:.1f} ± {100 * pos_se:.1f}% (mean ± SE over seeds)",
+    ]
     return "\n".join(lines)
 
 
@@ -310,8 +381,11 @@ def repro_credit_plot(credits, path):
     for ax, (variant, credit) in zip(axes[0], credits.items()):
         columns = dict.fromkeys(cell.split("/", 1)[1] for cell in credit["cells"])
         for column in columns:
-            points = [(int(c.split("/")[0]), m) for c, (m, _) in credit["cells"].items()
-                      if c.split("/", 1)[1] == column and m is not None]  # fmt: skip
+            points = [
+                (int(c.split("/")[0]), m)
+                for c, (m, _) in credit["cells"].items()
+                if c.split("/", 1)[1] == column and m is not None
+            ]
             if points:
                 ax.plot(*zip(*points), marker="o", label=column.replace("/", ", "))
         ax.axhline(0, color="grey", lw=0.8)
@@ -329,16 +403,33 @@ def repro_by_kind(args, starts):
     """({seed: start's split}, {variant: {seed: final checkpoint's split}}) of two-step and
     one-step held-out accuracy (see repro_family_accuracy)."""
     seeds = list(starts)
-    start_split = dict(zip(seeds, in_parallel(args, repro_family_accuracy, [
-        (args, os.path.join(starts[seed], "checkpoints", "step_0"), os.path.join(args.out, f"start_seed{seed}_eval.json"))
-        for seed in seeds
-    ])))  # fmt: skip
+    start_split = dict(
+        zip(
+            seeds,
+            in_parallel(
+                args,
+                repro_family_accuracy,
+                [
+                    (
+                        args,
+                        os.path.join(starts[seed], "checkpoints", "step_0"),
+                        os.path.join(args.out, f"start_seed{seed}_eval.json"),
+                    )
+                    for seed in seeds
+                ],
+            ),
+        )
+    )
     pairs = [(variant, seed) for variant in args.variants for seed in args.seeds]
     runs = [os.path.join(args.out, variant, f"seed{seed}") for variant, seed in pairs]
-    splits = in_parallel(args, repro_family_accuracy, [
-        (args, os.path.join(run, "checkpoints", f"step_{args.max_steps}"), os.path.join(run, "eval_final.json"))
-        for run in runs
-    ])  # fmt: skip
+    splits = in_parallel(
+        args,
+        repro_family_accuracy,
+        [
+            (args, os.path.join(run, "checkpoints", f"step_{args.max_steps}"), os.path.join(run, "eval_final.json"))
+            for run in runs
+        ],
+    )
     finals = {variant: {} for variant in args.variants}
     for (variant, seed), split in zip(pairs, splits):
         finals[variant][seed] = split
@@ -350,25 +441,20 @@ def run(args):
     each from the same SFT start per seed. Resumable: finished runs and evaluations are read back,
     a cut run resumes from its last checkpoint. Writes results.md, results.json, curves.png
     (the seeds' mean curves) and credit.png (the credit views; both need matplotlib) to --out."""
-    import eval as evaluation  # for its plot
+    import reports
 
-    starts = dict(zip(args.seeds, in_parallel(args, repro_start, [(args, seed, k) for k, seed in enumerate(args.seeds)])))
+    starts = dict(
+        zip(args.seeds, in_parallel(args, repro_start, [(args, seed, k) for k, seed in enumerate(args.seeds)]))
+    )
     pairs = [(variant, seed) for variant in args.variants for seed in args.seeds]
     finished = dict(zip(pairs, in_parallel(args, repro_run, [(args, v, seed, starts[seed]) for v, seed in pairs])))
     rows, curves = [], []
     for variant in args.variants:
         runs = [finished[variant, seed] for seed in args.seeds]
         rows.append(repro_row(variant, runs, args.threshold))
-        curves.append(
-            repro_mean_curve(runs, os.path.join(args.out, variant, "mean_metrics.jsonl"), evaluation.PLOTTED)
-        )
+        curves.append(repro_mean_curve(runs, os.path.join(args.out, variant, "mean_metrics.jsonl"), reports.PLOTTED))
     table = repro_table(rows, args.threshold)
-    results = {
-        "seeds": args.seeds,
-        "max_steps": args.max_steps,
-        "train_flags": args.train_flags,
-        "rows": rows,
-    }
+    results = {"seeds": args.seeds, "max_steps": args.max_steps, "train_flags": args.train_flags, "rows": rows}
     if args.baseline in args.variants and len(args.seeds) > 1:
         for kind in ("sampled", "greedy"):
             paired, results[f"paired_with_{args.baseline}_{kind}"] = repro_paired(
@@ -391,8 +477,8 @@ def run(args):
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     try:
-        evaluation.plot(curves, os.path.join(args.out, "curves.png"))
-    except evaluation.ConfigError as e:  # matplotlib is optional
+        reports.plot(curves, os.path.join(args.out, "curves.png"))
+    except reports.ConfigError as e:  # matplotlib is optional
         print(f"no plot: {e}")
     return rows
 
@@ -406,7 +492,7 @@ DEMO_SETTINGS = ("algo", "rl_steps", "eval_samples", "temperature", "held_out_pr
 
 def cannot_check(message):
     """End the command with exit code 2: nothing was compared (1 means a figure differs)."""
-    print(f"repro.py: {message}", file=sys.stderr)
+    print(f"tools.repro: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -417,12 +503,19 @@ def demo_run(args, seed, threads):
     if os.path.exists(out):
         cannot_check(f"{out} exists: compare it with --check_demo {out}/summary.json, or delete it to rerun")
     os.makedirs(out)
-    print(f"python train.py --seed {seed} --out_dir {out}  ({threads or 'default'} threads; log: {out}/log.txt)",
-          flush=True)  # fmt: skip
+    print(
+        f"python train.py --seed {seed} --out_dir {out}  ({threads or 'default'} threads; log: {out}/log.txt)",
+        flush=True,
+    )
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(os.path.join(out, "log.txt"), "a") as log:
-        done = subprocess.run([sys.executable, "train.py", "--seed", str(seed), "--out_dir", out], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=ROOT, env=env)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "train.py", "--seed", str(seed), "--out_dir", out],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
     if done.returncode:
         cannot_check(f"the demo with seed {seed} failed; see {out}/log.txt")
     return os.path.join(out, "summary.json")
@@ -448,8 +541,10 @@ def verdict(moved, differ, published):
     if not moved:
         return "the published figures, exactly"
     if not differ:
-        return ("different figures in the published environment: the code now computes something else than when "
-                "they were published (a regression, or an intended change to republish with --publish)")  # fmt: skip
+        return (
+            "different figures in the published environment: the code now computes something else than when "
+            "they were published (a regression, or an intended change to republish with --publish)"
+        )
     advice = []
     if differ - {"threads", "cpu_capability", "device", "ranks"}:
         advice.append("install with -c constraints.txt (torch: its CPU wheel)")
@@ -459,9 +554,11 @@ def verdict(moved, differ, published):
         advice.append(f"torch's {published['cpu_capability']} kernels (ATEN_CPU_CAPABILITY can only lower them)")
     if differ & {"device", "ranks"}:
         advice.append(f"{published['device']}, {published['ranks']} process")
-    return ("different figures in another environment: consistent with float rounding, which SFT's stopping "
-            "step amplifies (docs/results.md#how-far-the-figures-move); to tell, rerun in the published one"
-            + (": " + "; ".join(advice) if advice else ""))  # fmt: skip
+    return (
+        "different figures in another environment: consistent with float rounding, which SFT's stopping "
+        "step amplifies (docs/results.md#how-far-the-figures-move); to tell, rerun in the published one"
+        + (": " + "; ".join(advice) if advice else "")
+    )
 
 
 def check_demo(paths, reference):
@@ -484,11 +581,8 @@ def check_demo(paths, reference):
         print(f"{'':<20} {'published':>10} {'here':>10}")
         for k in DEMO_FIGURES:
             print(f"{k:<20} {published[k]:>10} {summary[k]:>10}{'   differs' if k in moved else ''}")
-        if env is None:
-            print("environment: not recorded (an older run)")
-        else:
-            print("environment: " + ("; ".join(f"{k}: {published_env[k]} -> {env.get(k, 'unknown')}" for k in differ)
-                                     or "the published one"))  # fmt: skip
+        changes = "; ".join(f"{k}: {published_env[k]} -> {(env or {}).get(k, 'unknown')}" for k in differ)
+        print("environment: " + (changes or "the published one"))
         print("result: " + verdict(moved, set(differ), published_env))
         same = same and not moved
     return same
@@ -515,8 +609,10 @@ def publish_demo(paths):
 
 def demo_table(reference):
     """The published figures as docs/results.md's table."""
-    lines = ["| seed | SFT steps | sampled: before RL (after SFT) → after RL | greedy: before → after |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| seed | SFT steps | sampled: before RL (after SFT) → after RL | greedy: before → after |",
+        "| --- | --- | --- | --- |",
+    ]
     for seed, f in reference["summaries"].items():
         moves = []
         for kind in ("sampled", "greedy"):
@@ -550,39 +646,77 @@ def demo(args):
     return 0 if check_demo(paths, reference) else 1
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (each its own SFT start); default 0 1 2, "
-                        "and 0 with --check_demo")  # fmt: skip
-    parser.add_argument("--starts", nargs="*", default=[], help="a run directory per seed to start RL from "
-                        "(its checkpoints/step_0); default: SFT each seed here with train.py --max_steps 0")  # fmt: skip
-    parser.add_argument("--variants", nargs="+", default=list(REPRO_VARIANTS), choices=list(REPRO_VARIANTS),
-                        help="which runs")  # fmt: skip
-    parser.add_argument("--baseline", default="grpo", choices=list(REPRO_VARIANTS),
-                        help="the variant every other is paired with, seed by seed")  # fmt: skip
+def add_demo_flags(parser):
+    """--check_demo and --publish: the demo's published figures."""
+    parser.add_argument(
+        "--check_demo",
+        nargs="*",
+        metavar="SUMMARY",
+        help="compare the demo's summary.json with the published one (docs/demo_reference.json): "
+        "the files given, or python train.py run here for --seeds; exit code 0: the published "
+        "figures, 1: a figure differs, 2: nothing could be compared",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="with --check_demo: write docs/demo_reference.json from these runs instead "
+        "(after a deliberate change) and print docs/results.md's table",
+    )
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="seeds (each its own SFT start); default 0 1 2, and 0 with --check_demo"
+    )
+    parser.add_argument(
+        "--starts",
+        nargs="*",
+        default=[],
+        help="a run directory per seed to start RL from "
+        "(its checkpoints/step_0); default: SFT each seed here with train.py --max_steps 0",
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(REPRO_VARIANTS), choices=list(REPRO_VARIANTS), help="which runs"
+    )
+    parser.add_argument(
+        "--baseline",
+        default="grpo",
+        choices=list(REPRO_VARIANTS),
+        help="the variant every other is paired with, seed by seed",
+    )
     parser.add_argument("--max_steps", type=int, default=40, help="RL steps per run")
     parser.add_argument("--threshold", type=float, default=0.5, help="training accuracy (5-step mean) to reach")
     parser.add_argument("--out", default="runs/repro", help="where the runs and results go")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at once, the cores shared out among them (OMP_NUM_THREADS); 2 on a 2-core machine")  # fmt: skip
-    parser.add_argument("--eval_samples", type=int, default=4,
-                        help="samples per held-out problem in the by-kind evaluation of each run (0: skip it)")  # fmt: skip
     parser.add_argument(
-        "train_flags", nargs=argparse.REMAINDER, help="after --: more train.py flags for every run"
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, the cores shared out among them (OMP_NUM_THREADS); 2 on a 2-core machine",
     )
-    parser.add_argument("--check_demo", nargs="*", metavar="SUMMARY",
-                        help="compare the demo's summary.json with the published one (docs/demo_reference.json): "
-                        "the files given, or python train.py run here for --seeds; exit code 0: the published "
-                        "figures, 1: a figure differs, 2: nothing could be compared")
-    parser.add_argument("--publish", action="store_true",
-                        help="with --check_demo: write docs/demo_reference.json from these runs instead "
-                        "(after a deliberate change) and print docs/results.md's table")  # fmt: skip
+    parser.add_argument(
+        "--eval_samples",
+        type=int,
+        default=4,
+        help="samples per held-out problem in the by-kind evaluation of each run (0: skip it)",
+    )
+    parser.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: more train.py flags for every run")
+    add_demo_flags(parser)
+    return parser
+
+
+def main():
+    parser = make_parser()
     args = parser.parse_args()
     args.train_flags = [f for f in args.train_flags if f != "--"]
     if args.check_demo is not None:
         if args.train_flags or args.starts or (args.seeds and args.check_demo):
-            parser.error("--check_demo takes SUMMARY files or --seeds, and no train.py flags or --starts "
-                         f"(got {' '.join(args.train_flags + args.starts) or '--seeds with files'})")  # fmt: skip
+            parser.error(
+                "--check_demo takes SUMMARY files or --seeds, and no train.py flags or --starts "
+                f"(got {' '.join(args.train_flags + args.starts) or '--seeds with files'})"
+            )
         sys.exit(demo(args))
     if args.publish:
         parser.error("--publish goes with --check_demo")
