@@ -48,7 +48,7 @@ def bench_peer(args):
     tool use, ours with ```python fences and our sandbox, TRL's with `tools=[python]` (JSON tool
     calls) running the same sandbox (the demo model taught both protocols, then Qwen2.5-Coder)."""
     if args.micro_batch and (args.prompts * args.group_size) % args.micro_batch:
-        args.usage_error(f"--micro_batch {args.micro_batch}: must divide prompts x group_size")
+        sys.exit(f"bench.py peer: error: --micro_batch {args.micro_batch}: must divide prompts x group_size")
     try:
         import trl
     except ImportError:
@@ -377,4 +377,4 @@ def add_parsers(sub):
     )
     peer.add_argument("--steps", type=int, default=4, help="steps per run; the first is not timed")
     peer.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
-    peer.set_defaults(run=bench_peer, usage_error=peer.error)
+    peer.set_defaults(run=bench_peer)
