@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 import model as policies
+from config import DTYPES as DTYPE_FLAGS
 from config import TIMEOUT_MINUTES, ConfigError
 
 
@@ -43,7 +44,8 @@ class World:
         return self.rank == 0
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # config.DTYPES
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+assert tuple(DTYPES) == DTYPE_FLAGS, "config.DTYPES names --compute_dtype's values"
 
 
 def resolve_dtype(flag, device):

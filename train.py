@@ -193,7 +193,11 @@ def generate(run, rows, *, temperature, seeds=None, prewarm_next=False):
     """A trajectory per problem row, from the policy with its parameters gathered (FSDP2) and in
     the compute dtype, --rollout_batch_size at a time. prewarm_next: as many sandboxes as it used
     start for the next step while this one trains."""
-    prompts = [policies.chat_prompt_ids(run.tokenizer, row["problem"], run.derived.system_prompt) for row in rows]
+    prompt_of = {}  # a problem's rows (G in a step, eval_samples in evaluation) share its prompt
+    for row in rows:
+        if id(row) not in prompt_of:
+            prompt_of[id(row)] = policies.chat_prompt_ids(run.tokenizer, row["problem"], run.derived.system_prompt)
+    prompts = [prompt_of[id(row)] for row in rows]
     settings = rollout.RolloutConfig.of(run.cfg, temperature=temperature, prewarm_next=prewarm_next)
     with torch.no_grad(), parallel.full_parameters(run.wrapped), parallel.mixed_precision(run.policy, run.world.dtype):
         run.policy.eval()
